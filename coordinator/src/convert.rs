@@ -1,0 +1,198 @@
+//! Conversions between the wire types and the core's types. Proto fields are never unwrapped:
+//! a missing or empty one is an INVALID_ARGUMENT that names it.
+
+use crate::core::{RankExit, RankKey, WorkerReport};
+use crate::error::CoordinatorError;
+use crate::state::{CheckpointRecord, Job, JobState, Worker};
+use crate::store::EventRow;
+use gantry_core::JobId;
+use gantry_proto::v1 as pb;
+
+fn missing(field: &str) -> CoordinatorError {
+    CoordinatorError::InvalidArgument(format!("{field}: required"))
+}
+
+pub fn job_id(raw: &str) -> Result<JobId, CoordinatorError> {
+    if raw.is_empty() {
+        return Err(missing("job_id"));
+    }
+    Ok(JobId(raw.to_string()))
+}
+
+pub fn rank_key(key: Option<pb::RankKey>, field: &str) -> Result<RankKey, CoordinatorError> {
+    let key = key.ok_or_else(|| missing(field))?;
+    if key.job_id.is_empty() {
+        return Err(missing(&format!("{field}.job_id")));
+    }
+    if key.attempt == 0 {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "{field}.attempt: attempts start at 1"
+        )));
+    }
+    Ok(RankKey {
+        job: JobId(key.job_id),
+        attempt: key.attempt,
+        rank: key.rank,
+    })
+}
+
+fn rank_exit(e: pb::RankExited, field: &str) -> Result<RankExit, CoordinatorError> {
+    Ok(RankExit {
+        key: rank_key(e.key, &format!("{field}.key"))?,
+        exit_code: e.exit_code,
+        signal: e.signal,
+        message: e.message,
+    })
+}
+
+pub fn worker_report(
+    body: Option<pb::worker_message::Body>,
+) -> Result<WorkerReport, CoordinatorError> {
+    use pb::worker_message::Body;
+    Ok(match body.ok_or_else(|| missing("body"))? {
+        Body::Heartbeat(_) => WorkerReport::Heartbeat,
+        Body::Running(r) => WorkerReport::Running {
+            ranks: r
+                .ranks
+                .into_iter()
+                .map(|k| rank_key(Some(k), "running.ranks"))
+                .collect::<Result<_, _>>()?,
+            exited: r
+                .exited
+                .into_iter()
+                .map(|e| rank_exit(e, "running.exited"))
+                .collect::<Result<_, _>>()?,
+        },
+        Body::Progress(p) => {
+            if !p.loss.is_finite() && !p.loss.is_nan() {
+                return Err(CoordinatorError::InvalidArgument(
+                    "progress.loss: not finite".into(),
+                ));
+            }
+            WorkerReport::Progress {
+                key: rank_key(p.key, "progress.key")?,
+                step: p.step,
+                loss: p.loss,
+                eval_loss: p.eval_loss,
+            }
+        }
+        Body::Exited(e) => WorkerReport::Exited(rank_exit(e, "exited")?),
+        Body::Logs(l) => WorkerReport::Logs {
+            key: rank_key(l.key, "logs.key")?,
+            stream: if l.stream.is_empty() {
+                "stdout".into()
+            } else {
+                l.stream
+            },
+            lines: l.lines,
+        },
+        Body::Checkpoint(c) => {
+            if c.url.is_empty() {
+                return Err(missing("checkpoint.url"));
+            }
+            WorkerReport::Checkpoint {
+                key: rank_key(c.key, "checkpoint.key")?,
+                step: c.step,
+                url: c.url,
+                size_bytes: c.size_bytes,
+            }
+        }
+    })
+}
+
+pub fn job(job: &Job) -> pb::Job {
+    let state = match job.state {
+        JobState::Pending { .. } => pb::JobState::Pending,
+        JobState::Restarting { .. } => pb::JobState::Restarting,
+        JobState::Scheduled { .. } => pb::JobState::Scheduled,
+        JobState::Running { .. } => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed { .. } => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    };
+    let pending_reason = match &job.state {
+        JobState::Pending { reason, .. } => reason.clone(),
+        JobState::Restarting { cause, reason } => Some(match reason {
+            Some(r) => format!("restarting after: {cause}; waiting: {r}"),
+            None => format!("restarting after: {cause}"),
+        }),
+        _ => None,
+    };
+    let p = job.spec.parallel;
+    pb::Job {
+        id: job.id.0.clone(),
+        name: job.spec.name.clone(),
+        state: state as i32,
+        step: job.step,
+        total_steps: job.spec.train.steps,
+        attempt: job.attempt,
+        restarts: job.restarts,
+        loss: job.loss,
+        eval_loss: job.eval_loss,
+        parallel: Some(pb::Parallel {
+            dp: p.dp,
+            tp: p.tp,
+            pp: p.pp,
+        }),
+        last_checkpoint: job.last_checkpoint.as_ref().map(|c| pb::CheckpointRef {
+            step: c.step,
+            url: c.url.clone(),
+        }),
+        error: job.error().map(str::to_string),
+        pending_reason,
+        created_at_ms: job.created_at_ms,
+        updated_at_ms: job.updated_at_ms,
+        spec_json: job.spec.to_json(),
+    }
+}
+
+pub fn worker(w: &Worker, used: u32) -> pb::Worker {
+    pb::Worker {
+        id: w.id.0.clone(),
+        hostname: w.hostname.clone(),
+        slots: w.slots,
+        used_slots: used,
+        state: if w.is_alive() {
+            pb::WorkerState::Alive
+        } else {
+            pb::WorkerState::Lost
+        } as i32,
+        devices: w.devices.clone(),
+        registered_at_ms: w.registered_at_ms,
+        last_seen_ms: w.last_seen_ms,
+    }
+}
+
+pub fn checkpoint(c: &CheckpointRecord) -> pb::Checkpoint {
+    pb::Checkpoint {
+        step: c.step,
+        url: c.url.clone(),
+        attempt: c.attempt,
+        size_bytes: c.size_bytes,
+        state: pb::CheckpointState::Committed as i32,
+        committed_at_ms: c.committed_at_ms,
+    }
+}
+
+pub fn line_event(row: &EventRow) -> pb::JobEvent {
+    pb::JobEvent {
+        seq: row.seq,
+        job_id: row.job_id.0.clone(),
+        at_ms: row.at_ms,
+        kind: Some(pb::job_event::Kind::Log(pb::LogLine {
+            attempt: row.attempt,
+            rank: row.rank,
+            stream: row.stream.clone(),
+            line: row.line.clone(),
+        })),
+    }
+}
+
+pub fn job_event(j: &Job) -> pb::JobEvent {
+    pb::JobEvent {
+        seq: 0,
+        job_id: j.id.0.clone(),
+        at_ms: j.updated_at_ms,
+        kind: Some(pb::job_event::Kind::Job(job(j))),
+    }
+}

@@ -1,0 +1,298 @@
+//! gRPC adapters: decode, call one core method under the lock, encode. No decisions here.
+
+use crate::convert;
+use crate::core::{Core, Update};
+use crate::error::CoordinatorError;
+use gantry_core::WorkerId;
+use gantry_proto::PROTOCOL_VERSION;
+use gantry_proto::v1 as pb;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Where time comes from; tests may supply their own.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> i64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    }
+}
+
+/// A cheap, cloneable handle on the core.
+#[derive(Clone)]
+pub struct Handle {
+    core: Arc<Mutex<Core>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Handle {
+    pub fn new(core: Core, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            core: Arc::new(Mutex::new(core)),
+            clock,
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Runs one command against the core. The lock is never held across an await.
+    pub fn with<T>(&self, f: impl FnOnce(&mut Core, i64) -> T) -> T {
+        let now = self.clock.now_ms();
+        let mut core: MutexGuard<'_, Core> = self.core.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut core, now)
+    }
+}
+
+fn check_version(version: u32) -> Result<(), Status> {
+    if version == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "protocol version {version} is not supported; this coordinator speaks version {PROTOCOL_VERSION}"
+        )))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+pub struct JobApi(pub Handle);
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobApi {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let spec = req.into_inner().spec_json;
+        let job = self.0.with(|core, now| core.submit(&spec, now))?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id)?;
+        let job = self.0.with(|core, _| core.job(&id).map(convert::job))?;
+        Ok(Response::new(job))
+    }
+
+    async fn list_jobs(
+        &self,
+        _: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let jobs = self
+            .0
+            .with(|core, _| core.jobs().into_iter().map(convert::job).collect());
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id)?;
+        let job = self.0.with(|core, now| core.cancel(&id, now))?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn resume_job(
+        &self,
+        req: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let req = req.into_inner();
+        let id = convert::job_id(&req.job_id)?;
+        let job = self
+            .0
+            .with(|core, now| core.resume(&id, req.from_step, now))?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_workers(
+        &self,
+        _: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self.0.with(|core, _| {
+            core.workers()
+                .into_iter()
+                .map(|(w, used)| convert::worker(w, used))
+                .collect()
+        });
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        req: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let id = convert::job_id(&req.into_inner().job_id)?;
+        let checkpoints = self
+            .0
+            .with(|core, _| core.checkpoints(&id))?
+            .iter()
+            .map(convert::checkpoint)
+            .collect();
+        Ok(Response::new(pb::ListCheckpointsResponse { checkpoints }))
+    }
+
+    type WatchJobStream = EventStream;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = req.into_inner();
+        let id = convert::job_id(&req.job_id)?;
+        // Subscribe before reading history so nothing falls between the two.
+        let (mut updates, snapshot) = self
+            .0
+            .with(|core, _| core.job(&id).map(|j| (core.subscribe(), j.clone())))?;
+        let (tx, rx) = mpsc::channel(256);
+        let handle = self.0.clone();
+        tokio::spawn(async move {
+            let mut last_seq = req.after_seq;
+            loop {
+                let page = handle.with(|core, _| core.events_after(&id, last_seq, 500));
+                let Ok(page) = page else { return };
+                if page.is_empty() {
+                    break;
+                }
+                for row in &page {
+                    last_seq = row.seq;
+                    if tx.send(Ok(convert::line_event(row))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let snapshot = handle
+                .with(|core, _| core.job(&id).cloned())
+                .unwrap_or(snapshot);
+            if tx.send(Ok(convert::job_event(&snapshot))).await.is_err()
+                || !req.follow
+                || snapshot.state.is_terminal()
+            {
+                return;
+            }
+            loop {
+                let event = match updates.recv().await {
+                    Ok(Update::Job(job)) if job.id == id => {
+                        let done = job.state.is_terminal();
+                        (convert::job_event(&job), done)
+                    }
+                    Ok(Update::Line(row)) if row.job_id == id && row.seq > last_seq => {
+                        last_seq = row.seq;
+                        (convert::line_event(&row), false)
+                    }
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(event.0)).await.is_err() || event.1 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+pub struct WorkerApi(pub Handle);
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        let worker_id = (!req.worker_id.is_empty()).then(|| WorkerId(req.worker_id));
+        let (id, options) = self.0.with(|core, now| {
+            core.register(worker_id, req.hostname, req.slots, req.devices, now)
+                .map(|id| (id, core.options().clone()))
+        })?;
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id.0,
+            heartbeat_interval_ms: options.heartbeat_interval_ms,
+            lease_ttl_ms: options.lease_ttl_ms,
+        }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("session: the stream ended before its first message")
+        })?;
+        check_version(first.protocol_version)?;
+        if first.worker_id.is_empty() {
+            return Err(CoordinatorError::InvalidArgument("worker_id: required".into()).into());
+        }
+        let worker = WorkerId(first.worker_id);
+        let report = convert::worker_report(first.body)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let session = self.0.with(|core, now| {
+            let session = core.open_session(&worker, tx.clone(), now)?;
+            core.on_worker_message(&worker, report, now)?;
+            Ok::<_, CoordinatorError>(session)
+        })?;
+        tracing::info!(worker = %worker, "worker session opened");
+        let handle = self.0.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) | Err(_) => break,
+                };
+                let outcome = check_version(msg.protocol_version).and_then(|()| {
+                    if msg.worker_id != worker.0 {
+                        return Err(Status::invalid_argument(format!(
+                            "worker_id: {:?} does not match this session's worker {worker}",
+                            msg.worker_id
+                        )));
+                    }
+                    let report = convert::worker_report(msg.body)?;
+                    handle
+                        .with(|core, now| core.on_worker_message(&worker, report, now))
+                        .map_err(Status::from)
+                });
+                if let Err(status) = outcome {
+                    tracing::warn!(worker = %worker, error = %status, "closing session on a bad message");
+                    let _ = tx.send(Err(status));
+                    break;
+                }
+            }
+            handle.with(|core, _| core.close_session(&worker, session));
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        let key = convert::rank_key(req.key, "key")?;
+        let peers = self
+            .0
+            .with(|core, now| core.rendezvous(&key, req.address, now))?
+            .unwrap_or_default();
+        Ok(Response::new(pb::RendezvousResponse { peers }))
+    }
+}

@@ -1,0 +1,258 @@
+//! Durable coordinator state in an embedded SQLite database (WAL, so a `kill -9` loses nothing
+//! that was acknowledged). Jobs and workers are stored as JSON documents of their in-memory
+//! types; attempts, events and checkpoints are rows. The in-memory state is a cache of this.
+
+use crate::state::{CheckpointRecord, Job, Worker};
+use gantry_core::{Attempt, JobId, WorkerId};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("corrupt record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// One stored log or event line of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub seq: u64,
+    pub job_id: JobId,
+    pub at_ms: i64,
+    pub attempt: Attempt,
+    /// -1 for the coordinator's own lines.
+    pub rank: i32,
+    pub stream: String,
+    pub line: String,
+}
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS jobs (
+                 id TEXT PRIMARY KEY, created_seq INTEGER NOT NULL, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS attempts (
+                 job_id TEXT NOT NULL, attempt INTEGER NOT NULL, started_at_ms INTEGER NOT NULL,
+                 ended_at_ms INTEGER, placement TEXT NOT NULL, outcome TEXT,
+                 PRIMARY KEY (job_id, attempt));
+             CREATE TABLE IF NOT EXISTS events (
+                 seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL,
+                 at_ms INTEGER NOT NULL, attempt INTEGER NOT NULL, rank INTEGER NOT NULL,
+                 stream TEXT NOT NULL, line TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
+             CREATE TABLE IF NOT EXISTS checkpoints (
+                 job_id TEXT NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL,
+                 url TEXT NOT NULL, size_bytes INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL,
+                 PRIMARY KEY (job_id, step));",
+        )?;
+        Ok(Self { conn })
+    }
+
+    pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(job)?;
+        self.conn.execute(
+            "INSERT INTO jobs (id, created_seq, doc)
+             VALUES (?1, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM jobs), ?2)
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+            params![job.id.0, doc],
+        )?;
+        Ok(())
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT doc FROM jobs ORDER BY created_seq")?;
+        let docs = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        docs.map(|doc| Ok(serde_json::from_str(&doc?)?)).collect()
+    }
+
+    pub fn put_worker(&self, worker: &Worker) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO workers (id, doc) VALUES (?1, ?2)
+             ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
+            params![worker.id.0, serde_json::to_string(worker)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn workers(&self) -> Result<Vec<Worker>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT doc FROM workers ORDER BY id")?;
+        let docs = stmt.query_map([], |row| row.get::<_, String>(0))?;
+        docs.map(|doc| Ok(serde_json::from_str(&doc?)?)).collect()
+    }
+
+    pub fn start_attempt(
+        &self,
+        job: &JobId,
+        attempt: Attempt,
+        placement: &[WorkerId],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO attempts (job_id, attempt, started_at_ms, placement)
+             VALUES (?1, ?2, ?3, ?4)",
+            params![job.0, attempt, now_ms, serde_json::to_string(placement)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn end_attempt(
+        &self,
+        job: &JobId,
+        attempt: Attempt,
+        outcome: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE attempts SET ended_at_ms = ?3, outcome = ?4
+             WHERE job_id = ?1 AND attempt = ?2 AND ended_at_ms IS NULL",
+            params![job.0, attempt, now_ms, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// (attempt, outcome) of every attempt of a job, in order; outcome is None while live.
+    pub fn attempts(&self, job: &JobId) -> Result<Vec<(Attempt, Option<String>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT attempt, outcome FROM attempts WHERE job_id = ?1 ORDER BY attempt")?;
+        let rows = stmt.query_map([&job.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Appends an event line and returns its sequence number.
+    pub fn append_event(
+        &self,
+        job: &JobId,
+        at_ms: i64,
+        attempt: Attempt,
+        rank: i32,
+        stream: &str,
+        line: &str,
+    ) -> Result<u64, StoreError> {
+        self.conn.execute(
+            "INSERT INTO events (job_id, at_ms, attempt, rank, stream, line)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![job.0, at_ms, attempt, rank, stream, line],
+        )?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    pub fn events_after(
+        &self,
+        job: &JobId,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, at_ms, attempt, rank, stream, line FROM events
+             WHERE job_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![job.0, after_seq, limit as i64], |row| {
+            Ok(EventRow {
+                seq: row.get(0)?,
+                job_id: job.clone(),
+                at_ms: row.get(1)?,
+                attempt: row.get(2)?,
+                rank: row.get(3)?,
+                stream: row.get(4)?,
+                line: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn put_checkpoint(&self, job: &JobId, c: &CheckpointRecord) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checkpoints
+                 (job_id, step, attempt, url, size_bytes, committed_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                job.0,
+                c.step,
+                c.attempt,
+                c.url,
+                c.size_bytes,
+                c.committed_at_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn checkpoints(&self, job: &JobId) -> Result<Vec<CheckpointRecord>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT step, url, attempt, size_bytes, committed_at_ms FROM checkpoints
+             WHERE job_id = ?1 ORDER BY step",
+        )?;
+        let rows = stmt.query_map([&job.0], |row| {
+            Ok(CheckpointRecord {
+                step: row.get(0)?,
+                url: row.get(1)?,
+                attempt: row.get(2)?,
+                size_bytes: row.get(3)?,
+                committed_at_ms: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn job_exists(&self, job: &JobId) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM jobs WHERE id = ?1", [&job.0], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gantry_core::JobSpec;
+
+    #[test]
+    fn jobs_and_events_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let spec = JobSpec::from_json(
+            r#"{"name":"a","model":{"kind":"mlp"},"train":{"steps":1,"global_batch":1,"lr":0.1}}"#,
+        )
+        .unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .put_job(&Job::new("j1".into(), spec.clone(), 5))
+                .unwrap();
+            store.put_job(&Job::new("j0".into(), spec, 6)).unwrap();
+            store
+                .append_event(&"j1".into(), 7, 1, -1, "event", "hello")
+                .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<String> = store.jobs().unwrap().into_iter().map(|j| j.id.0).collect();
+        assert_eq!(ids, ["j1", "j0"], "creation order is kept");
+        let events = store.events_after(&"j1".into(), 0, 10).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].line, "hello");
+    }
+}

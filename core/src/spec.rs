@@ -1,0 +1,550 @@
+//! The job spec: what a user writes (TOML or JSON, plus `--set key=value` overrides), checked
+//! field by field. Every error names the field it is about, so the CLI and the coordinator's
+//! INVALID_ARGUMENT say exactly what to fix.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// An invalid spec. `field` is the dotted path (`train.lr`, `parallel.dp`), or `spec` for the
+/// document as a whole.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl SpecError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub parallel: ParallelSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    #[serde(default)]
+    pub resources: ResourcesSpec,
+    #[serde(default)]
+    pub fault_tolerance: FaultToleranceSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// A multi-layer perceptron on a synthetic regression task.
+    Mlp,
+    /// A character-level decoder-only transformer language model.
+    Gpt,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub kind: ModelKind,
+    /// Transformer blocks (`gpt`) or hidden layers (`mlp`).
+    #[serde(default = "default_layers")]
+    pub layers: u32,
+    /// Width of the residual stream (`gpt`) or of the hidden layers (`mlp`).
+    #[serde(default = "default_d_model")]
+    pub d_model: u32,
+    /// Attention heads (`gpt` only).
+    #[serde(default = "default_heads")]
+    pub heads: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `builtin:arithmetic` (for `gpt`), `builtin:regression` (for `mlp`).
+    #[serde(default = "default_source")]
+    pub source: String,
+    #[serde(default = "default_seq_len")]
+    pub seq_len: u32,
+    /// Train / validation / test fractions.
+    #[serde(default = "default_split")]
+    pub split: [f64; 3],
+    /// Examples the built-in generator makes before splitting.
+    #[serde(default = "default_examples")]
+    pub examples: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub steps: u64,
+    pub global_batch: u32,
+    /// Gradient-accumulation micro-batches per step (pipeline micro-batches when pp > 1).
+    #[serde(default = "one")]
+    pub micro_batches: u32,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Maximum global gradient norm; 0 disables clipping.
+    #[serde(default)]
+    pub grad_clip: f64,
+    /// Evaluate on the validation split every this many steps; 0 only at the end.
+    #[serde(default)]
+    pub eval_every: u64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    #[serde(default = "one")]
+    pub dp: u32,
+    #[serde(default = "one")]
+    pub tp: u32,
+    #[serde(default = "one")]
+    pub pp: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Object-store URL; empty means `file://{coordinator state dir}/checkpoints`.
+    #[serde(default)]
+    pub url: String,
+    /// Save every this many steps (and always at the last step); 0 saves only at the end.
+    #[serde(default = "default_every_steps")]
+    pub every_steps: u64,
+    #[serde(default = "default_keep_last")]
+    pub keep_last: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesSpec {
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultToleranceSpec {
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// Seconds a collective may wait for a peer before the attempt is declared failed.
+    #[serde(default = "default_collective_timeout")]
+    pub collective_timeout_secs: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_layers() -> u32 {
+    2
+}
+fn default_d_model() -> u32 {
+    64
+}
+fn default_heads() -> u32 {
+    4
+}
+fn default_source() -> String {
+    String::new()
+}
+fn default_seq_len() -> u32 {
+    32
+}
+fn default_split() -> [f64; 3] {
+    [0.8, 0.1, 0.1]
+}
+fn default_examples() -> u32 {
+    4096
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_every_steps() -> u64 {
+    50
+}
+fn default_keep_last() -> u32 {
+    3
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_max_restarts() -> u32 {
+    3
+}
+fn default_collective_timeout() -> u64 {
+    60
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        Self {
+            source: default_source(),
+            seq_len: default_seq_len(),
+            split: default_split(),
+            examples: default_examples(),
+        }
+    }
+}
+impl Default for ParallelSpec {
+    fn default() -> Self {
+        Self {
+            dp: 1,
+            tp: 1,
+            pp: 1,
+        }
+    }
+}
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            every_steps: default_every_steps(),
+            keep_last: default_keep_last(),
+        }
+    }
+}
+impl Default for ResourcesSpec {
+    fn default() -> Self {
+        Self {
+            device: default_device(),
+        }
+    }
+}
+impl Default for FaultToleranceSpec {
+    fn default() -> Self {
+        Self {
+            max_restarts: default_max_restarts(),
+            collective_timeout_secs: default_collective_timeout(),
+        }
+    }
+}
+
+impl ParallelSpec {
+    pub fn world_size(&self) -> u32 {
+        self.dp * self.tp * self.pp
+    }
+}
+
+impl JobSpec {
+    /// Parses a JSON document (the wire form) and validates it.
+    pub fn from_json(text: &str) -> Result<Self, SpecError> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| SpecError::new("spec", e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Reads a TOML or JSON file (by extension; TOML otherwise), applies `key=value` overrides
+    /// (values are TOML literals, bare words are strings) and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SpecError::new("spec", format!("cannot read {}: {e}", path.display())))?;
+        let mut value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => serde_json::from_str(&text).map_err(|e| {
+                SpecError::new("spec", format!("{}: invalid JSON: {e}", path.display()))
+            })?,
+            _ => toml::from_str(&text).map_err(|e| {
+                SpecError::new("spec", format!("{}: invalid TOML: {e}", path.display()))
+            })?,
+        };
+        for assignment in overrides {
+            apply_override(&mut value, assignment)?;
+        }
+        Self::from_value(value)
+    }
+
+    fn from_value(value: serde_json::Value) -> Result<Self, SpecError> {
+        let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "spec".to_string()
+            } else {
+                path
+            };
+            SpecError::new(field, e.into_inner().to_string())
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a JobSpec always serialises")
+    }
+
+    /// The data source, with the model's built-in default filled in.
+    pub fn data_source(&self) -> &str {
+        match (self.data.source.as_str(), self.model.kind) {
+            ("", ModelKind::Gpt) => "builtin:arithmetic",
+            ("", ModelKind::Mlp) => "builtin:regression",
+            (source, _) => source,
+        }
+    }
+
+    /// Checks everything that can be checked without a cluster.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let err = |field: &str, message: String| Err(SpecError::new(field, message));
+        if self.name.is_empty()
+            || self.name.len() > 63
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return err(
+                "name",
+                format!(
+                    "{:?} must be 1-63 characters of letters, digits, '-', '_' or '.'",
+                    self.name
+                ),
+            );
+        }
+        let m = &self.model;
+        positive("model.layers", m.layers)?;
+        positive("model.d_model", m.d_model)?;
+        positive("model.heads", m.heads)?;
+        if m.kind == ModelKind::Gpt && m.d_model % m.heads != 0 {
+            return err(
+                "model.heads",
+                format!(
+                    "d_model {} is not divisible by {} heads",
+                    m.d_model, m.heads
+                ),
+            );
+        }
+        let expected_source = match m.kind {
+            ModelKind::Gpt => "builtin:arithmetic",
+            ModelKind::Mlp => "builtin:regression",
+        };
+        if self.data_source() != expected_source {
+            return err(
+                "data.source",
+                format!(
+                    "{:?} is not available for model {:?}; use {expected_source:?}",
+                    self.data.source, m.kind
+                ),
+            );
+        }
+        if self.data.seq_len < 2 {
+            return err("data.seq_len", "must be at least 2".into());
+        }
+        if self.data.examples < 16 {
+            return err("data.examples", "must be at least 16".into());
+        }
+        let split = self.data.split;
+        if split.iter().any(|f| !f.is_finite() || *f <= 0.0)
+            || (split.iter().sum::<f64>() - 1.0).abs() > 1e-6
+        {
+            return err(
+                "data.split",
+                format!("{split:?} must be three positive fractions summing to 1"),
+            );
+        }
+        let t = &self.train;
+        if t.steps == 0 {
+            return err("train.steps", "must be at least 1".into());
+        }
+        positive("train.global_batch", t.global_batch)?;
+        positive("train.micro_batches", t.micro_batches)?;
+        if !t.lr.is_finite() || t.lr <= 0.0 {
+            return err("train.lr", format!("{} must be a positive number", t.lr));
+        }
+        if t.warmup_steps > t.steps {
+            return err(
+                "train.warmup_steps",
+                format!("{} is more than train.steps ({})", t.warmup_steps, t.steps),
+            );
+        }
+        if !t.grad_clip.is_finite() || t.grad_clip < 0.0 {
+            return err(
+                "train.grad_clip",
+                format!("{} must be 0 (off) or positive", t.grad_clip),
+            );
+        }
+        let p = &self.parallel;
+        positive("parallel.dp", p.dp)?;
+        positive("parallel.tp", p.tp)?;
+        positive("parallel.pp", p.pp)?;
+        if p.tp > 1 {
+            return err(
+                "parallel.tp",
+                "tensor parallelism is not available yet; use tp = 1".into(),
+            );
+        }
+        if p.pp > 1 {
+            return err(
+                "parallel.pp",
+                "pipeline parallelism is not available yet; use pp = 1".into(),
+            );
+        }
+        if t.global_batch % (p.dp * t.micro_batches) != 0 {
+            return err(
+                "train.global_batch",
+                format!(
+                    "{} is not divisible by parallel.dp × train.micro_batches = {}",
+                    t.global_batch,
+                    p.dp * t.micro_batches
+                ),
+            );
+        }
+        let c = &self.checkpoint;
+        positive("checkpoint.keep_last", c.keep_last)?;
+        if !c.url.is_empty() {
+            let url = url::Url::parse(&c.url)
+                .map_err(|e| SpecError::new("checkpoint.url", format!("{:?}: {e}", c.url)))?;
+            if url.scheme() != "file" {
+                return err(
+                    "checkpoint.url",
+                    format!(
+                        "scheme {:?} is not supported yet; use file://",
+                        url.scheme()
+                    ),
+                );
+            }
+        }
+        if self.resources.device != "cpu" {
+            return err(
+                "resources.device",
+                format!(
+                    "{:?} is not available in this build; use \"cpu\"",
+                    self.resources.device
+                ),
+            );
+        }
+        if self.fault_tolerance.collective_timeout_secs == 0 {
+            return err(
+                "fault_tolerance.collective_timeout_secs",
+                "must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn positive(field: &str, value: u32) -> Result<(), SpecError> {
+    if value == 0 {
+        Err(SpecError::new(field, "must be at least 1"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Applies one `a.b.c=value` override. The value is read as a TOML literal (`2`, `3e-4`,
+/// `true`, `[0.8, 0.1, 0.1]`, `"text"`); anything else is taken as a plain string.
+pub fn apply_override(doc: &mut serde_json::Value, assignment: &str) -> Result<(), SpecError> {
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+        SpecError::new(
+            "--set",
+            format!("{assignment:?} is not of the form key=value"),
+        )
+    })?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(str::is_empty) {
+        return Err(SpecError::new(
+            "--set",
+            format!("{key:?} is not a valid key"),
+        ));
+    }
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .map(|v| serde_json::to_value(v).expect("TOML values are JSON values"))
+        .unwrap_or_else(|| serde_json::Value::String(raw.to_string()));
+    let mut node = doc;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let object = node.as_object_mut().ok_or_else(|| {
+            SpecError::new(
+                parts[..i].join("."),
+                "is not a table, cannot set a key in it",
+            )
+        })?;
+        if i + 1 == parts.len() {
+            object.insert(part.to_string(), value);
+            return Ok(());
+        }
+        node = object
+            .entry(part.to_string())
+            .or_insert_with(|| serde_json::Value::Object(Default::default()));
+    }
+    unreachable!("a key has at least one part")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "name": "t",
+            "model": {"kind": "mlp"},
+            "train": {"steps": 10, "global_batch": 8, "lr": 0.01},
+            "parallel": {"dp": 2}
+        })
+    }
+
+    fn check(mutate: impl FnOnce(&mut serde_json::Value)) -> Result<JobSpec, SpecError> {
+        let mut doc = base();
+        mutate(&mut doc);
+        JobSpec::from_json(&doc.to_string())
+    }
+
+    #[test]
+    fn a_minimal_spec_gets_defaults() {
+        let spec = check(|_| {}).unwrap();
+        assert_eq!(spec.parallel.world_size(), 2);
+        assert_eq!(spec.data_source(), "builtin:regression");
+        assert_eq!(spec.checkpoint.keep_last, 3);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>)> = vec![
+            (
+                "model.colour",
+                Box::new(|d| d["model"]["colour"] = "red".into()),
+            ),
+            ("bogus", Box::new(|d| d["bogus"] = 1.into())),
+            ("parallel.dp", Box::new(|d| d["parallel"]["dp"] = 0.into())),
+            ("train.lr", Box::new(|d| d["train"]["lr"] = (-1.0).into())),
+            (
+                "train.steps",
+                Box::new(|d| d["train"]["steps"] = (-5).into()),
+            ),
+            (
+                "train.global_batch",
+                Box::new(|d| d["train"]["global_batch"] = 7.into()),
+            ),
+            ("parallel.tp", Box::new(|d| d["parallel"]["tp"] = 2.into())),
+            ("name", Box::new(|d| d["name"] = "a b".into())),
+        ];
+        for (field, mutate) in cases {
+            let err = check(mutate).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn overrides_keep_their_types() {
+        let mut doc = base();
+        apply_override(&mut doc, "train.lr=3e-4").unwrap();
+        apply_override(&mut doc, "parallel.dp=1").unwrap();
+        apply_override(&mut doc, "name=other").unwrap();
+        apply_override(&mut doc, "data.split=[0.5, 0.25, 0.25]").unwrap();
+        let spec = JobSpec::from_value(doc).unwrap();
+        assert_eq!(spec.train.lr, 3e-4);
+        assert_eq!(spec.parallel.dp, 1);
+        assert_eq!(spec.name, "other");
+        assert_eq!(spec.data.split, [0.5, 0.25, 0.25]);
+        assert!(apply_override(&mut base(), "novalue").is_err());
+    }
+}

@@ -1,0 +1,348 @@
+//! The worker daemon: registers its slots, keeps one session stream with the coordinator,
+//! launches one OS process per assigned rank, relays their progress, logs and exits, and kills
+//! them when told. When the coordinator goes away the ranks keep running; the daemon reconnects
+//! with backoff and reports what it is running and what exited meanwhile.
+
+use crate::runtime::rank::RankAssignment;
+use crate::runtime::report::RankEvent;
+use backon::{ExponentialBuilder, Retryable};
+use gantry_proto::PROTOCOL_VERSION;
+use gantry_proto::v1 as pb;
+use pb::worker_message::Body;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub coordinator: String,
+    pub slots: u32,
+    pub work_dir: PathBuf,
+    pub hostname: String,
+    /// The address other ranks use to reach this worker's ranks.
+    pub advertise_host: String,
+    /// The program (and leading arguments) that runs a rank: `PROGRAM ARGS… --assignment FILE`.
+    pub rank_command: Vec<String>,
+}
+
+type Key = (String, u64, u32);
+
+fn key_of(k: &pb::RankKey) -> Key {
+    (k.job_id.clone(), k.attempt, k.rank)
+}
+
+struct RankProcess {
+    kill: CancellationToken,
+}
+
+type WorkerClient = pb::worker_service_client::WorkerServiceClient<Channel>;
+
+/// Runs the daemon until `shutdown`, then kills its ranks.
+pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(!options.rank_command.is_empty(), "rank command is empty");
+    std::fs::create_dir_all(&options.work_dir)?;
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Body>();
+    let mut ranks: HashMap<Key, RankProcess> = HashMap::new();
+    let mut worker_id = String::new();
+    // Exits and checkpoint commits not yet delivered to a coordinator.
+    let mut undelivered: Vec<Body> = Vec::new();
+
+    'connect: loop {
+        let registered = tokio::select! {
+            _ = shutdown.cancelled() => break 'connect,
+            r = register(&options, &worker_id) => r,
+        };
+        let (mut client, reg) = match registered {
+            Ok(ok) => ok,
+            Err(e) => {
+                kill_all(&mut ranks);
+                return Err(e);
+            }
+        };
+        if worker_id != reg.worker_id {
+            tracing::info!(worker = %reg.worker_id, coordinator = %options.coordinator, "registered");
+        }
+        worker_id = reg.worker_id.clone();
+
+        // Fold in whatever happened while disconnected.
+        while let Ok(body) = events.try_recv() {
+            note_event(&mut ranks, &mut undelivered, body);
+        }
+        let (out, out_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
+        let message = |body: Body| pb::WorkerMessage {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: worker_id.clone(),
+            body: Some(body),
+        };
+        let running = pb::RunningRanks {
+            ranks: ranks
+                .keys()
+                .map(|(job_id, attempt, rank)| pb::RankKey {
+                    job_id: job_id.clone(),
+                    attempt: *attempt,
+                    rank: *rank,
+                })
+                .collect(),
+            exited: undelivered
+                .iter()
+                .filter_map(|b| match b {
+                    Body::Exited(e) => Some(e.clone()),
+                    _ => None,
+                })
+                .collect(),
+        };
+        let _ = out.send(message(Body::Running(running)));
+        for body in undelivered.drain(..) {
+            if !matches!(body, Body::Exited(_)) {
+                let _ = out.send(message(body));
+            }
+        }
+        let mut inbound = match client.session(UnboundedReceiverStream::new(out_rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                tracing::warn!(error = %status, "session refused; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue 'connect;
+            }
+        };
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50)));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'connect,
+                _ = heartbeat.tick() => {
+                    if out.send(message(Body::Heartbeat(pb::Heartbeat {}))).is_err() {
+                        continue 'connect;
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(msg)) => match msg.body {
+                        Some(pb::coordinator_message::Body::Assign(a)) => {
+                            if let Err(e) = launch(&options, &a, &mut ranks, &events_tx) {
+                                tracing::error!(error = %e, "cannot launch rank");
+                                if let Some(key) = a.key {
+                                    let _ = events_tx.send(Body::Exited(pb::RankExited {
+                                        key: Some(key),
+                                        exit_code: Some(127),
+                                        signal: None,
+                                        message: format!("launch failed: {e}"),
+                                    }));
+                                }
+                            }
+                        }
+                        Some(pb::coordinator_message::Body::Stop(stop)) => {
+                            for ((job, attempt, rank), proc) in &ranks {
+                                if *job == stop.job_id && *attempt < stop.below_attempt {
+                                    tracing::info!(job, attempt, rank, reason = %stop.reason, "stopping rank");
+                                    proc.kill.cancel();
+                                }
+                            }
+                        }
+                        None => {}
+                    },
+                    Ok(None) | Err(_) => {
+                        tracing::warn!("coordinator session lost; reconnecting");
+                        continue 'connect;
+                    }
+                },
+                Some(body) = events.recv() => {
+                    let keep = matches!(body, Body::Exited(_) | Body::Checkpoint(_));
+                    if let Body::Exited(e) = &body
+                        && let Some(k) = &e.key
+                    {
+                        ranks.remove(&key_of(k));
+                    }
+                    if let Err(failed) = out.send(message(body))
+                        && keep
+                    {
+                        undelivered.extend(failed.0.body);
+                    }
+                }
+            }
+        }
+    }
+    kill_all(&mut ranks);
+    Ok(())
+}
+
+fn note_event(ranks: &mut HashMap<Key, RankProcess>, undelivered: &mut Vec<Body>, body: Body) {
+    match &body {
+        Body::Exited(e) => {
+            if let Some(k) = &e.key {
+                ranks.remove(&key_of(k));
+            }
+            undelivered.push(body);
+        }
+        Body::Checkpoint(_) => undelivered.push(body),
+        _ => {}
+    }
+}
+
+fn kill_all(ranks: &mut HashMap<Key, RankProcess>) {
+    for proc in ranks.values() {
+        proc.kill.cancel();
+    }
+}
+
+/// Registers (again), retrying with backoff while the coordinator is unreachable.
+async fn register(
+    options: &AgentOptions,
+    worker_id: &str,
+) -> anyhow::Result<(WorkerClient, pb::RegisterResponse)> {
+    let request = pb::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: worker_id.to_string(),
+        hostname: options.hostname.clone(),
+        slots: options.slots,
+        devices: vec!["cpu".into()],
+    };
+    let attempt = || async {
+        let mut client = WorkerClient::connect(options.coordinator.clone())
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let reply = client.register(request.clone()).await?;
+        Ok::<_, tonic::Status>((client, reply.into_inner()))
+    };
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times();
+    let result = attempt
+        .retry(backoff)
+        .when(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal))
+        .notify(|s, delay| tracing::warn!(error = %s.message(), ?delay, "coordinator unreachable; retrying"))
+        .await;
+    result.map_err(|s| anyhow::anyhow!("registration refused: {} ({:?})", s.message(), s.code()))
+}
+
+fn launch(
+    options: &AgentOptions,
+    a: &pb::Assignment,
+    ranks: &mut HashMap<Key, RankProcess>,
+    events: &mpsc::UnboundedSender<Body>,
+) -> anyhow::Result<()> {
+    let key = a
+        .key
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("assignment without a key"))?;
+    let k = key_of(&key);
+    if ranks.contains_key(&k) {
+        return Ok(()); // a re-sent assignment we already run
+    }
+    let dir = options
+        .work_dir
+        .join(&key.job_id)
+        .join(format!("attempt-{}", key.attempt));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join(format!("rank-{}.json", key.rank));
+    let assignment = RankAssignment {
+        coordinator: options.coordinator.clone(),
+        advertise_host: options.advertise_host.clone(),
+        job_id: key.job_id.clone(),
+        attempt: key.attempt,
+        rank: key.rank,
+        world_size: a.world_size,
+        spec_json: a.spec_json.clone(),
+        resume_step: a.resume_step,
+    };
+    std::fs::write(&file, serde_json::to_vec_pretty(&assignment)?)?;
+    let child = Command::new(&options.rank_command[0])
+        .args(&options.rank_command[1..])
+        .arg("--assignment")
+        .arg(&file)
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "rank started");
+    let kill = CancellationToken::new();
+    tokio::spawn(supervise(key, child, kill.clone(), events.clone()));
+    ranks.insert(k, RankProcess { kill });
+    Ok(())
+}
+
+/// Relays one rank's output and reports its exit.
+async fn supervise(
+    key: pb::RankKey,
+    mut child: Child,
+    kill: CancellationToken,
+    events: mpsc::UnboundedSender<Body>,
+) {
+    // Held until the rank exits: the rank treats EOF on stdin as "the daemon died".
+    let stdin = child.stdin.take();
+    let relay = |stream: &'static str,
+                 reader: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
+        let events = events.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let Some(reader) = reader else { return };
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let body = match RankEvent::parse(&line) {
+                    Some(RankEvent::Progress {
+                        step,
+                        loss,
+                        eval_loss,
+                        samples_per_sec,
+                    }) => Body::Progress(pb::RankProgress {
+                        key: Some(key.clone()),
+                        step,
+                        loss,
+                        eval_loss,
+                        samples_per_sec,
+                    }),
+                    Some(RankEvent::Checkpoint {
+                        step,
+                        url,
+                        size_bytes,
+                    }) => Body::Checkpoint(pb::CheckpointCommitted {
+                        key: Some(key.clone()),
+                        step,
+                        url,
+                        size_bytes,
+                    }),
+                    None => Body::Logs(pb::RankLogs {
+                        key: Some(key.clone()),
+                        lines: vec![line],
+                        stream: stream.into(),
+                    }),
+                };
+                let _ = events.send(body);
+            }
+        })
+    };
+    let out = relay("stdout", child.stdout.take().map(|s| Box::new(s) as _));
+    let err = relay("stderr", child.stderr.take().map(|s| Box::new(s) as _));
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = kill.cancelled() => {
+            let _ = child.start_kill();
+            child.wait().await
+        }
+    };
+    let _ = tokio::join!(out, err);
+    drop(stdin);
+    let (exit_code, signal, message) = match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            (s.code(), s.signal(), String::new())
+        }
+        Err(e) => (None, None, format!("wait failed: {e}")),
+    };
+    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, ?exit_code, ?signal, "rank exited");
+    let _ = events.send(Body::Exited(pb::RankExited {
+        key: Some(key),
+        exit_code,
+        signal,
+        message,
+    }));
+}

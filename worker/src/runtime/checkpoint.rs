@@ -1,0 +1,414 @@
+//! Sharded checkpoints on any `object_store` URL.
+//!
+//! Layout under `{url}/{job}/`:
+//! - `step-{N:08}/rank-{r}.model.bpk`, `rank-{r}.optim.bpk` (burnpack records, bit-exact),
+//!   `rank-{r}.state.json` (step, data cursor, checksums of the rank's other files);
+//! - `step-{N:08}/manifest.json`, written last by rank 0 with a conditional put (`Create`):
+//!   a step directory without a manifest is partial and never resumed from;
+//! - `latest`: the newest committed step; it never moves backwards.
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint url {0:?}: {1}")]
+    Url(String, String),
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("checkpoint at step {step}: {message}")]
+    Invalid { step: u64, message: String },
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Written by each rank next to its shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankState {
+    pub rank: u32,
+    pub step: u64,
+    /// The next training step to run; the data order is a pure function of it and the seed.
+    pub data_cursor: u64,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub job_id: String,
+    pub step: u64,
+    pub attempt: u64,
+    pub world_size: u32,
+    pub dp: u32,
+    pub tp: u32,
+    pub pp: u32,
+    pub files: Vec<FileEntry>,
+    pub total_bytes: u64,
+}
+
+/// One rank's restorable state.
+pub struct Shard {
+    pub model: Vec<u8>,
+    pub optimizer: Vec<u8>,
+    pub data_cursor: u64,
+}
+
+pub struct CheckpointStore {
+    store: Arc<dyn ObjectStore>,
+    /// `{url path}/{job}`
+    root: Path,
+    url: String,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl CheckpointStore {
+    pub fn open(url: &str, job_id: &str) -> Result<Self, CheckpointError> {
+        let parsed =
+            url::Url::parse(url).map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
+        if parsed.scheme() == "file" {
+            // The local store needs its root to exist.
+            std::fs::create_dir_all(parsed.path())
+                .map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
+        }
+        let (store, prefix) = object_store::parse_url(&parsed)
+            .map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
+        Ok(Self {
+            store: Arc::from(store),
+            root: prefix.join(job_id),
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn step_dir(&self, step: u64) -> Path {
+        self.root.clone().join(format!("step-{step:08}"))
+    }
+
+    /// The URL of a step's directory, for people.
+    pub fn step_url(&self, step: u64) -> String {
+        let job = self.root.filename().unwrap_or_default();
+        format!("{}/{job}/step-{step:08}", self.url)
+    }
+
+    async fn put_file(
+        &self,
+        dir: &Path,
+        name: String,
+        bytes: Vec<u8>,
+    ) -> Result<FileEntry, CheckpointError> {
+        let entry = FileEntry {
+            sha256: sha256_hex(&bytes),
+            size: bytes.len() as u64,
+            path: name.clone(),
+        };
+        self.store
+            .put(&dir.clone().join(name.as_str()), PutPayload::from(bytes))
+            .await?;
+        Ok(entry)
+    }
+
+    /// Writes this rank's shard of `step`.
+    pub async fn write_shard(
+        &self,
+        step: u64,
+        rank: u32,
+        shard: Shard,
+    ) -> Result<(), CheckpointError> {
+        let dir = self.step_dir(step);
+        let files = vec![
+            self.put_file(&dir, format!("rank-{rank}.model.bpk"), shard.model)
+                .await?,
+            self.put_file(&dir, format!("rank-{rank}.optim.bpk"), shard.optimizer)
+                .await?,
+        ];
+        let state = RankState {
+            rank,
+            step,
+            data_cursor: shard.data_cursor,
+            files,
+        };
+        self.put_file(
+            &dir,
+            format!("rank-{rank}.state.json"),
+            serde_json::to_vec(&state)?,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Commits `step` once every rank's shard is written (the caller has passed a barrier):
+    /// the manifest with every file's checksum, then the `latest` pointer, then retention.
+    /// Returns the checkpoint's total size.
+    pub async fn commit(
+        &self,
+        manifest_base: Manifest,
+        keep_last: u32,
+    ) -> Result<u64, CheckpointError> {
+        let step = manifest_base.step;
+        let dir = self.step_dir(step);
+        let mut files = Vec::new();
+        for rank in 0..manifest_base.world_size {
+            let name = format!("rank-{rank}.state.json");
+            let bytes = self
+                .store
+                .get(&dir.clone().join(name.as_str()))
+                .await?
+                .bytes()
+                .await?;
+            let state: RankState = serde_json::from_slice(&bytes)?;
+            files.extend(state.files);
+            files.push(FileEntry {
+                path: name,
+                size: bytes.len() as u64,
+                sha256: sha256_hex(&bytes),
+            });
+        }
+        let total_bytes = files.iter().map(|f| f.size).sum();
+        let manifest = Manifest {
+            files,
+            total_bytes,
+            ..manifest_base
+        };
+        let put = self
+            .store
+            .put_opts(
+                &dir.clone().join("manifest.json"),
+                PutPayload::from(serde_json::to_vec_pretty(&manifest)?),
+                PutOptions::from(PutMode::Create),
+            )
+            .await;
+        match put {
+            Ok(_) => {}
+            // Already committed (e.g. by an attempt that died before reporting): keep the first.
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                self.verify(step).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.advance_latest(step).await?;
+        self.retain(keep_last).await?;
+        Ok(total_bytes)
+    }
+
+    async fn advance_latest(&self, step: u64) -> Result<(), CheckpointError> {
+        let latest = self.root.clone().join("latest");
+        let current = match self.store.get(&latest).await {
+            Ok(r) => String::from_utf8_lossy(&r.bytes().await?)
+                .trim()
+                .parse::<u64>()
+                .ok(),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if current.is_none_or(|c| c < step) {
+            self.store
+                .put(&latest, PutPayload::from(format!("{step}\n").into_bytes()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Steps that hold at least one object, newest first. (Listing objects rather than
+    /// "directories": a local store keeps empty directories after retention deletes.)
+    pub async fn steps(&self) -> Result<Vec<u64>, CheckpointError> {
+        use futures_util::TryStreamExt;
+        let objects: Vec<_> = self.store.list(Some(&self.root)).try_collect().await?;
+        let mut steps: Vec<u64> = objects
+            .iter()
+            .filter_map(|meta| {
+                let mut parts = meta.location.prefix_match(&self.root)?;
+                parts.next()?.as_ref().strip_prefix("step-")?.parse().ok()
+            })
+            .collect();
+        steps.sort_unstable_by(|a, b| b.cmp(a));
+        steps.dedup();
+        Ok(steps)
+    }
+
+    /// Reads a step's manifest and checks every file's size and checksum.
+    pub async fn verify(&self, step: u64) -> Result<Manifest, CheckpointError> {
+        let invalid = |message: String| CheckpointError::Invalid { step, message };
+        let dir = self.step_dir(step);
+        let manifest: Manifest = match self.store.get(&dir.clone().join("manifest.json")).await {
+            Ok(r) => serde_json::from_slice(&r.bytes().await?)?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(invalid("no manifest (partial checkpoint)".into()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for file in &manifest.files {
+            let bytes = self
+                .store
+                .get(&dir.clone().join(file.path.as_str()))
+                .await
+                .map_err(|e| invalid(format!("{}: {e}", file.path)))?
+                .bytes()
+                .await?;
+            if bytes.len() as u64 != file.size || sha256_hex(&bytes) != file.sha256 {
+                return Err(invalid(format!(
+                    "{} does not match its checksum",
+                    file.path
+                )));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// The newest checkpoint that verifies; torn or corrupt ones are skipped with a warning.
+    pub async fn newest_valid(&self) -> Result<Option<Manifest>, CheckpointError> {
+        for step in self.steps().await? {
+            match self.verify(step).await {
+                Ok(manifest) => return Ok(Some(manifest)),
+                Err(e) => tracing::warn!("skipping checkpoint: {e}"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads one rank's shard of a verified checkpoint.
+    pub async fn read_shard(
+        &self,
+        manifest: &Manifest,
+        rank: u32,
+    ) -> Result<Shard, CheckpointError> {
+        let dir = self.step_dir(manifest.step);
+        let get = |name: String| {
+            let path = dir.clone().join(name.as_str());
+            async move { Ok::<_, CheckpointError>(self.store.get(&path).await?.bytes().await?.to_vec()) }
+        };
+        let state: RankState =
+            serde_json::from_slice(&get(format!("rank-{rank}.state.json")).await?)?;
+        Ok(Shard {
+            model: get(format!("rank-{rank}.model.bpk")).await?,
+            optimizer: get(format!("rank-{rank}.optim.bpk")).await?,
+            data_cursor: state.data_cursor,
+        })
+    }
+
+    /// Deletes committed checkpoints beyond the newest `keep_last`, and partial ones older
+    /// than the newest committed one.
+    async fn retain(&self, keep_last: u32) -> Result<(), CheckpointError> {
+        let steps = self.steps().await?;
+        let mut committed = 0u32;
+        let mut newest_committed: Option<u64> = None;
+        for step in steps {
+            let has_manifest = self
+                .store
+                .head(&self.step_dir(step).join("manifest.json"))
+                .await
+                .is_ok();
+            let keep = if has_manifest {
+                committed += 1;
+                newest_committed.get_or_insert(step);
+                committed <= keep_last
+            } else {
+                newest_committed.is_none_or(|newest| step > newest)
+            };
+            if !keep {
+                let dir = self.step_dir(step);
+                let objects: Vec<_> = {
+                    use futures_util::TryStreamExt;
+                    self.store.list(Some(&dir)).try_collect().await?
+                };
+                for meta in objects {
+                    self.store.delete(&meta.location).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(step: u64) -> Manifest {
+        Manifest {
+            format: 1,
+            job_id: "j".into(),
+            step,
+            attempt: 1,
+            world_size: 2,
+            dp: 2,
+            tp: 1,
+            pp: 1,
+            files: vec![],
+            total_bytes: 0,
+        }
+    }
+
+    async fn save(store: &CheckpointStore, step: u64) {
+        for rank in 0..2 {
+            let shard = Shard {
+                model: vec![rank as u8; 10],
+                optimizer: vec![7; 5],
+                data_cursor: step,
+            };
+            store.write_shard(step, rank, shard).await.unwrap();
+        }
+        store.commit(manifest(step), 2).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn newest_verified_checkpoint_wins_and_corruption_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = CheckpointStore::open(&url, "j").unwrap();
+        for step in [10, 20, 30] {
+            save(&store, step).await;
+        }
+        // keep_last = 2 deleted step 10.
+        assert_eq!(store.steps().await.unwrap(), vec![30, 20]);
+        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 30);
+        let shard = store
+            .read_shard(&store.verify(30).await.unwrap(), 1)
+            .await
+            .unwrap();
+        assert_eq!(shard.model, vec![1u8; 10]);
+        assert_eq!(shard.data_cursor, 30);
+
+        // Corrupt a shard of step 30: resume falls back to 20.
+        std::fs::write(
+            dir.path().join("j/step-00000030/rank-1.model.bpk"),
+            b"garbage",
+        )
+        .unwrap();
+        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
+
+        // A torn checkpoint (shards, no manifest) is never chosen.
+        store
+            .write_shard(
+                40,
+                0,
+                Shard {
+                    model: vec![1],
+                    optimizer: vec![2],
+                    data_cursor: 40,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
+
+        // `latest` never moves backwards.
+        store.advance_latest(5).await.unwrap();
+        let latest = std::fs::read_to_string(dir.path().join("j/latest")).unwrap();
+        assert_eq!(latest.trim(), "30");
+    }
+}

@@ -1,0 +1,176 @@
+//! The built-in models. A [`TrainModel`] builds itself from a spec and turns a [`Batch`] into a
+//! scalar loss (mean over the batch), which is all the training loop needs.
+
+use crate::runtime::data::{Batch, REGRESSION_IN, REGRESSION_OUT, VOCAB};
+use burn::module::Module;
+use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::{gelu, relu, softmax};
+use gantry_core::JobSpec;
+
+/// A model the runtime can train.
+pub trait TrainModel: Module + Clone + Send + Sized + 'static {
+    fn init(spec: &JobSpec, device: &Device) -> Self;
+    /// Mean loss over the batch, as a one-element tensor.
+    fn loss(&self, batch: &Batch, device: &Device) -> Tensor<1>;
+}
+
+/// A multi-layer perceptron for the synthetic regression task.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    layers: Vec<Linear>,
+    output: Linear,
+}
+
+impl TrainModel for Mlp {
+    fn init(spec: &JobSpec, device: &Device) -> Self {
+        let width = spec.model.d_model as usize;
+        let layers = (0..spec.model.layers as usize)
+            .map(|i| {
+                let d_in = if i == 0 { REGRESSION_IN } else { width };
+                LinearConfig::new(d_in, width).init(device)
+            })
+            .collect();
+        Self {
+            layers,
+            output: LinearConfig::new(width, REGRESSION_OUT).init(device),
+        }
+    }
+
+    fn loss(&self, batch: &Batch, device: &Device) -> Tensor<1> {
+        let Batch::Regression { x, y, n } = batch else {
+            panic!("the mlp trains on regression batches");
+        };
+        let x = Tensor::<2>::from_data(TensorData::new(x.clone(), [*n, REGRESSION_IN]), device);
+        let y = Tensor::<2>::from_data(TensorData::new(y.clone(), [*n, REGRESSION_OUT]), device);
+        let hidden = self
+            .layers
+            .iter()
+            .fold(x, |h, layer| relu(layer.forward(h)));
+        MseLoss::new()
+            .forward(self.output.forward(hidden), y, Reduction::Mean)
+            .reshape([1])
+    }
+}
+
+/// One pre-norm transformer block with causal self-attention.
+#[derive(Module, Debug)]
+pub struct Block {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    ln2: LayerNorm,
+    fc: Linear,
+    fc_out: Linear,
+    heads: usize,
+}
+
+impl Block {
+    fn new(d_model: usize, heads: usize, device: &Device) -> Self {
+        Self {
+            ln1: LayerNormConfig::new(d_model).init(device),
+            qkv: LinearConfig::new(d_model, 3 * d_model).init(device),
+            proj: LinearConfig::new(d_model, d_model).init(device),
+            ln2: LayerNormConfig::new(d_model).init(device),
+            fc: LinearConfig::new(d_model, 4 * d_model).init(device),
+            fc_out: LinearConfig::new(4 * d_model, d_model).init(device),
+            heads,
+        }
+    }
+
+    /// `x` is `[batch, time, d_model]`; `mask` is `[1, 1, time, time]`, -inf above the diagonal.
+    fn forward(&self, x: Tensor<3>, mask: &Tensor<4>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let h = self.heads;
+        let dh = d / h;
+        let qkv = self.qkv.forward(self.ln1.forward(x.clone()));
+        let split = |i: usize| {
+            qkv.clone()
+                .narrow(2, i * d, d)
+                .reshape([b, t, h, dh])
+                .swap_dims(1, 2)
+        };
+        let (q, k, v) = (split(0), split(1), split(2));
+        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt()) + mask.clone();
+        let attended = softmax(scores, 3)
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, t, d]);
+        let x = x + self.proj.forward(attended);
+        let mlp = self
+            .fc_out
+            .forward(gelu(self.fc.forward(self.ln2.forward(x.clone()))));
+        x + mlp
+    }
+}
+
+/// A character-level decoder-only transformer language model.
+#[derive(Module, Debug)]
+pub struct Gpt {
+    tokens: Embedding,
+    positions: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    head: Linear,
+}
+
+impl Gpt {
+    /// Next-token logits, `[batch, time, vocab]`.
+    pub fn logits(&self, inputs: &[i64], n: usize, seq_len: usize, device: &Device) -> Tensor<3> {
+        let tokens =
+            Tensor::<2, Int>::from_data(TensorData::new(inputs.to_vec(), [n, seq_len]), device);
+        let positions: Vec<i64> = (0..n).flat_map(|_| 0..seq_len as i64).collect();
+        let positions =
+            Tensor::<2, Int>::from_data(TensorData::new(positions, [n, seq_len]), device);
+        let mut x = self.tokens.forward(tokens) + self.positions.forward(positions);
+        let mask = causal_mask(seq_len, device);
+        for block in &self.blocks {
+            x = block.forward(x, &mask);
+        }
+        self.head.forward(self.ln_f.forward(x))
+    }
+}
+
+fn causal_mask(t: usize, device: &Device) -> Tensor<4> {
+    let values: Vec<f32> = (0..t * t)
+        .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
+        .collect();
+    Tensor::<4>::from_data(TensorData::new(values, [1, 1, t, t]), device)
+}
+
+impl TrainModel for Gpt {
+    fn init(spec: &JobSpec, device: &Device) -> Self {
+        let d = spec.model.d_model as usize;
+        let heads = spec.model.heads as usize;
+        Self {
+            tokens: EmbeddingConfig::new(VOCAB.len(), d).init(device),
+            positions: EmbeddingConfig::new(spec.data.seq_len as usize, d).init(device),
+            blocks: (0..spec.model.layers)
+                .map(|_| Block::new(d, heads, device))
+                .collect(),
+            ln_f: LayerNormConfig::new(d).init(device),
+            head: LinearConfig::new(d, VOCAB.len()).init(device),
+        }
+    }
+
+    fn loss(&self, batch: &Batch, device: &Device) -> Tensor<1> {
+        let Batch::Tokens {
+            inputs,
+            targets,
+            n,
+            seq_len,
+        } = batch
+        else {
+            panic!("the gpt trains on token batches");
+        };
+        let logits = self
+            .logits(inputs, *n, *seq_len, device)
+            .reshape([n * seq_len, VOCAB.len()]);
+        let targets =
+            Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n * seq_len]), device);
+        CrossEntropyLossConfig::new()
+            .init(device)
+            .forward(logits, targets)
+    }
+}

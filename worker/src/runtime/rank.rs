@@ -1,0 +1,135 @@
+//! The entry point of a rank process: meet the other ranks through the coordinator, connect
+//! the ring, train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
+
+use crate::runtime::comm::{Ring, RingIdentity};
+use crate::runtime::model::{Gpt, Mlp};
+use crate::runtime::report::Reporter;
+use crate::runtime::train::{RankJob, train};
+use gantry_core::{JobSpec, ModelKind};
+use gantry_proto::PROTOCOL_VERSION;
+use gantry_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What the worker daemon hands a rank process (written to a file it passes by path).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankAssignment {
+    pub coordinator: String,
+    /// The address other ranks reach this one on.
+    pub advertise_host: String,
+    pub job_id: String,
+    pub attempt: u64,
+    pub rank: u32,
+    pub world_size: u32,
+    pub spec_json: String,
+    pub resume_step: Option<u64>,
+}
+
+/// Exit code of a rank whose attempt was superseded before it started.
+pub const EXIT_STALE: i32 = 75;
+/// Exit code of a rank whose worker daemon went away.
+pub const EXIT_ORPHANED: i32 = 70;
+
+pub fn run(assignment_path: &Path) -> i32 {
+    match run_inner(assignment_path) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("rank failed: {e:#}");
+            e.downcast_ref::<Stale>().map_or(1, |_| EXIT_STALE)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("attempt is no longer live: {0}")]
+struct Stale(String);
+
+fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(assignment_path)?;
+    let a: RankAssignment = serde_json::from_str(&text)?;
+    let spec = JobSpec::from_json(&a.spec_json)?;
+    // The daemon holds our stdin; when it dies, so do we (no orphaned ranks).
+    std::thread::spawn(|| {
+        let mut sink = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
+        eprintln!("worker daemon went away; exiting");
+        std::process::exit(EXIT_ORPHANED);
+    });
+    let io = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let timeout = Duration::from_secs(spec.fault_tolerance.collective_timeout_secs);
+    let listener = TcpListener::bind((a.advertise_host.as_str(), 0))?;
+    let address = format!("{}:{}", a.advertise_host, listener.local_addr()?.port());
+    let peers = io.block_on(rendezvous(&a, address, timeout))?;
+    let mut ring = Ring::connect(
+        listener,
+        &peers,
+        a.rank,
+        RingIdentity::new(&a.job_id, a.attempt),
+        timeout,
+    )?;
+    let job = RankJob {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        spec,
+        resume_step: a.resume_step,
+    };
+    let reporter = Reporter { rank: a.rank };
+    reporter.log(&format!(
+        "rank {}/{} of {} attempt {} connected",
+        a.rank, a.world_size, a.job_id, a.attempt
+    ));
+    match job.spec.model.kind {
+        ModelKind::Mlp => train::<Mlp>(&job, &mut ring, &reporter, &io)?,
+        ModelKind::Gpt => train::<Gpt>(&job, &mut ring, &reporter, &io)?,
+    };
+    Ok(())
+}
+
+/// Reports this rank's address and waits for the whole peer table.
+async fn rendezvous(
+    a: &RankAssignment,
+    address: String,
+    timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    let request = pb::RendezvousRequest {
+        protocol_version: PROTOCOL_VERSION,
+        key: Some(pb::RankKey {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: a.rank,
+        }),
+        address,
+    };
+    let mut client = None;
+    loop {
+        if client.is_none() {
+            client = pb::worker_service_client::WorkerServiceClient::connect(a.coordinator.clone())
+                .await
+                .ok();
+        }
+        if let Some(c) = client.as_mut() {
+            match c.rendezvous(request.clone()).await {
+                Ok(r) if !r.get_ref().peers.is_empty() => return Ok(r.into_inner().peers),
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::Aborted => {
+                    return Err(Stale(s.message().into()).into());
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => client = None,
+                Err(s) => anyhow::bail!("rendezvous refused: {}", s.message()),
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "rendezvous timed out after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,87 @@
+//! How a rank process talks to its worker daemon: plain lines on stdout are logs; lines that
+//! start with [`EVENT_PREFIX`] carry a JSON [`RankEvent`] (progress, checkpoint commits).
+
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+
+pub const EVENT_PREFIX: &str = "@gantry ";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankEvent {
+    Progress {
+        step: u64,
+        loss: f64,
+        eval_loss: Option<f64>,
+        samples_per_sec: f64,
+    },
+    Checkpoint {
+        step: u64,
+        url: String,
+        size_bytes: u64,
+    },
+}
+
+impl RankEvent {
+    /// Parses a stdout line; `None` for an ordinary log line.
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line.strip_prefix(EVENT_PREFIX)?).ok()
+    }
+}
+
+/// Writes events and log lines for the worker daemon. Only rank 0 reports progress: the loss
+/// it reports is already averaged over the data-parallel group.
+pub struct Reporter {
+    pub rank: u32,
+}
+
+impl Reporter {
+    fn emit(&self, event: &RankEvent) {
+        let line = serde_json::to_string(event).expect("events serialise");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{EVENT_PREFIX}{line}");
+        let _ = out.flush();
+    }
+
+    pub fn log(&self, line: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    pub fn progress(
+        &self,
+        step: u64,
+        total: u64,
+        loss: f64,
+        eval_loss: Option<f64>,
+        lr: f64,
+        samples_per_sec: f64,
+    ) {
+        if self.rank != 0 {
+            return;
+        }
+        // Full precision: runs are compared step by step from these lines.
+        let eval = eval_loss.map_or(String::new(), |e| format!(" eval_loss={e}"));
+        self.log(&format!(
+            "step {step}/{total} loss={loss}{eval} lr={lr:.3e} samples/s={samples_per_sec:.1}"
+        ));
+        self.emit(&RankEvent::Progress {
+            step,
+            loss,
+            eval_loss,
+            samples_per_sec,
+        });
+    }
+
+    pub fn checkpoint(&self, step: u64, url: &str, size_bytes: u64) {
+        self.log(&format!(
+            "checkpoint committed at step {step}: {url} ({size_bytes} bytes)"
+        ));
+        self.emit(&RankEvent::Checkpoint {
+            step,
+            url: url.to_string(),
+            size_bytes,
+        });
+    }
+}

@@ -1,0 +1,333 @@
+//! The data-parallel training loop of one rank.
+//!
+//! Each step: every dp rank takes its contiguous share of the global batch, runs its
+//! micro-batches (gradient accumulation), flattens the summed gradients into one buffer with the
+//! loss appended, all-reduces it (average), clips by the global norm, and steps Adam with the
+//! scheduled learning rate. Replicas start from the same seed and apply identical averaged
+//! gradients, so they stay bit-identical.
+
+use crate::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
+use crate::runtime::comm::Ring;
+use crate::runtime::data::{Dataset, Split, shard};
+use crate::runtime::model::TrainModel;
+use crate::runtime::report::Reporter;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::prelude::*;
+use burn::store::ModuleRecord;
+use burn::tensor::Bytes;
+use gantry_core::JobSpec;
+use std::time::Instant;
+
+/// Everything a rank needs to train.
+pub struct RankJob {
+    pub job_id: String,
+    pub attempt: u64,
+    pub rank: u32,
+    pub spec: JobSpec,
+    /// Resume from exactly this step instead of the newest verified checkpoint.
+    pub resume_step: Option<u64>,
+}
+
+/// Linear warm-up to `lr`, then cosine decay to 10% of it at the last step.
+pub fn learning_rate(spec: &JobSpec, step: u64) -> f64 {
+    let t = &spec.train;
+    if step < t.warmup_steps {
+        return t.lr * (step + 1) as f64 / t.warmup_steps as f64;
+    }
+    let decay_steps = (t.steps - t.warmup_steps).max(1) as f64;
+    let progress = ((step - t.warmup_steps) as f64 / decay_steps).min(1.0);
+    let min_lr = 0.1 * t.lr;
+    min_lr + 0.5 * (t.lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// Adds each parameter's gradient into a flat buffer, in visiting order (the same on every replica).
+struct Flatten<'a> {
+    grads: &'a mut GradientsParams,
+    out: &'a mut Vec<f32>,
+    offset: usize,
+}
+
+impl ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.val().shape().num_elements();
+        if self.out.len() < self.offset + n {
+            self.out.resize(self.offset + n, 0.0);
+        }
+        if let Some(grad) = self.grads.remove::<D>(param.id) {
+            let values = grad.into_data().convert::<f32>();
+            let values = values.as_slice::<f32>().expect("f32 gradients");
+            for (dst, src) in self.out[self.offset..self.offset + n]
+                .iter_mut()
+                .zip(values)
+            {
+                *dst += src;
+            }
+        }
+        self.offset += n;
+    }
+}
+
+/// Rebuilds per-parameter gradients from the flat, averaged buffer.
+struct Unflatten<'a> {
+    flat: &'a [f32],
+    offset: usize,
+    device: Device,
+    grads: GradientsParams,
+}
+
+impl ModuleVisitor for Unflatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let shape = param.val().shape();
+        let n = shape.num_elements();
+        let values = self.flat[self.offset..self.offset + n].to_vec();
+        self.offset += n;
+        let grad = Tensor::<D>::from_data(TensorData::new(values, shape), &self.device);
+        self.grads.register(param.id, grad);
+    }
+}
+
+/// Copies all parameters into one flat vector (tests compare replicas and runs with it).
+pub fn flat_parameters<M: Module>(model: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0
+                .extend_from_slice(data.as_slice::<f32>().expect("f32 parameters"));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+/// Mean loss of a split, over this dp rank's share of its samples, averaged over the ring.
+fn evaluate<M: TrainModel>(
+    model: &M,
+    data: &Dataset,
+    split: Split,
+    ring: &mut Ring,
+    dp_rank: usize,
+    device: &Device,
+) -> anyhow::Result<f64> {
+    let n = data.len(split).min(512);
+    let dp = ring.world() as usize;
+    let mine: Vec<usize> = (0..n).filter(|i| i % dp == dp_rank).collect();
+    let mut sums = [0.0f32; 2];
+    for chunk in mine.chunks(64) {
+        let batch = data.batch(split, chunk);
+        let loss: f32 = model.loss(&batch, device).into_scalar::<f32>();
+        sums[0] += loss * chunk.len() as f32;
+        sums[1] += chunk.len() as f32;
+    }
+    ring.all_reduce_sum(&mut sums)?;
+    Ok(f64::from(sums[0] / sums[1].max(1.0)))
+}
+
+/// What a finished run leaves behind.
+pub struct TrainOutcome {
+    pub losses: Vec<(u64, f64)>,
+    pub final_parameters: Vec<f32>,
+}
+
+/// Trains `M` from the newest checkpoint (or from scratch) to the last step.
+pub fn train<M: TrainModel>(
+    job: &RankJob,
+    ring: &mut Ring,
+    reporter: &Reporter,
+    io: &tokio::runtime::Runtime,
+) -> anyhow::Result<TrainOutcome> {
+    let spec = &job.spec;
+    let t = &spec.train;
+    let dp = spec.parallel.dp as usize;
+    let dp_rank = ring.rank() as usize;
+    let device = Device::flex();
+    device.seed(t.seed);
+    let ad = device.clone().autodiff();
+    let mut model = M::init(spec, &ad);
+    let mut optimizer = AdamConfig::new().init();
+    let data = Dataset::for_spec(spec);
+    let store = CheckpointStore::open(&spec.checkpoint.url, &job.job_id)?;
+
+    let restored = io.block_on(async {
+        match job.resume_step {
+            Some(step) => Ok::<_, anyhow::Error>(Some(store.verify(step).await?)),
+            None => Ok(store.newest_valid().await?),
+        }
+    })?;
+    let mut start = 0;
+    if let Some(manifest) = restored {
+        // Data-parallel replicas are identical, so a checkpoint from another dp degree restores
+        // by reading replica 0's shard.
+        let source_rank = if manifest.world_size == ring.world() {
+            job.rank
+        } else {
+            0
+        };
+        let shard = io.block_on(store.read_shard(&manifest, source_rank))?;
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(shard.model))
+            .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?;
+        model = model.load_record(record);
+        optimizer = optimizer
+            .from_bytes(Bytes::from_bytes_vec(shard.optimizer))
+            .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?;
+        start = shard.data_cursor;
+        reporter.log(&format!(
+            "resumed from checkpoint at step {} (attempt {}, written by {} ranks)",
+            manifest.step, manifest.attempt, manifest.world_size
+        ));
+    }
+
+    let micro = t.micro_batches as usize;
+    let mut losses = Vec::new();
+    let mut flat = Vec::new();
+    for step in start..t.steps {
+        let started = Instant::now();
+        let global = data.global_batch_indices(step, t.global_batch as usize);
+        let local = shard(&global, dp_rank, dp);
+        let per_micro = local.len() / micro;
+        flat.iter_mut().for_each(|v| *v = 0.0);
+        let mut loss_sum = 0.0f32;
+        for m in 0..micro {
+            let batch = data.batch(Split::Train, &local[m * per_micro..(m + 1) * per_micro]);
+            let loss = model.loss(&batch, &ad);
+            loss_sum += loss.clone().into_scalar::<f32>();
+            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut visitor = Flatten {
+                grads: &mut grads,
+                out: &mut flat,
+                offset: 0,
+            };
+            model.visit(&mut visitor);
+        }
+        // Average over micro-batches and replicas; the loss rides along in the last slot.
+        let n_params = flat.len();
+        flat.push(loss_sum);
+        let scale = 1.0 / (micro * dp) as f32;
+        flat.iter_mut().for_each(|v| *v *= scale);
+        ring.all_reduce_sum(&mut flat)?;
+        let loss = f64::from(flat.pop().expect("loss slot"));
+        debug_assert_eq!(flat.len(), n_params);
+
+        if t.grad_clip > 0.0 {
+            let norm = flat
+                .iter()
+                .map(|g| f64::from(*g) * f64::from(*g))
+                .sum::<f64>()
+                .sqrt();
+            if norm > t.grad_clip {
+                let factor = (t.grad_clip / (norm + 1e-6)) as f32;
+                flat.iter_mut().for_each(|g| *g *= factor);
+            }
+        }
+        let mut unflatten = Unflatten {
+            flat: &flat,
+            offset: 0,
+            device: device.clone(),
+            grads: GradientsParams::new(),
+        };
+        model.visit(&mut unflatten);
+        let lr = learning_rate(spec, step);
+        model = optimizer.step(lr, model, unflatten.grads);
+
+        let done = step + 1;
+        losses.push((done, loss));
+        let samples_per_sec = t.global_batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let last = done == t.steps;
+        let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
+            Some(evaluate(
+                &model,
+                &data,
+                Split::Validation,
+                ring,
+                dp_rank,
+                &ad,
+            )?)
+        } else {
+            None
+        };
+        reporter.progress(done, t.steps, loss, eval_loss, lr, samples_per_sec);
+
+        let every = spec.checkpoint.every_steps;
+        if (every > 0 && done % every == 0) || last {
+            save(job, &store, ring, &model, &optimizer, done, reporter, io)?;
+        }
+    }
+    if start < t.steps {
+        let test_loss = evaluate(&model, &data, Split::Test, ring, dp_rank, &ad)?;
+        reporter.log(&format!("test loss {test_loss:.6}"));
+    }
+    Ok(TrainOutcome {
+        losses,
+        final_parameters: flat_parameters(&model),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save<M: TrainModel>(
+    job: &RankJob,
+    store: &CheckpointStore,
+    ring: &mut Ring,
+    model: &M,
+    optimizer: &burn::optim::ModuleOptimizer,
+    step: u64,
+    reporter: &Reporter,
+    io: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let shard = Shard {
+        model: model
+            .clone()
+            .into_record()
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?
+            .to_vec(),
+        optimizer: optimizer
+            .into_bytes()
+            .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?
+            .to_vec(),
+        data_cursor: step,
+    };
+    io.block_on(store.write_shard(step, job.rank, shard))?;
+    // Every shard is written before rank 0 commits the manifest.
+    ring.barrier()?;
+    if job.rank == 0 {
+        let p = job.spec.parallel;
+        let manifest = Manifest {
+            format: 1,
+            job_id: job.job_id.clone(),
+            step,
+            attempt: job.attempt,
+            world_size: ring.world(),
+            dp: p.dp,
+            tp: p.tp,
+            pp: p.pp,
+            files: Vec::new(),
+            total_bytes: 0,
+        };
+        let size = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
+        reporter.checkpoint(step, &store.step_url(step), size);
+    }
+    // Nobody moves on (and possibly dies) before the commit is known.
+    ring.barrier()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warmup_then_cosine() {
+        let spec = JobSpec::from_json(
+            r#"{"name":"t","model":{"kind":"mlp"},"train":{"steps":100,"global_batch":4,"lr":1.0,"warmup_steps":10}}"#,
+        )
+        .unwrap();
+        assert!((learning_rate(&spec, 0) - 0.1).abs() < 1e-12);
+        assert!((learning_rate(&spec, 9) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&spec, 10) - 1.0).abs() < 1e-12);
+        assert!((learning_rate(&spec, 100) - 0.1).abs() < 1e-12);
+        let mid = learning_rate(&spec, 55);
+        assert!((mid - 0.55).abs() < 1e-9, "{mid}");
+    }
+}
