@@ -1,1 +1,472 @@
-fn main() {}
+//! `gantry`: submit and follow training jobs, inspect the cluster, run a local one.
+//!
+//! Exit codes: 0 ok; 1 the job failed or was cancelled (`--wait`); 2 bad usage or invalid
+//! input; 3 coordinator unreachable.
+
+mod local;
+mod render;
+
+use clap::{Parser, Subcommand};
+use gantry_core::JobSpec;
+use gantry_proto::v1 as pb;
+use pb::job_service_client::JobServiceClient;
+use render::Output;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const EXAMPLE_GPT_DP2: &str = include_str!("../../deploy/examples/gpt-dp2.toml");
+
+#[derive(Debug, Parser)]
+#[command(name = "gantry", version, about = "Distributed training orchestrator")]
+struct Cli {
+    /// The coordinator's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "GANTRY_COORDINATOR",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    coordinator: String,
+    /// Output format of the listing commands.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a coordinator and local worker daemons in the foreground (Ctrl-C stops everything).
+    Up {
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        #[arg(long, default_value_t = 1)]
+        slots_per_worker: u32,
+        #[arg(long, default_value = ".gantry")]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+    },
+    /// Start a local cluster, train the example GPT with dp=2 to the end, print a summary.
+    Demo {
+        #[arg(long, default_value = ".gantry/demo")]
+        state_dir: PathBuf,
+        /// Overrides of the example spec, e.g. `--set train.steps=100`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Submit a job spec (TOML or JSON).
+    Submit {
+        spec: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Wait for the job to end; exit 1 unless it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Follow the job's progress and events until it ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// List jobs.
+    Jobs,
+    /// Show one job.
+    Status { job: String },
+    /// Show a job's history and rank output.
+    Logs {
+        job: String,
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Cancel a job.
+    Cancel { job: String },
+    /// Resume a failed or cancelled job from its newest verified checkpoint.
+    Resume {
+        job: String,
+        #[arg(long)]
+        from_step: Option<u64>,
+    },
+    /// List worker daemons.
+    Workers,
+    /// List a job's checkpoints.
+    Checkpoints { job: String },
+    /// Run one rank (started by a worker daemon, not by hand).
+    #[command(hide = true)]
+    Rank {
+        #[arg(long)]
+        assignment: PathBuf,
+    },
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+struct Failure {
+    code: i32,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let code = match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded => 3,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists => 2,
+            _ => 1,
+        };
+        Self {
+            code,
+            message: s.message().to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self {
+            code: 1,
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Command::Rank { assignment } = &cli.command {
+        std::process::exit(gantry_worker::runtime::rank::run(assignment));
+    }
+    let quiet_daemons = !matches!(cli.command, Command::Up { .. });
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if quiet_daemons { "warn" } else { "info" }.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            f.code
+        }
+    };
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    std::process::exit(code);
+}
+
+async fn connect(url: &str) -> Result<JobServiceClient<Channel>, Failure> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| Failure::usage(format!("--coordinator: {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| Failure {
+        code: 3,
+        message: format!("cannot reach the coordinator at {url}: {e}"),
+    })?;
+    Ok(JobServiceClient::new(channel))
+}
+
+async fn run(cli: Cli) -> Result<i32, Failure> {
+    let out = cli.output;
+    match cli.command {
+        Command::Up {
+            workers,
+            slots_per_worker,
+            state_dir,
+            listen,
+        } => {
+            let shutdown = CancellationToken::new();
+            let cluster = local::LocalCluster::start(
+                listen,
+                &state_dir,
+                workers,
+                slots_per_worker,
+                shutdown.clone(),
+            )
+            .await
+            .map_err(|e| Failure::usage(format!("{e:#}")))?;
+            println!(
+                "gantry is up: coordinator {} with {workers} worker(s) × {slots_per_worker} slot(s); state in {}",
+                cluster.url,
+                state_dir.display()
+            );
+            println!(
+                "submit with: gantry --coordinator {} submit deploy/examples/mlp-dp2.toml --wait",
+                cluster.url
+            );
+            tokio::signal::ctrl_c().await.ok();
+            println!("stopping");
+            shutdown.cancel();
+            cluster.stopped().await?;
+            Ok(0)
+        }
+        Command::Demo { state_dir, set } => demo(&state_dir, &set).await,
+        Command::Submit {
+            spec,
+            set,
+            wait,
+            follow,
+        } => {
+            let spec = JobSpec::load(&spec, &set).map_err(|e| Failure::usage(e.to_string()))?;
+            let mut client = connect(&cli.coordinator).await?;
+            let job = client
+                .submit_job(pb::SubmitJobRequest {
+                    spec_json: spec.to_json(),
+                })
+                .await?
+                .into_inner();
+            if !(wait || follow) {
+                match out {
+                    Output::Json => render::print_json(&render::job_json(&job)),
+                    Output::Table => println!("{}", job.id),
+                }
+                return Ok(0);
+            }
+            if out == Output::Table {
+                eprintln!("submitted {}", job.id);
+            }
+            let end = follow_job(&mut client, &job.id, follow).await?;
+            match out {
+                Output::Json => render::print_json(&render::job_json(&end)),
+                Output::Table => println!("{}", render::summary(&end)),
+            }
+            Ok(if end.state == pb::JobState::Succeeded as i32 {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Jobs => {
+            let jobs = connect(&cli.coordinator)
+                .await?
+                .list_jobs(pb::ListJobsRequest {})
+                .await?
+                .into_inner()
+                .jobs;
+            render::jobs(&jobs, out);
+            Ok(0)
+        }
+        Command::Status { job } => {
+            let job = connect(&cli.coordinator)
+                .await?
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            render::status(&job, out);
+            Ok(0)
+        }
+        Command::Logs { job, follow } => {
+            let mut client = connect(&cli.coordinator).await?;
+            let mut stream = client
+                .watch_job(pb::WatchJobRequest {
+                    job_id: job,
+                    after_seq: 0,
+                    follow,
+                })
+                .await?
+                .into_inner();
+            while let Some(event) = stream.message().await? {
+                if let Some(pb::job_event::Kind::Log(line)) = &event.kind {
+                    println!("{}", render::log_line(line));
+                }
+            }
+            Ok(0)
+        }
+        Command::Cancel { job } => {
+            let job = connect(&cli.coordinator)
+                .await?
+                .cancel_job(pb::CancelJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            render::status(&job, out);
+            Ok(0)
+        }
+        Command::Resume { job, from_step } => {
+            let job = connect(&cli.coordinator)
+                .await?
+                .resume_job(pb::ResumeJobRequest {
+                    job_id: job,
+                    from_step,
+                })
+                .await?
+                .into_inner();
+            render::status(&job, out);
+            Ok(0)
+        }
+        Command::Workers => {
+            let workers = connect(&cli.coordinator)
+                .await?
+                .list_workers(pb::ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers;
+            render::workers(&workers, out);
+            Ok(0)
+        }
+        Command::Checkpoints { job } => {
+            let checkpoints = connect(&cli.coordinator)
+                .await?
+                .list_checkpoints(pb::ListCheckpointsRequest { job_id: job })
+                .await?
+                .into_inner()
+                .checkpoints;
+            render::checkpoints(&checkpoints, out);
+            Ok(0)
+        }
+        Command::Rank { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Follows a job to its end with a progress bar; with `show_events`, prints its history lines
+/// (state changes, restarts, checkpoints) above the bar. Returns the job as it ended.
+async fn follow_job(
+    client: &mut JobServiceClient<Channel>,
+    job_id: &str,
+    show_events: bool,
+) -> Result<pb::Job, Failure> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
+        )
+        .expect("valid template"),
+    );
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job_id.to_string(),
+            after_seq: 0,
+            follow: true,
+        })
+        .await?
+        .into_inner();
+    let mut last = None;
+    while let Some(event) = stream.message().await? {
+        match event.kind {
+            Some(pb::job_event::Kind::Job(job)) => {
+                bar.set_length(job.total_steps);
+                bar.set_position(job.step);
+                let mut msg = format!("{}", render::state_name(job.state));
+                if let Some(loss) = job.loss {
+                    msg.push_str(&format!(" loss {loss:.4}"));
+                }
+                if let Some(eval) = job.eval_loss {
+                    msg.push_str(&format!(" eval {eval:.4}"));
+                }
+                if let Some(reason) = &job.pending_reason {
+                    msg.push_str(&format!(" ({reason})"));
+                }
+                bar.set_message(msg);
+                let done = [
+                    pb::JobState::Succeeded,
+                    pb::JobState::Failed,
+                    pb::JobState::Cancelled,
+                ]
+                .iter()
+                .any(|s| *s as i32 == job.state);
+                last = Some(job);
+                if done {
+                    break;
+                }
+            }
+            Some(pb::job_event::Kind::Log(line)) => {
+                let is_step_line = line.rank >= 0 && line.line.starts_with("step ");
+                if show_events && !is_step_line {
+                    bar.println(render::log_line(&line));
+                }
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    match last {
+        Some(job) => Ok(job),
+        None => Err(Failure {
+            code: 3,
+            message: "the coordinator closed the stream before the job ended".into(),
+        }),
+    }
+}
+
+async fn demo(state_dir: &std::path::Path, set: &[String]) -> Result<i32, Failure> {
+    let shutdown = CancellationToken::new();
+    let cluster = local::LocalCluster::start(
+        "127.0.0.1:0".parse().expect("valid"),
+        state_dir,
+        2,
+        1,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| Failure::usage(format!("{e:#}")))?;
+    println!(
+        "local cluster up: coordinator {} with 2 workers; state in {}",
+        cluster.url,
+        state_dir.display()
+    );
+    let spec_path = state_dir.join("gpt-dp2.toml");
+    std::fs::write(&spec_path, EXAMPLE_GPT_DP2).map_err(|e| Failure::usage(e.to_string()))?;
+    let spec = JobSpec::load(&spec_path, set).map_err(|e| Failure::usage(e.to_string()))?;
+    println!(
+        "training {} ({:?}, {} layers, d_model {}) for {} steps, dp={}",
+        spec.name,
+        spec.model.kind,
+        spec.model.layers,
+        spec.model.d_model,
+        spec.train.steps,
+        spec.parallel.dp
+    );
+    let mut client = connect(&cluster.url).await?;
+    let started = Instant::now();
+    let job = client
+        .submit_job(pb::SubmitJobRequest {
+            spec_json: spec.to_json(),
+        })
+        .await?
+        .into_inner();
+    let end = follow_job(&mut client, &job.id, true).await?;
+    // The first step's loss, from the job's history, to show how far training got.
+    let mut history = client
+        .watch_job(pb::WatchJobRequest {
+            job_id: job.id.clone(),
+            after_seq: 0,
+            follow: false,
+        })
+        .await?
+        .into_inner();
+    let mut first_loss = None;
+    while let Some(event) = history.message().await? {
+        if let Some(pb::job_event::Kind::Log(line)) = event.kind
+            && first_loss.is_none()
+        {
+            first_loss = render::step_loss(&line.line).map(|(_, loss)| loss);
+        }
+    }
+    println!("{}", render::summary(&end));
+    if let (Some(first), Some(last)) = (first_loss, end.loss) {
+        println!(
+            "training loss {first:.4} → {last:.4} ({:.1}× lower) in {:.0?}",
+            first / last,
+            started.elapsed()
+        );
+    }
+    shutdown.cancel();
+    cluster.stopped().await?;
+    Ok(if end.state == pb::JobState::Succeeded as i32 {
+        0
+    } else {
+        1
+    })
+}

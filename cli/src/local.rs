@@ -1,0 +1,70 @@
+//! A local cluster in one process: the coordinator and N worker daemons (`gantry up`). Rank
+//! processes are still real OS processes: this executable's hidden `rank` subcommand.
+
+use gantry_coordinator::{Coordinator, Options};
+use gantry_worker::agent::{self, AgentOptions};
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+pub struct LocalCluster {
+    pub url: String,
+    pub coordinator: Coordinator,
+    pub workers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl LocalCluster {
+    pub async fn start(
+        listen: SocketAddr,
+        state_dir: &Path,
+        workers: u32,
+        slots_per_worker: u32,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(workers >= 1, "--workers: must be at least 1");
+        anyhow::ensure!(
+            slots_per_worker >= 1,
+            "--slots-per-worker: must be at least 1"
+        );
+        let coordinator = Coordinator::start(
+            Options {
+                listen,
+                state_dir: state_dir.to_path_buf(),
+                heartbeat_interval_ms: 1_000,
+                lease_ttl_ms: 10_000,
+            },
+            shutdown.clone(),
+        )
+        .await?;
+        let url = format!("http://{}", coordinator.addr);
+        let exe = std::env::current_exe()?.display().to_string();
+        let host = gantry_worker::config::hostname();
+        let handles = (0..workers)
+            .map(|i| {
+                let options = AgentOptions {
+                    coordinator: url.clone(),
+                    slots: slots_per_worker,
+                    work_dir: state_dir.join("workers").join(format!("worker-{i}")),
+                    hostname: format!("{host}-w{i}"),
+                    advertise_host: "127.0.0.1".into(),
+                    rank_command: vec![exe.clone(), "rank".into()],
+                };
+                tokio::spawn(agent::run(options, shutdown.clone()))
+            })
+            .collect();
+        Ok(Self {
+            url,
+            coordinator,
+            workers: handles,
+        })
+    }
+
+    /// Waits for the daemons to stop after `shutdown` was cancelled.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        for w in self.workers {
+            w.await??;
+        }
+        self.coordinator.task.await??;
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! How the CLI shows things: tables for people, JSON for scripts.
+
+use comfy_table::Table;
+use gantry_proto::v1 as pb;
+use serde_json::{Value, json};
+use std::time::{Duration, UNIX_EPOCH};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Pending => "Pending",
+        pb::JobState::Scheduled => "Scheduled",
+        pb::JobState::Running => "Running",
+        pb::JobState::Restarting => "Restarting",
+        pb::JobState::Succeeded => "Succeeded",
+        pb::JobState::Failed => "Failed",
+        pb::JobState::Cancelled => "Cancelled",
+        pb::JobState::Unspecified => "Unknown",
+    }
+}
+
+fn timestamp(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// A job as JSON, with the fields DESIGN.md promises.
+pub fn job_json(job: &pb::Job) -> Value {
+    let parallel = job.parallel.unwrap_or_default();
+    json!({
+        "id": job.id,
+        "name": job.name,
+        "state": state_name(job.state),
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "attempt": job.attempt,
+        "restarts": job.restarts,
+        "loss": job.loss,
+        "eval_loss": job.eval_loss,
+        "parallel": {"dp": parallel.dp, "tp": parallel.tp, "pp": parallel.pp},
+        "last_checkpoint": job.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "url": c.url})),
+        "error": job.error,
+        "pending_reason": job.pending_reason,
+        "created_at": timestamp(job.created_at_ms),
+        "updated_at": timestamp(job.updated_at_ms),
+    })
+}
+
+pub fn print_json(value: &Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("json"));
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.4}"))
+}
+
+pub fn jobs(jobs: &[pb::Job], out: Output) {
+    if out == Output::Json {
+        return print_json(&Value::Array(jobs.iter().map(job_json).collect()));
+    }
+    let mut table = Table::new();
+    table.set_header([
+        "ID",
+        "STATE",
+        "STEP",
+        "LOSS",
+        "EVAL",
+        "ATTEMPT",
+        "RESTARTS",
+        "DP×TP×PP",
+    ]);
+    for j in jobs {
+        let p = j.parallel.unwrap_or_default();
+        table.add_row([
+            j.id.clone(),
+            state_name(j.state).to_string(),
+            format!("{}/{}", j.step, j.total_steps),
+            opt(j.loss),
+            opt(j.eval_loss),
+            j.attempt.to_string(),
+            j.restarts.to_string(),
+            format!("{}×{}×{}", p.dp, p.tp, p.pp),
+        ]);
+    }
+    println!("{table}");
+}
+
+pub fn status(job: &pb::Job, out: Output) {
+    if out == Output::Json {
+        return print_json(&job_json(job));
+    }
+    let p = job.parallel.unwrap_or_default();
+    println!("job:         {} ({})", job.id, job.name);
+    println!("state:       {}", state_name(job.state));
+    if let Some(reason) = &job.pending_reason {
+        println!("waiting:     {reason}");
+    }
+    println!("step:        {}/{}", job.step, job.total_steps);
+    println!(
+        "loss:        {} (eval {})",
+        opt(job.loss),
+        opt(job.eval_loss)
+    );
+    println!("layout:      dp={} tp={} pp={}", p.dp, p.tp, p.pp);
+    println!("attempt:     {} ({} restarts)", job.attempt, job.restarts);
+    match &job.last_checkpoint {
+        Some(c) => println!("checkpoint:  step {} at {}", c.step, c.url),
+        None => println!("checkpoint:  none"),
+    }
+    if let Some(error) = &job.error {
+        println!("error:       {error}");
+    }
+    println!("created:     {}", timestamp(job.created_at_ms));
+    println!("updated:     {}", timestamp(job.updated_at_ms));
+}
+
+pub fn summary(job: &pb::Job) -> String {
+    let mut s = format!(
+        "{} {} at step {}/{}, loss {}, eval loss {}, {} restart(s)",
+        job.id,
+        state_name(job.state),
+        job.step,
+        job.total_steps,
+        opt(job.loss),
+        opt(job.eval_loss),
+        job.restarts
+    );
+    if let Some(c) = &job.last_checkpoint {
+        s.push_str(&format!("; checkpoint at step {}: {}", c.step, c.url));
+    }
+    if let Some(e) = &job.error {
+        s.push_str(&format!("; error: {e}"));
+    }
+    s
+}
+
+pub fn workers(workers: &[pb::Worker], out: Output) {
+    if out == Output::Json {
+        let rows: Vec<Value> = workers
+            .iter()
+            .map(|w| {
+                json!({
+                    "id": w.id, "hostname": w.hostname, "slots": w.slots, "used_slots": w.used_slots,
+                    "state": if w.state == pb::WorkerState::Alive as i32 { "Alive" } else { "Lost" },
+                    "devices": w.devices, "registered_at": timestamp(w.registered_at_ms),
+                    "last_seen": timestamp(w.last_seen_ms),
+                })
+            })
+            .collect();
+        return print_json(&Value::Array(rows));
+    }
+    let mut table = Table::new();
+    table.set_header(["ID", "STATE", "SLOTS", "USED", "DEVICES", "LAST SEEN"]);
+    for w in workers {
+        table.add_row([
+            w.id.clone(),
+            if w.state == pb::WorkerState::Alive as i32 {
+                "Alive"
+            } else {
+                "Lost"
+            }
+            .to_string(),
+            w.slots.to_string(),
+            w.used_slots.to_string(),
+            w.devices.join(","),
+            timestamp(w.last_seen_ms),
+        ]);
+    }
+    println!("{table}");
+}
+
+pub fn checkpoints(checkpoints: &[pb::Checkpoint], out: Output) {
+    let state = |c: &pb::Checkpoint| match pb::CheckpointState::try_from(c.state) {
+        Ok(pb::CheckpointState::Committed) => "committed",
+        Ok(pb::CheckpointState::Partial) => "partial",
+        Ok(pb::CheckpointState::Corrupt) => "corrupt",
+        _ => "unknown",
+    };
+    if out == Output::Json {
+        let rows: Vec<Value> = checkpoints
+            .iter()
+            .map(|c| {
+                json!({"step": c.step, "url": c.url, "attempt": c.attempt, "size_bytes": c.size_bytes,
+                       "state": state(c), "committed_at": timestamp(c.committed_at_ms)})
+            })
+            .collect();
+        return print_json(&Value::Array(rows));
+    }
+    let mut table = Table::new();
+    table.set_header(["STEP", "STATE", "SIZE", "ATTEMPT", "URL"]);
+    for c in checkpoints {
+        table.add_row([
+            c.step.to_string(),
+            state(c).to_string(),
+            format!("{:.1} KiB", c.size_bytes as f64 / 1024.0),
+            c.attempt.to_string(),
+            c.url.clone(),
+        ]);
+    }
+    println!("{table}");
+}
+
+pub fn log_line(line: &pb::LogLine) -> String {
+    if line.rank < 0 {
+        format!("[coordinator] {}", line.line)
+    } else if line.stream == "stderr" {
+        format!(
+            "[attempt {} rank {} stderr] {}",
+            line.attempt, line.rank, line.line
+        )
+    } else {
+        format!(
+            "[attempt {} rank {}] {}",
+            line.attempt, line.rank, line.line
+        )
+    }
+}
+
+/// Parses a rank's `step N/M loss=X …` line.
+pub fn step_loss(line: &str) -> Option<(u64, f64)> {
+    let rest = line.strip_prefix("step ")?;
+    let (step, rest) = rest.split_once('/')?;
+    let loss = rest
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("loss="))?;
+    Some((step.parse().ok()?, loss.parse().ok()?))
+}
