@@ -1,0 +1,422 @@
+//! The whole system with real processes: `gantry-coordinator`, `gantry-worker` daemons and
+//! their rank processes, driven through the `gantry` CLI as a user would, with real faults
+//! (`kill -9` of a rank, a worker daemon, the coordinator).
+//!
+//! The binaries are the ones `cargo build --workspace --bins` put next to `gantry`
+//! (`scripts/test` builds them first).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin(name: &str) -> PathBuf {
+    let gantry = PathBuf::from(env!("CARGO_BIN_EXE_gantry"));
+    let path = gantry.with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+/// A cluster of separate processes; everything is killed on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    coordinator: Option<Child>,
+    workers: Vec<Child>,
+}
+
+impl Cluster {
+    fn start(workers: usize) -> Self {
+        let mut cluster = Cluster {
+            dir: tempfile::tempdir().unwrap(),
+            port: free_port(),
+            coordinator: None,
+            workers: Vec::new(),
+        };
+        cluster.start_coordinator();
+        for _ in 0..workers {
+            cluster.add_worker();
+        }
+        cluster.wait_for(|c| c.alive_workers() == workers, "workers to register");
+        cluster
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn start_coordinator(&mut self) {
+        let child = Command::new(bin("gantry-coordinator"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .args(["--lease-ttl-ms", "3000", "--heartbeat-interval-ms", "300"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(child);
+    }
+
+    fn add_worker(&mut self) {
+        let i = self.workers.len();
+        let child = Command::new(bin("gantry-worker"))
+            .args(["--coordinator", &self.url(), "--slots", "1"])
+            .arg("--work-dir")
+            .arg(self.dir.path().join(format!("worker-{i}")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.workers.push(child);
+    }
+
+    fn gantry(&self, args: &[&str]) -> Output {
+        Command::new(bin("gantry"))
+            .args(["--coordinator", &self.url()])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.gantry(&[args, &["-o", "json"]].concat());
+        assert!(
+            out.status.success(),
+            "gantry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn alive_workers(&self) -> usize {
+        let out = self.gantry(&["workers", "-o", "json"]);
+        if !out.status.success() {
+            return 0;
+        }
+        let workers: Value = serde_json::from_slice(&out.stdout).unwrap();
+        workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "Alive")
+            .count()
+    }
+
+    fn wait_for(&self, mut done: impl FnMut(&Self) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Submits an example spec with overrides and returns the job id.
+    fn submit(&self, example: &str, set: &[&str]) -> String {
+        let spec = examples().join(example);
+        let mut args = vec!["submit", spec.to_str().unwrap()];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        let out = self.gantry(&args);
+        assert!(
+            out.status.success(),
+            "submit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn status(&self, job: &str) -> Value {
+        self.json(&["status", job])
+    }
+
+    fn wait_until_ended(&self, job: &str) -> Value {
+        self.wait_for(
+            |c| {
+                matches!(
+                    c.status(job)["state"].as_str(),
+                    Some("Succeeded" | "Failed" | "Cancelled")
+                )
+            },
+            "the job to end",
+        );
+        self.status(job)
+    }
+
+    /// Every step's training loss, from the job's logs.
+    fn losses(&self, job: &str) -> Vec<(u64, f64)> {
+        let out = self.gantry(&["logs", job]);
+        assert!(out.status.success());
+        let mut losses: Vec<(u64, f64)> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let line = l.split_once("] ")?.1;
+                let rest = line.strip_prefix("step ")?;
+                let (step, rest) = rest.split_once('/')?;
+                let loss = rest
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("loss="))?;
+                Some((step.parse().ok()?, loss.parse().ok()?))
+            })
+            .collect();
+        // After a restart, replayed steps appear twice: keep the last report of each.
+        losses.reverse();
+        let mut seen = std::collections::HashSet::new();
+        losses.retain(|(s, _)| seen.insert(*s));
+        losses.sort_by_key(|(s, _)| *s);
+        losses
+    }
+
+    fn rank_pids(&self, job: &str) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("--assignment") && cmdline.contains(job) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.workers.iter_mut().chain(self.coordinator.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn kill9(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn data_parallel_matches_one_process_and_is_deterministic() {
+    let cluster = Cluster::start(2);
+    let steps = "train.steps=30";
+    let dp1 = cluster.submit("mlp-dp1.toml", &[steps]);
+    let dp2 = cluster.submit("mlp-dp2.toml", &[steps]);
+    let dp2_again = cluster.submit("mlp-dp2.toml", &[steps]);
+    for job in [&dp1, &dp2, &dp2_again] {
+        let end = cluster.wait_until_ended(job);
+        assert_eq!(end["state"], "Succeeded", "{end}");
+    }
+    let (a, b, c) = (
+        cluster.losses(&dp1),
+        cluster.losses(&dp2),
+        cluster.losses(&dp2_again),
+    );
+    assert_eq!(a.len(), 30);
+    assert_eq!(b.len(), 30);
+    for ((step, l1), (_, l2)) in a.iter().zip(&b) {
+        let rel = (l1 - l2).abs() / l1.abs().max(1e-12);
+        assert!(
+            rel <= 1e-5,
+            "step {step}: dp=1 loss {l1} vs dp=2 loss {l2} (relative {rel:e})"
+        );
+    }
+    assert_eq!(b, c, "the same spec twice gives bit-identical losses");
+    assert!(a.last().unwrap().1 < a[0].1, "training reduces the loss");
+}
+
+#[test]
+fn submit_wait_status_and_invalid_specs() {
+    let cluster = Cluster::start(2);
+    let spec = examples().join("mlp-dp2.toml");
+    let out = cluster.gantry(&["submit", spec.to_str().unwrap(), "--wait", "-o", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let status = cluster.status(job["id"].as_str().unwrap());
+    assert_eq!(status["state"], "Succeeded");
+    assert_eq!(status["step"], status["total_steps"]);
+    assert_eq!(status["last_checkpoint"]["step"], status["total_steps"]);
+    assert_eq!(status["parallel"]["dp"], 2);
+    let checkpoints = cluster.json(&["checkpoints", job["id"].as_str().unwrap()]);
+    assert!(!checkpoints.as_array().unwrap().is_empty());
+
+    // Invalid input: exit 2, the field named, nothing stored.
+    let bad = |set: &str, field: &str| {
+        let out = cluster.gantry(&["submit", spec.to_str().unwrap(), "--set", set]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
+        assert!(
+            stderr.contains(field),
+            "{set}: {stderr:?} should name {field}"
+        );
+    };
+    bad("model.colour=red", "model.colour");
+    bad("parallel.dp=0", "parallel.dp");
+    bad("train.lr=-0.1", "train.lr");
+    bad("train.steps=-3", "train.steps");
+    let out = cluster.gantry(&["submit", "/nonexistent/spec.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/spec.toml"));
+    assert_eq!(
+        cluster.json(&["jobs"]).as_array().unwrap().len(),
+        1,
+        "nothing stored"
+    );
+
+    // A job too big for the cluster waits with a reason.
+    let big = cluster.submit("mlp-dp2.toml", &["parallel.dp=4", "train.global_batch=64"]);
+    cluster.wait_for(
+        |c| {
+            c.status(&big)["pending_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("needs 4 slots"))
+        },
+        "a pending reason",
+    );
+    assert_eq!(cluster.status(&big)["state"], "Pending");
+    assert_eq!(cluster.gantry(&["cancel", &big]).status.code(), Some(0));
+    assert_eq!(cluster.status(&big)["state"], "Cancelled");
+
+    // An unreachable coordinator is exit code 3.
+    let out = Command::new(bin("gantry"))
+        .args([
+            "--coordinator",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "jobs",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn killed_rank_and_killed_worker_resume_from_checkpoint_with_the_same_result() {
+    // Three single-slot workers for a dp=2 job: one spare to re-plan onto.
+    let mut cluster = Cluster::start(3);
+    let set = ["train.steps=400", "checkpoint.every_steps=25"];
+    let reference = cluster.submit("mlp-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+
+    // kill -9 of a rank process mid-run.
+    let job = cluster.submit("mlp-dp2.toml", &set);
+    cluster.wait_for(
+        |c| c.status(&job)["last_checkpoint"].is_object(),
+        "a first checkpoint",
+    );
+    let pids = cluster.rank_pids(&job);
+    assert_eq!(pids.len(), 2, "two rank processes");
+    kill9(pids[1]);
+    let end = cluster.wait_until_ended(&job);
+    assert_eq!(end["state"], "Succeeded", "{end}");
+    assert!(end["restarts"].as_u64().unwrap() >= 1, "{end}");
+    assert_eq!(
+        end["loss"], reference_end["loss"],
+        "resumed run ends with the uninterrupted loss"
+    );
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert!(logs.contains("resumed from checkpoint"), "{logs}");
+    assert!(logs.contains("killed by signal 9"), "{logs}");
+
+    // kill -9 of a worker daemon that hosts a rank: its lease expires, the job moves on.
+    let job = cluster.submit("mlp-dp2.toml", &set);
+    cluster.wait_for(
+        |c| c.status(&job)["last_checkpoint"].is_object(),
+        "a first checkpoint",
+    );
+    // The victim is a daemon that has a rank process as its child.
+    let victim = cluster
+        .workers
+        .iter_mut()
+        .find(|w| {
+            let pid = w.id();
+            std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+                std::fs::read_to_string(e.path().join("status"))
+                    .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
+            })
+        })
+        .expect("a worker with a running rank");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    cluster.add_worker();
+    let end = cluster.wait_until_ended(&job);
+    assert_eq!(end["state"], "Succeeded", "{end}");
+    assert!(end["restarts"].as_u64().unwrap() >= 1);
+    assert_eq!(end["loss"], reference_end["loss"]);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert!(
+        logs.contains("lost (lease expired)") || logs.contains("exited"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn coordinator_kill_and_restart_keeps_everything() {
+    let mut cluster = Cluster::start(2);
+    let done = cluster.submit("mlp-dp2.toml", &["train.steps=20"]);
+    assert_eq!(cluster.wait_until_ended(&done)["state"], "Succeeded");
+    let running = cluster.submit(
+        "mlp-dp2.toml",
+        &["train.steps=3000", "checkpoint.every_steps=500"],
+    );
+    cluster.wait_for(
+        |c| c.status(&running)["step"].as_u64().unwrap_or(0) > 5,
+        "training to start",
+    );
+    let before = cluster.json(&["jobs"]);
+    let history_before = String::from_utf8(cluster.gantry(&["logs", &done]).stdout).unwrap();
+
+    let coordinator = cluster.coordinator.as_mut().unwrap();
+    coordinator.kill().unwrap(); // SIGKILL
+    coordinator.wait().unwrap();
+    cluster.start_coordinator();
+    cluster.wait_for(|c| c.alive_workers() == 2, "workers to reconnect");
+
+    let after = cluster.json(&["jobs"]);
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&before), ids(&after));
+    assert_eq!(cluster.status(&done)["state"], "Succeeded");
+    let history_after = String::from_utf8(cluster.gantry(&["logs", &done]).stdout).unwrap();
+    assert_eq!(history_before, history_after);
+
+    // The running job was not restarted by the coordinator's restart, and keeps going.
+    let end = cluster.wait_until_ended(&running);
+    assert_eq!(end["state"], "Succeeded", "{end}");
+    assert_eq!(end["restarts"], 0, "{end}");
+    assert_eq!(end["attempt"], 1);
+}
