@@ -1,0 +1,35 @@
+//! Runs the conformance suite against a deployed coordinator: `gantry-protocol-tests --endpoint URL`.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "gantry-protocol-tests",
+    about = "Gantry coordinator conformance suite"
+)]
+struct Args {
+    /// The coordinator to test. Use a dedicated one: the suite submits jobs and registers workers.
+    #[arg(long)]
+    endpoint: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let target = gantry_protocol_tests::Target { url: args.endpoint };
+    let (mut passed, mut failed) = (0, 0);
+    for (name, case) in gantry_protocol_tests::cases() {
+        match case(&target).await {
+            Ok(()) => {
+                passed += 1;
+                println!("ok     {name}");
+            }
+            Err(e) => {
+                failed += 1;
+                println!("FAILED {name}: {e:#}");
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}

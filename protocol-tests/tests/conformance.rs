@@ -1,0 +1,46 @@
+//! The conformance suite against a fresh in-process coordinator per case (bound on port 0).
+
+use gantry_coordinator::{Coordinator, Options};
+use gantry_protocol_tests::{self as suite, Target};
+use tokio_util::sync::CancellationToken;
+
+async fn coordinator() -> (Target, CancellationToken, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let c = Coordinator::start(
+        Options {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.path().to_path_buf(),
+            heartbeat_interval_ms: 100,
+            lease_ttl_ms: 1_000,
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (
+        Target {
+            url: format!("http://{}", c.addr),
+        },
+        shutdown,
+        dir,
+    )
+}
+
+macro_rules! case {
+    ($name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let (target, shutdown, _dir) = coordinator().await;
+            suite::$name(&target).await.unwrap();
+            shutdown.cancel();
+        }
+    };
+}
+
+case!(registration_and_version_mismatch);
+case!(invalid_input_changes_nothing);
+case!(job_lifecycle);
+case!(cancel_stops_ranks);
+case!(rank_exit_restarts);
+case!(lease_expiry_loses_the_worker);
