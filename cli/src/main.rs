@@ -358,7 +358,7 @@ async fn follow_job(
             Some(pb::job_event::Kind::Job(job)) => {
                 bar.set_length(job.total_steps);
                 bar.set_position(job.step);
-                let mut msg = format!("{}", render::state_name(job.state));
+                let mut msg = render::state_name(job.state).to_string();
                 if let Some(loss) = job.loss {
                     msg.push_str(&format!(" loss {loss:.4}"));
                 }
@@ -384,7 +384,8 @@ async fn follow_job(
             Some(pb::job_event::Kind::Log(line)) => {
                 let is_step_line = line.rank >= 0 && line.line.starts_with("step ");
                 if show_events && !is_step_line {
-                    bar.println(render::log_line(&line));
+                    // `println` on a hidden bar (not a terminal) would drop the line.
+                    bar.suspend(|| println!("{}", render::log_line(&line)));
                 }
             }
             None => {}

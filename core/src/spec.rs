@@ -312,7 +312,7 @@ impl JobSpec {
         positive("model.layers", m.layers)?;
         positive("model.d_model", m.d_model)?;
         positive("model.heads", m.heads)?;
-        if m.kind == ModelKind::Gpt && m.d_model % m.heads != 0 {
+        if m.kind == ModelKind::Gpt && !m.d_model.is_multiple_of(m.heads) {
             return err(
                 "model.heads",
                 format!(
@@ -386,7 +386,7 @@ impl JobSpec {
                 "pipeline parallelism is not available yet; use pp = 1".into(),
             );
         }
-        if t.global_batch % (p.dp * t.micro_batches) != 0 {
+        if !t.global_batch.is_multiple_of(p.dp * t.micro_batches) {
             return err(
                 "train.global_batch",
                 format!(
@@ -508,28 +508,20 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>)> = vec![
-            (
-                "model.colour",
-                Box::new(|d| d["model"]["colour"] = "red".into()),
-            ),
-            ("bogus", Box::new(|d| d["bogus"] = 1.into())),
-            ("parallel.dp", Box::new(|d| d["parallel"]["dp"] = 0.into())),
-            ("train.lr", Box::new(|d| d["train"]["lr"] = (-1.0).into())),
-            (
-                "train.steps",
-                Box::new(|d| d["train"]["steps"] = (-5).into()),
-            ),
-            (
-                "train.global_batch",
-                Box::new(|d| d["train"]["global_batch"] = 7.into()),
-            ),
-            ("parallel.tp", Box::new(|d| d["parallel"]["tp"] = 2.into())),
-            ("name", Box::new(|d| d["name"] = "a b".into())),
+        let cases = [
+            ("model.colour", "model.colour=\"red\""),
+            ("bogus", "bogus=1"),
+            ("parallel.dp", "parallel.dp=0"),
+            ("train.lr", "train.lr=-1.0"),
+            ("train.steps", "train.steps=-5"),
+            ("train.global_batch", "train.global_batch=7"),
+            ("parallel.tp", "parallel.tp=2"),
+            ("name", "name=\"a b\""),
+            ("data.split", "data.split=[0.5, 0.5, 0.5]"),
         ];
-        for (field, mutate) in cases {
-            let err = check(mutate).unwrap_err();
-            assert_eq!(err.field, field, "{err}");
+        for (field, assignment) in cases {
+            let err = check(|doc| apply_override(doc, assignment).unwrap()).unwrap_err();
+            assert_eq!(err.field, field, "{assignment}: {err}");
         }
     }
 

@@ -469,11 +469,12 @@ async fn wait_state(t: &Target, id: &str, state: pb::JobState) -> anyhow::Result
     bail!("job {id} never reached {state:?}: {:?}", job(t, id).await?)
 }
 
+/// One conformance case.
+pub type Case =
+    fn(&Target) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + '_>>;
+
 /// Every case, by name, in the order the binary runs them.
-pub fn cases() -> Vec<(
-    &'static str,
-    fn(&Target) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + '_>>,
-)> {
+pub fn cases() -> Vec<(&'static str, Case)> {
     vec![
         ("registration_and_version_mismatch", |t| {
             Box::pin(registration_and_version_mismatch(t))

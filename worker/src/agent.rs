@@ -48,6 +48,9 @@ type WorkerClient = pb::worker_service_client::WorkerServiceClient<Channel>;
 pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     anyhow::ensure!(!options.rank_command.is_empty(), "rank command is empty");
     std::fs::create_dir_all(&options.work_dir)?;
+    // Ranks run in their own directories: every path handed to them must be absolute.
+    let mut options = options;
+    options.work_dir = std::fs::canonicalize(&options.work_dir)?;
     let (events_tx, mut events) = mpsc::unbounded_channel::<Body>();
     let mut ranks: HashMap<Key, RankProcess> = HashMap::new();
     let mut worker_id = String::new();
