@@ -48,6 +48,12 @@ pub fn job_json(job: &pb::Job) -> Value {
         "pending_reason": job.pending_reason,
         "created_at": timestamp(job.created_at_ms),
         "updated_at": timestamp(job.updated_at_ms),
+        "attempts": job.attempts.iter().map(|a| json!({
+            "attempt": a.attempt,
+            "started_at": timestamp(a.started_at_ms),
+            "ended_at": a.ended_at_ms.map(timestamp),
+            "outcome": a.outcome,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -114,6 +120,14 @@ pub fn status(job: &pb::Job, out: Output) {
     }
     if let Some(error) = &job.error {
         println!("error:       {error}");
+    }
+    for a in &job.attempts {
+        let outcome = a.outcome.as_deref().unwrap_or("live");
+        println!(
+            "  attempt {}: started {}, {outcome}",
+            a.attempt,
+            timestamp(a.started_at_ms)
+        );
     }
     println!("created:     {}", timestamp(job.created_at_ms));
     println!("updated:     {}", timestamp(job.updated_at_ms));

@@ -322,7 +322,8 @@ fn submit_wait_status_and_invalid_specs() {
 fn killed_rank_and_killed_worker_resume_from_checkpoint_with_the_same_result() {
     // Three single-slot workers for a dp=2 job: one spare to re-plan onto.
     let mut cluster = Cluster::start(3);
-    let set = ["train.steps=400", "checkpoint.every_steps=25"];
+    // Long enough that the kills land mid-run even on a loaded machine.
+    let set = ["train.steps=1500", "checkpoint.every_steps=25"];
     let reference = cluster.submit("mlp-dp2.toml", &set);
     let reference_end = cluster.wait_until_ended(&reference);
     assert_eq!(reference_end["state"], "Succeeded");
@@ -369,10 +370,10 @@ fn killed_rank_and_killed_worker_resume_from_checkpoint_with_the_same_result() {
     victim.wait().unwrap();
     cluster.add_worker();
     let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
     assert_eq!(end["state"], "Succeeded", "{end}");
     assert!(end["restarts"].as_u64().unwrap() >= 1);
-    assert_eq!(end["loss"], reference_end["loss"]);
-    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
     assert!(
         logs.contains("lost (lease expired)") || logs.contains("exited"),
         "{logs}"
@@ -393,6 +394,7 @@ fn coordinator_kill_and_restart_keeps_everything() {
         "training to start",
     );
     let before = cluster.json(&["jobs"]);
+    let attempts_before = cluster.status(&done)["attempts"].clone();
     let history_before = String::from_utf8(cluster.gantry(&["logs", &done]).stdout).unwrap();
 
     let coordinator = cluster.coordinator.as_mut().unwrap();
@@ -411,6 +413,13 @@ fn coordinator_kill_and_restart_keeps_everything() {
     };
     assert_eq!(ids(&before), ids(&after));
     assert_eq!(cluster.status(&done)["state"], "Succeeded");
+    assert_eq!(attempts_before.as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        cluster.status(&done)["attempts"],
+        attempts_before,
+        "attempts survive the restart"
+    );
+    assert_eq!(attempts_before[0]["outcome"], "succeeded");
     let history_after = String::from_utf8(cluster.gantry(&["logs", &done]).stdout).unwrap();
     assert_eq!(history_before, history_after);
 

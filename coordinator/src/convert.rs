@@ -4,7 +4,7 @@
 use crate::core::{RankExit, RankKey, WorkerReport};
 use crate::error::CoordinatorError;
 use crate::state::{CheckpointRecord, Job, JobState, Worker};
-use crate::store::EventRow;
+use crate::store::{AttemptRow, EventRow};
 use gantry_core::JobId;
 use gantry_proto::v1 as pb;
 
@@ -143,6 +143,16 @@ pub fn job(job: &Job) -> pb::Job {
         created_at_ms: job.created_at_ms,
         updated_at_ms: job.updated_at_ms,
         spec_json: job.spec.to_json(),
+        attempts: Vec::new(),
+    }
+}
+
+pub fn attempt(a: &AttemptRow) -> pb::AttemptSummary {
+    pb::AttemptSummary {
+        attempt: a.attempt,
+        started_at_ms: a.started_at_ms,
+        ended_at_ms: a.ended_at_ms,
+        outcome: a.outcome.clone(),
     }
 }
 

@@ -7,7 +7,7 @@
 use crate::error::CoordinatorError;
 use crate::scheduler::{self, FreeSlots};
 use crate::state::{CheckpointRecord, Job, JobState, Worker, WorkerState};
-use crate::store::{EventRow, Store};
+use crate::store::{AttemptRow, EventRow, Store};
 use gantry_core::{Attempt, JobId, JobSpec, Mesh, Rank, WorkerId};
 use gantry_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap};
@@ -59,8 +59,8 @@ pub struct Core {
     workers: BTreeMap<WorkerId, Worker>,
     sessions: HashMap<WorkerId, Session>,
     next_session: u64,
-    /// Data-plane addresses reported by the ranks of live attempts, indexed by rank.
-    rendezvous: HashMap<(JobId, Attempt), Vec<Option<String>>>,
+    /// What the ranks of live attempts reported at rendezvous.
+    rendezvous: HashMap<(JobId, Attempt), RendezvousTable>,
     updates: broadcast::Sender<Update>,
 }
 
@@ -185,7 +185,7 @@ impl Core {
         Ok(self.store.checkpoints(id)?)
     }
 
-    pub fn attempts(&self, id: &JobId) -> Result<Vec<(Attempt, Option<String>)>, CoordinatorError> {
+    pub fn attempts(&self, id: &JobId) -> Result<Vec<AttemptRow>, CoordinatorError> {
         self.job(id)?;
         Ok(self.store.attempts(id)?)
     }
@@ -382,16 +382,26 @@ impl Core {
         self.schedule(now_ms)
     }
 
-    /// A rank reports its data-plane address. Returns the peer table once every rank has.
+    /// A rank reports its data-plane address (rank 0 also its NCCL unique id, if any).
+    /// Returns the peer table once every rank has.
     pub fn rendezvous(
         &mut self,
         key: &RankKey,
         address: String,
+        nccl_unique_id: Option<Vec<u8>>,
         now_ms: i64,
-    ) -> Result<Option<Vec<String>>, CoordinatorError> {
+    ) -> Result<Option<PeerTable>, CoordinatorError> {
         if address.is_empty() {
             return Err(CoordinatorError::InvalidArgument(
                 "address: must not be empty".into(),
+            ));
+        }
+        if nccl_unique_id
+            .as_ref()
+            .is_some_and(|id| id.len() != 128 || key.rank != 0)
+        {
+            return Err(CoordinatorError::InvalidArgument(
+                "nccl_unique_id: only rank 0 sends one, of 128 bytes".into(),
             ));
         }
         let job = self.job(&key.job)?;
@@ -411,9 +421,23 @@ impl Core {
         let table = self
             .rendezvous
             .entry((key.job.clone(), key.attempt))
-            .or_insert_with(|| vec![None; world as usize]);
-        table[key.rank as usize] = Some(address);
-        let complete: Option<Vec<String>> = table.iter().cloned().collect();
+            .or_insert_with(|| RendezvousTable {
+                addresses: vec![None; world as usize],
+                nccl_unique_id: None,
+            });
+        table.addresses[key.rank as usize] = Some(address);
+        if nccl_unique_id.is_some() {
+            table.nccl_unique_id = nccl_unique_id;
+        }
+        let complete = table
+            .addresses
+            .iter()
+            .cloned()
+            .collect::<Option<Vec<String>>>()
+            .map(|addresses| PeerTable {
+                addresses,
+                nccl_unique_id: table.nccl_unique_id.clone(),
+            });
         if complete.is_some() && matches!(self.jobs[&key.job].state, JobState::Scheduled { .. }) {
             self.update_job(&key.job, now_ms, Job::to_running)?;
             self.note(
@@ -759,6 +783,20 @@ impl Core {
             line: line.to_string(),
         }));
     }
+}
+
+/// Data-plane addresses by rank, and rank 0's NCCL unique id if it uses NCCL.
+#[derive(Debug, Clone, Default)]
+struct RendezvousTable {
+    addresses: Vec<Option<String>>,
+    nccl_unique_id: Option<Vec<u8>>,
+}
+
+/// What every rank of an attempt gets once all have reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerTable {
+    pub addresses: Vec<String>,
+    pub nccl_unique_id: Option<Vec<u8>>,
 }
 
 /// Identifies one rank of one attempt.

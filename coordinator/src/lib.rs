@@ -12,6 +12,9 @@ pub mod service;
 pub mod state;
 pub mod store;
 
+#[cfg(test)]
+mod core_tests;
+
 use crate::core::{Core, CoreOptions};
 use crate::service::{Clock, Handle, JobApi, SystemClock, WorkerApi};
 use crate::store::Store;

@@ -84,7 +84,11 @@ impl pb::job_service_server::JobService for JobApi {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = convert::job_id(&req.into_inner().job_id)?;
-        let job = self.0.with(|core, _| core.job(&id).map(convert::job))?;
+        let job = self.0.with(|core, _| {
+            let mut job = convert::job(core.job(&id)?);
+            job.attempts = core.attempts(&id)?.iter().map(convert::attempt).collect();
+            Ok::<_, CoordinatorError>(job)
+        })?;
         Ok(Response::new(job))
     }
 
@@ -289,10 +293,15 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let key = convert::rank_key(req.key, "key")?;
-        let peers = self
+        let table = self
             .0
-            .with(|core, now| core.rendezvous(&key, req.address, now))?
-            .unwrap_or_default();
-        Ok(Response::new(pb::RendezvousResponse { peers }))
+            .with(|core, now| core.rendezvous(&key, req.address, req.nccl_unique_id, now))?;
+        Ok(Response::new(match table {
+            Some(t) => pb::RendezvousResponse {
+                peers: t.addresses,
+                nccl_unique_id: t.nccl_unique_id,
+            },
+            None => pb::RendezvousResponse::default(),
+        }))
     }
 }

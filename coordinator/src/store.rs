@@ -28,6 +28,15 @@ pub struct EventRow {
     pub line: String,
 }
 
+/// One attempt of a job; `outcome` is None while it is live.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub attempt: Attempt,
+    pub started_at_ms: i64,
+    pub ended_at_ms: Option<i64>,
+    pub outcome: Option<String>,
+}
+
 pub struct Store {
     conn: Connection,
 }
@@ -131,12 +140,20 @@ impl Store {
         Ok(())
     }
 
-    /// (attempt, outcome) of every attempt of a job, in order; outcome is None while live.
-    pub fn attempts(&self, job: &JobId) -> Result<Vec<(Attempt, Option<String>)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT attempt, outcome FROM attempts WHERE job_id = ?1 ORDER BY attempt")?;
-        let rows = stmt.query_map([&job.0], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    /// Every attempt of a job, in order.
+    pub fn attempts(&self, job: &JobId) -> Result<Vec<AttemptRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT attempt, started_at_ms, ended_at_ms, outcome FROM attempts
+             WHERE job_id = ?1 ORDER BY attempt",
+        )?;
+        let rows = stmt.query_map([&job.0], |row| {
+            Ok(AttemptRow {
+                attempt: row.get(0)?,
+                started_at_ms: row.get(1)?,
+                ended_at_ms: row.get(2)?,
+                outcome: row.get(3)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

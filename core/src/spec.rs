@@ -102,7 +102,7 @@ pub struct TrainSpec {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSpec {
     #[serde(default = "one")]
@@ -111,6 +111,9 @@ pub struct ParallelSpec {
     pub tp: u32,
     #[serde(default = "one")]
     pub pp: u32,
+    /// Gradients are all-reduced in buckets of about this many MiB (like DDP's bucket_cap_mb).
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -182,6 +185,9 @@ fn default_device() -> String {
 fn default_max_restarts() -> u32 {
     3
 }
+fn default_bucket_mb() -> f64 {
+    25.0
+}
 fn default_collective_timeout() -> u64 {
     60
 }
@@ -202,6 +208,7 @@ impl Default for ParallelSpec {
             dp: 1,
             tp: 1,
             pp: 1,
+            bucket_mb: default_bucket_mb(),
         }
     }
 }
@@ -374,6 +381,12 @@ impl JobSpec {
         positive("parallel.dp", p.dp)?;
         positive("parallel.tp", p.tp)?;
         positive("parallel.pp", p.pp)?;
+        if !p.bucket_mb.is_finite() || p.bucket_mb <= 0.0 {
+            return err(
+                "parallel.bucket_mb",
+                format!("{} must be a positive number", p.bucket_mb),
+            );
+        }
         if p.tp > 1 {
             return err(
                 "parallel.tp",

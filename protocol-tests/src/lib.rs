@@ -275,7 +275,43 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
         Code::InvalidArgument,
         "checkpoints ''",
     )?;
+    let watch = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: String::new(),
+            after_seq: 0,
+            follow: false,
+        })
+        .await;
+    expect_code(watch.map(|_| ()), Code::InvalidArgument, "watch ''")?;
+    let watch = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: "nope".into(),
+            after_seq: 0,
+            follow: false,
+        })
+        .await;
+    expect_code(watch.map(|_| ()), Code::NotFound, "watch unknown")?;
     let mut workers = t.workers().await?;
+    // A session whose message has no body, and one for a worker that never registered.
+    let worker = FakeWorker::join(t, 1).await?;
+    for (worker_id, body, code) in [
+        (worker.id.clone(), None, Code::InvalidArgument),
+        (
+            "never-registered".to_string(),
+            Some(Body::Heartbeat(pb::Heartbeat {})),
+            Code::NotFound,
+        ),
+    ] {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(pb::WorkerMessage {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id,
+            body,
+        })
+        .await?;
+        let session = workers.session(ReceiverStream::new(rx)).await;
+        expect_code(session.map(|_| ()), code, "malformed session")?;
+    }
     for (slots, hostname) in [(0, "h"), (1, "")] {
         let r = workers
             .register(pb::RegisterRequest {
@@ -297,9 +333,27 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
             protocol_version: PROTOCOL_VERSION,
             key: None,
             address: "127.0.0.1:1".into(),
+            nccl_unique_id: None,
         })
         .await;
     expect_code(r, Code::InvalidArgument, "rendezvous without a key")?;
+    let r = workers
+        .rendezvous(pb::RendezvousRequest {
+            protocol_version: PROTOCOL_VERSION,
+            key: Some(pb::RankKey {
+                job_id: "nope".into(),
+                attempt: 1,
+                rank: 0,
+            }),
+            address: "127.0.0.1:1".into(),
+            nccl_unique_id: Some(vec![1, 2, 3]),
+        })
+        .await;
+    expect_code(
+        r,
+        Code::InvalidArgument,
+        "rendezvous with a malformed NCCL id",
+    )?;
     let after = jobs
         .list_jobs(pb::ListJobsRequest {})
         .await?
@@ -327,18 +381,26 @@ pub async fn job_lifecycle(t: &Target) -> anyhow::Result<()> {
         job(t, &key.job_id).await?.state == pb::JobState::Scheduled as i32,
         "not Scheduled"
     );
-    let peers = t
+    let table = t
         .workers()
         .await?
         .rendezvous(pb::RendezvousRequest {
             protocol_version: PROTOCOL_VERSION,
             key: Some(key.clone()),
             address: "127.0.0.1:9".into(),
+            nccl_unique_id: Some(vec![7; 128]),
         })
         .await?
-        .into_inner()
-        .peers;
-    ensure!(peers == ["127.0.0.1:9"], "peer table {peers:?}");
+        .into_inner();
+    ensure!(
+        table.peers == ["127.0.0.1:9"],
+        "peer table {:?}",
+        table.peers
+    );
+    ensure!(
+        table.nccl_unique_id == Some(vec![7; 128]),
+        "rank 0's NCCL id was not handed out"
+    );
     ensure!(
         job(t, &key.job_id).await?.state == pb::JobState::Running as i32,
         "not Running"

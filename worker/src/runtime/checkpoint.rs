@@ -39,6 +39,10 @@ pub struct RankState {
     pub step: u64,
     /// The next training step to run; the data order is a pure function of it and the seed.
     pub data_cursor: u64,
+    /// The training and validation loss last reported before this checkpoint, so a resumed run
+    /// reports where it stands even when it has no step left to run.
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
     pub files: Vec<FileEntry>,
 }
 
@@ -61,6 +65,8 @@ pub struct Shard {
     pub model: Vec<u8>,
     pub optimizer: Vec<u8>,
     pub data_cursor: u64,
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
 }
 
 pub struct CheckpointStore {
@@ -140,6 +146,8 @@ impl CheckpointStore {
             rank,
             step,
             data_cursor: shard.data_cursor,
+            loss: shard.loss,
+            eval_loss: shard.eval_loss,
             files,
         };
         self.put_file(
@@ -297,6 +305,8 @@ impl CheckpointStore {
             model: get(format!("rank-{rank}.model.bpk")).await?,
             optimizer: get(format!("rank-{rank}.optim.bpk")).await?,
             data_cursor: state.data_cursor,
+            loss: state.loss,
+            eval_loss: state.eval_loss,
         })
     }
 
@@ -359,6 +369,8 @@ mod tests {
                 model: vec![rank as u8; 10],
                 optimizer: vec![7; 5],
                 data_cursor: step,
+                loss: Some(0.5),
+                eval_loss: None,
             };
             store.write_shard(step, rank, shard).await.unwrap();
         }
@@ -382,6 +394,7 @@ mod tests {
             .unwrap();
         assert_eq!(shard.model, vec![1u8; 10]);
         assert_eq!(shard.data_cursor, 30);
+        assert_eq!(shard.loss, Some(0.5));
 
         // Corrupt a shard of step 30: resume falls back to 20.
         std::fs::write(
@@ -400,6 +413,8 @@ mod tests {
                     model: vec![1],
                     optimizer: vec![2],
                     data_cursor: 40,
+                    loss: None,
+                    eval_loss: None,
                 },
             )
             .await

@@ -1,7 +1,7 @@
 //! The entry point of a rank process: meet the other ranks through the coordinator, connect
 //! the ring, train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
 
-use crate::runtime::comm::{Ring, RingIdentity};
+use crate::runtime::comm::tcp::{Identity, TcpComm};
 use crate::runtime::model::{Gpt, Mlp};
 use crate::runtime::report::Reporter;
 use crate::runtime::train::{RankJob, train};
@@ -66,11 +66,11 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let listener = TcpListener::bind((a.advertise_host.as_str(), 0))?;
     let address = format!("{}:{}", a.advertise_host, listener.local_addr()?.port());
     let peers = io.block_on(rendezvous(&a, address, timeout))?;
-    let mut ring = Ring::connect(
+    let mut comm = TcpComm::connect(
         listener,
         &peers,
         a.rank,
-        RingIdentity::new(&a.job_id, a.attempt),
+        Identity::new(&a.job_id, a.attempt),
         timeout,
     )?;
     let job = RankJob {
@@ -86,8 +86,8 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         a.rank, a.world_size, a.job_id, a.attempt
     ));
     match job.spec.model.kind {
-        ModelKind::Mlp => train::<Mlp>(&job, &mut ring, &reporter, &io)?,
-        ModelKind::Gpt => train::<Gpt>(&job, &mut ring, &reporter, &io)?,
+        ModelKind::Mlp => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
+        ModelKind::Gpt => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
     };
     Ok(())
 }
@@ -107,6 +107,7 @@ async fn rendezvous(
             rank: a.rank,
         }),
         address,
+        nccl_unique_id: None,
     };
     let mut client = None;
     loop {

@@ -7,7 +7,8 @@
 //! gradients, so they stay bit-identical.
 
 use crate::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
-use crate::runtime::comm::Ring;
+use crate::runtime::comm::tcp::TcpComm;
+use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
 use crate::runtime::model::TrainModel;
 use crate::runtime::report::Reporter;
@@ -16,7 +17,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::Bytes;
-use gantry_core::JobSpec;
+use gantry_core::{JobSpec, Mesh};
 use std::time::Instant;
 
 /// Everything a rank needs to train.
@@ -102,17 +103,17 @@ pub fn flat_parameters<M: Module>(model: &M) -> Vec<f32> {
     c.0
 }
 
-/// Mean loss of a split, over this dp rank's share of its samples, averaged over the ring.
+/// Mean loss of a split, over this dp rank's share of its samples, averaged over the data-parallel group.
 fn evaluate<M: TrainModel>(
     model: &M,
     data: &Dataset,
     split: Split,
-    ring: &mut Ring,
-    dp_rank: usize,
+    dp_group: &mut impl Communicator,
     device: &Device,
 ) -> anyhow::Result<f64> {
     let n = data.len(split).min(512);
-    let dp = ring.world() as usize;
+    let dp = dp_group.size() as usize;
+    let dp_rank = dp_group.rank() as usize;
     let mine: Vec<usize> = (0..n).filter(|i| i % dp == dp_rank).collect();
     let mut sums = [0.0f32; 2];
     for chunk in mine.chunks(64) {
@@ -121,7 +122,7 @@ fn evaluate<M: TrainModel>(
         sums[0] += loss * chunk.len() as f32;
         sums[1] += chunk.len() as f32;
     }
-    ring.all_reduce_sum(&mut sums)?;
+    dp_group.all_reduce(&mut sums, ReduceOp::Sum)?;
     Ok(f64::from(sums[0] / sums[1].max(1.0)))
 }
 
@@ -134,14 +135,18 @@ pub struct TrainOutcome {
 /// Trains `M` from the newest checkpoint (or from scratch) to the last step.
 pub fn train<M: TrainModel>(
     job: &RankJob,
-    ring: &mut Ring,
+    comm: &mut TcpComm,
     reporter: &Reporter,
     io: &tokio::runtime::Runtime,
 ) -> anyhow::Result<TrainOutcome> {
     let spec = &job.spec;
     let t = &spec.train;
-    let dp = spec.parallel.dp as usize;
-    let dp_rank = ring.rank() as usize;
+    let p = spec.parallel;
+    let mesh = Mesh::new(p.dp, p.tp, p.pp);
+    let dp_members = mesh.dp_group(job.rank);
+    let dp = dp_members.len();
+    let dp_rank = mesh.coords(job.rank).dp as usize;
+    let bucket = ((p.bucket_mb * (1 << 20) as f64 / 4.0) as usize).max(1);
     let device = Device::flex();
     device.seed(t.seed);
     let ad = device.clone().autodiff();
@@ -157,10 +162,11 @@ pub fn train<M: TrainModel>(
         }
     })?;
     let mut start = 0;
+    let mut last_eval = None;
     if let Some(manifest) = restored {
         // Data-parallel replicas are identical, so a checkpoint from another dp degree restores
         // by reading replica 0's shard.
-        let source_rank = if manifest.world_size == ring.world() {
+        let source_rank = if manifest.world_size == mesh.world_size() {
             job.rank
         } else {
             0
@@ -177,6 +183,17 @@ pub fn train<M: TrainModel>(
             "resumed from checkpoint at step {} (attempt {}, written by {} ranks)",
             manifest.step, manifest.attempt, manifest.world_size
         ));
+        if let Some(loss) = shard.loss {
+            reporter.progress(
+                start,
+                t.steps,
+                loss,
+                shard.eval_loss,
+                learning_rate(spec, start.saturating_sub(1)),
+                0.0,
+            );
+        }
+        last_eval = shard.eval_loss;
     }
 
     let micro = t.micro_batches as usize;
@@ -206,7 +223,11 @@ pub fn train<M: TrainModel>(
         flat.push(loss_sum);
         let scale = 1.0 / (micro * dp) as f32;
         flat.iter_mut().for_each(|v| *v *= scale);
-        ring.all_reduce_sum(&mut flat)?;
+        // DDP-style buckets, each all-reduced as one buffer.
+        let mut dp_group = comm.group(&dp_members)?;
+        for chunk in flat.chunks_mut(bucket) {
+            dp_group.all_reduce(chunk, ReduceOp::Sum)?;
+        }
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
 
@@ -236,26 +257,36 @@ pub fn train<M: TrainModel>(
         let samples_per_sec = t.global_batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let last = done == t.steps;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
+            let mut dp_group = comm.group(&dp_members)?;
             Some(evaluate(
                 &model,
                 &data,
                 Split::Validation,
-                ring,
-                dp_rank,
+                &mut dp_group,
                 &ad,
             )?)
         } else {
             None
         };
         reporter.progress(done, t.steps, loss, eval_loss, lr, samples_per_sec);
+        last_eval = eval_loss.or(last_eval);
 
         let every = spec.checkpoint.every_steps;
         if (every > 0 && done % every == 0) || last {
-            save(job, &store, ring, &model, &optimizer, done, reporter, io)?;
+            let reported = (loss, last_eval);
+            save(
+                job, &store, comm, &model, &optimizer, done, reported, reporter, io,
+            )?;
         }
     }
     if start < t.steps {
-        let test_loss = evaluate(&model, &data, Split::Test, ring, dp_rank, &ad)?;
+        let test_loss = evaluate(
+            &model,
+            &data,
+            Split::Test,
+            &mut comm.group(&dp_members)?,
+            &ad,
+        )?;
         reporter.log(&format!("test loss {test_loss:.6}"));
     }
     Ok(TrainOutcome {
@@ -268,10 +299,11 @@ pub fn train<M: TrainModel>(
 fn save<M: TrainModel>(
     job: &RankJob,
     store: &CheckpointStore,
-    ring: &mut Ring,
+    comm: &mut TcpComm,
     model: &M,
     optimizer: &burn::optim::ModuleOptimizer,
     step: u64,
+    (loss, eval_loss): (f64, Option<f64>),
     reporter: &Reporter,
     io: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
@@ -287,10 +319,12 @@ fn save<M: TrainModel>(
             .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?
             .to_vec(),
         data_cursor: step,
+        loss: Some(loss),
+        eval_loss,
     };
     io.block_on(store.write_shard(step, job.rank, shard))?;
     // Every shard is written before rank 0 commits the manifest.
-    ring.barrier()?;
+    comm.world().barrier()?;
     if job.rank == 0 {
         let p = job.spec.parallel;
         let manifest = Manifest {
@@ -298,7 +332,7 @@ fn save<M: TrainModel>(
             job_id: job.job_id.clone(),
             step,
             attempt: job.attempt,
-            world_size: ring.world(),
+            world_size: comm.world_size(),
             dp: p.dp,
             tp: p.tp,
             pp: p.pp,
@@ -309,7 +343,7 @@ fn save<M: TrainModel>(
         reporter.checkpoint(step, &store.step_url(step), size);
     }
     // Nobody moves on (and possibly dies) before the commit is known.
-    ring.barrier()?;
+    comm.world().barrier()?;
     Ok(())
 }
 
