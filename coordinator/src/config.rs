@@ -45,14 +45,8 @@ struct FileConfig {
 
 impl Args {
     pub fn options(&self) -> anyhow::Result<Options> {
-        let file: FileConfig = match &self.config {
-            Some(path) => config::Config::builder()
-                .add_source(config::File::from(path.as_path()))
-                .build()?
-                .try_deserialize()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-            None => FileConfig::default(),
-        };
+        let file: FileConfig =
+            gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
         let options = Options {
             listen: self
                 .listen

@@ -70,14 +70,8 @@ pub fn hostname() -> String {
 impl DaemonArgs {
     /// The effective options; ranks are run by this same executable's `rank` subcommand.
     pub fn options(&self) -> anyhow::Result<AgentOptions> {
-        let file: FileConfig = match &self.config {
-            Some(path) => config::Config::builder()
-                .add_source(config::File::from(path.as_path()))
-                .build()?
-                .try_deserialize()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-            None => FileConfig::default(),
-        };
+        let file: FileConfig =
+            gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
         let slots = self.slots.or(file.slots).unwrap_or(1);
         anyhow::ensure!(slots > 0, "slots: must be at least 1");
         Ok(AgentOptions {

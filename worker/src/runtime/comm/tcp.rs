@@ -28,6 +28,9 @@ const MAGIC: u32 = 0x4741_4e54; // "GANT"
 /// Elements per pipelined chunk (512 KiB of f32).
 const CHUNK: usize = 128 * 1024;
 const SOCKET_BUFFER: usize = 4 << 20;
+/// All-reduces up to this many bytes take the one-hop path (every rank sends its buffer to every
+/// other rank, each sums in rank order): one network latency instead of 2(n-1).
+const SMALL_ALL_REDUCE: usize = 64 << 10;
 
 /// Who a connection belongs to: a hash of the job id, and the attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,14 +289,16 @@ impl TcpComm {
         reduce: ReduceOp,
     ) -> Result<(), CommError> {
         self.stream_plan(op, header, next, prev, buf, plan, reduce)
-            .map_err(|e| {
-                // An abort shuts the sockets down: report it as what it is, not as a broken peer.
-                if self.aborted.load(Ordering::SeqCst) {
-                    CommError::Aborted
-                } else {
-                    e
-                }
-            })
+            .map_err(|e| self.aborted_or(e))
+    }
+
+    /// An abort shuts the sockets down: report it as what it is, not as a broken peer.
+    fn aborted_or(&self, e: CommError) -> CommError {
+        if self.aborted.load(Ordering::SeqCst) {
+            CommError::Aborted
+        } else {
+            e
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -332,6 +337,9 @@ impl TcpComm {
         let mut current = 0usize;
         let mut filled = 0usize; // bytes of the current receive chunk already read
         let mut last_progress = Instant::now();
+        // Try the sockets before waiting on them; `idle` counts fruitless tries since progress.
+        let mut fresh = true;
+        let mut idle = 0u32;
         loop {
             if aborted.load(Ordering::SeqCst) {
                 return Err(CommError::Aborted);
@@ -350,11 +358,19 @@ impl TcpComm {
                     timeout: *timeout,
                 });
             }
-            let (readable, writable) = poll(
-                out.filter(|_| want_write),
-                inp.filter(|_| want_read),
-                wait.min(Duration::from_millis(200)),
-            );
+            let (readable, writable) = if fresh {
+                fresh = false;
+                (want_read, want_write)
+            } else {
+                let wait = wait.min(Duration::from_millis(200));
+                wait_ready(
+                    out.filter(|_| want_write),
+                    inp.filter(|_| want_read),
+                    wait,
+                    &mut idle,
+                )
+            };
+            let progress_before = last_progress;
             let io_err = |peer: Option<u32>, e: std::io::Error| CommError::Io {
                 op,
                 peer: peer.unwrap_or_default(),
@@ -454,8 +470,226 @@ impl TcpComm {
                     }
                 }
             }
+            if last_progress != progress_before {
+                idle = 0;
+            }
         }
     }
+}
+
+impl TcpComm {
+    /// Swaps small buffers with one peer: ours goes out, theirs lands in `theirs`.
+    fn exchange_with(
+        &mut self,
+        header: [u8; 32],
+        peer: u32,
+        buf: &[f32],
+        theirs: &mut [f32],
+    ) -> Result<(), CommError> {
+        let op = "all_reduce";
+        let stream = self.links[peer as usize].as_ref().expect("connected");
+        let deadline = Instant::now() + self.timeout;
+        write_fully(
+            stream,
+            &header,
+            deadline,
+            op,
+            peer,
+            &self.aborted,
+            self.timeout,
+        )?;
+        write_fully(
+            stream,
+            bytemuck::cast_slice(buf),
+            deadline,
+            op,
+            peer,
+            &self.aborted,
+            self.timeout,
+        )?;
+        let mut got = [0u8; 32];
+        read_fully(
+            stream,
+            &mut got,
+            deadline,
+            op,
+            peer,
+            &self.aborted,
+            self.timeout,
+        )?;
+        if got != header {
+            return Err(CommError::Mismatch {
+                op,
+                peer,
+                detail: describe(&got, &header),
+            });
+        }
+        read_fully(
+            stream,
+            bytemuck::cast_slice_mut(theirs),
+            deadline,
+            op,
+            peer,
+            &self.aborted,
+            self.timeout,
+        )
+    }
+
+    /// Sends `buf` to every other member and receives each member's buffer into `gathered`
+    /// (member-major), for small messages whose every write fits the socket buffers.
+    fn exchange_all(
+        &mut self,
+        header: [u8; 32],
+        members: &[u32],
+        buf: &[f32],
+        gathered: &mut [f32],
+    ) -> Result<(), CommError> {
+        let op = "all_reduce";
+        let len = buf.len();
+        let me = self.rank;
+        let deadline = |start: Instant| start + self.timeout;
+        for &peer in members.iter().filter(|&&m| m != me) {
+            let stream = self.links[peer as usize].as_ref().expect("connected");
+            for part in [&header[..], bytemuck::cast_slice(buf)] {
+                write_fully(
+                    stream,
+                    part,
+                    deadline(Instant::now()),
+                    op,
+                    peer,
+                    &self.aborted,
+                    self.timeout,
+                )?;
+            }
+        }
+        for (i, &peer) in members.iter().enumerate() {
+            let slot = &mut gathered[i * len..(i + 1) * len];
+            if peer == me {
+                slot.copy_from_slice(buf);
+                continue;
+            }
+            let stream = self.links[peer as usize].as_ref().expect("connected");
+            let mut got = [0u8; 32];
+            read_fully(
+                stream,
+                &mut got,
+                deadline(Instant::now()),
+                op,
+                peer,
+                &self.aborted,
+                self.timeout,
+            )?;
+            if got != header {
+                return Err(CommError::Mismatch {
+                    op,
+                    peer,
+                    detail: describe(&got, &header),
+                });
+            }
+            read_fully(
+                stream,
+                bytemuck::cast_slice_mut(slot),
+                deadline(Instant::now()),
+                op,
+                peer,
+                &self.aborted,
+                self.timeout,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_fully(
+    mut stream: &TcpStream,
+    mut bytes: &[u8],
+    deadline: Instant,
+    op: &'static str,
+    peer: u32,
+    aborted: &AtomicBool,
+    timeout: Duration,
+) -> Result<(), CommError> {
+    let mut idle = 0;
+    while !bytes.is_empty() {
+        if aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        match stream.write(bytes) {
+            Ok(0) => return Err(CommError::Closed { op, peer }),
+            Ok(n) => {
+                bytes = &bytes[n..];
+                idle = 0;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    return Err(CommError::Timeout { op, peer, timeout });
+                }
+                wait_ready(
+                    Some(stream),
+                    None,
+                    wait.min(Duration::from_millis(200)),
+                    &mut idle,
+                );
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(CommError::Io {
+                    op,
+                    peer,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_fully(
+    mut stream: &TcpStream,
+    mut bytes: &mut [u8],
+    deadline: Instant,
+    op: &'static str,
+    peer: u32,
+    aborted: &AtomicBool,
+    timeout: Duration,
+) -> Result<(), CommError> {
+    let mut idle = 0;
+    while !bytes.is_empty() {
+        if aborted.load(Ordering::SeqCst) {
+            return Err(CommError::Aborted);
+        }
+        match stream.read(bytes) {
+            Ok(0) => return Err(CommError::Closed { op, peer }),
+            Ok(n) => {
+                bytes = &mut bytes[n..];
+                idle = 0;
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                let wait = deadline.saturating_duration_since(Instant::now());
+                if wait.is_zero() {
+                    return Err(CommError::Timeout { op, peer, timeout });
+                }
+                wait_ready(
+                    None,
+                    Some(stream),
+                    wait.min(Duration::from_millis(200)),
+                    &mut idle,
+                );
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(CommError::Io {
+                    op,
+                    peer,
+                    source: e,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn chunks(r: Range<usize>) -> impl Iterator<Item = Range<usize>> {
@@ -494,6 +728,27 @@ fn describe(got: &[u8; 32], want: &[u8; 32]) -> String {
         field(want, 16..24),
         field(want, 24..32),
     )
+}
+
+/// Times a waiting side yields the CPU before sleeping in `poll`. Data on loopback usually
+/// arrives within microseconds, and a sleeping process takes tens of microseconds to wake; yielding
+/// (rather than spinning) keeps this fair when ranks outnumber cores.
+const YIELDS_BEFORE_SLEEP: u32 = 64;
+
+/// Waits for readiness: first by yielding a bounded number of times (`*idle` counts them; the
+/// caller resets it on progress), then by sleeping in `poll`. Returns (readable, writable).
+fn wait_ready(
+    write: Option<&TcpStream>,
+    read: Option<&TcpStream>,
+    wait: Duration,
+    idle: &mut u32,
+) -> (bool, bool) {
+    if *idle < YIELDS_BEFORE_SLEEP {
+        *idle += 1;
+        std::thread::yield_now();
+        return (read.is_some(), write.is_some());
+    }
+    poll(write, read, wait)
 }
 
 /// Waits until `read` is readable or `write` writable (either may be absent, or the same socket).
@@ -597,8 +852,45 @@ impl Communicator for Group<'_> {
 
     fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
         let n = self.members.len();
-        let plan = plan::all_reduce(buf.len(), n, self.index);
-        self.ring("all_reduce", OP_ALL_REDUCE, buf, &plan, op)?;
+        if n > 1 && buf.len() * 4 <= SMALL_ALL_REDUCE {
+            let header = self.comm.header(OP_ALL_REDUCE, self.id, buf.len(), true);
+            let mut theirs = std::mem::take(&mut self.comm.work);
+            let result = if n.is_power_of_two() {
+                // Recursive doubling: log2(n) exchanges with one partner each. Partners combine
+                // the same two values (IEEE addition and max are commutative), so every rank
+                // holds identical bits after every round.
+                theirs.resize(buf.len(), 0.0);
+                let mut result = Ok(());
+                let mut mask = 1;
+                while mask < n && result.is_ok() {
+                    let partner = self.members[self.index ^ mask];
+                    result = self.comm.exchange_with(header, partner, buf, &mut theirs);
+                    if result.is_ok() {
+                        combine(buf, &theirs, op);
+                    }
+                    mask <<= 1;
+                }
+                result
+            } else {
+                // One hop: everyone's buffer to everyone, summed in rank order everywhere.
+                theirs.resize(buf.len() * n, 0.0);
+                let result = self
+                    .comm
+                    .exchange_all(header, &self.members, buf, &mut theirs);
+                if result.is_ok() {
+                    buf.copy_from_slice(&theirs[..buf.len()]);
+                    for part in theirs.chunks_exact(buf.len().max(1)).skip(1).take(n - 1) {
+                        combine(buf, part, op);
+                    }
+                }
+                result
+            };
+            self.comm.work = theirs;
+            result.map_err(|e| self.comm.aborted_or(e))?;
+        } else {
+            let plan = plan::all_reduce(buf.len(), n, self.index);
+            self.ring("all_reduce", OP_ALL_REDUCE, buf, &plan, op)?;
+        }
         if op == ReduceOp::Avg && n > 1 {
             let scale = 1.0 / n as f32;
             buf.iter_mut().for_each(|v| *v *= scale);

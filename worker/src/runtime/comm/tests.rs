@@ -67,7 +67,8 @@ fn close(got: &[f32], want: &[f64]) {
     }
 }
 
-const LENGTHS: [usize; 8] = [0, 1, 2, 3, 4, 7, 1000, 4099];
+/// Small lengths take the one-hop or recursive-doubling path; 20_000 (80 KB) takes the ring.
+const LENGTHS: [usize; 9] = [0, 1, 2, 3, 4, 7, 1000, 4099, 20_000];
 
 #[test]
 fn all_reduce_sum_avg_max_match_direct_computation() {
