@@ -266,8 +266,15 @@ fn submit_wait_status_and_invalid_specs() {
     assert_eq!(status["step"], status["total_steps"]);
     assert_eq!(status["last_checkpoint"]["step"], status["total_steps"]);
     assert_eq!(status["parallel"]["dp"], 2);
+    // The example keeps the last 2 of 5 checkpoints; the listing follows retention.
     let checkpoints = cluster.json(&["checkpoints", job["id"].as_str().unwrap()]);
-    assert!(!checkpoints.as_array().unwrap().is_empty());
+    let steps: Vec<u64> = checkpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [80, 100], "{checkpoints}");
 
     // Invalid input: exit 2, the field named, nothing stored.
     let bad = |set: &str, field: &str| {

@@ -95,6 +95,7 @@ pub fn worker_report(
                 step: c.step,
                 url: c.url,
                 size_bytes: c.size_bytes,
+                deleted_steps: c.deleted_steps,
             }
         }
     })

@@ -349,6 +349,7 @@ impl Core {
                 step,
                 url,
                 size_bytes,
+                deleted_steps,
             } => {
                 // Fencing: only the live attempt may advance the job's checkpoint.
                 if self.is_live(&key) {
@@ -360,6 +361,7 @@ impl Core {
                         committed_at_ms: now_ms,
                     };
                     self.store.put_checkpoint(&key.job, &record)?;
+                    self.store.delete_checkpoints(&key.job, &deleted_steps)?;
                     let newer = self.jobs[&key.job]
                         .last_checkpoint
                         .as_ref()
@@ -840,5 +842,7 @@ pub enum WorkerReport {
         step: u64,
         url: String,
         size_bytes: u64,
+        /// Older checkpoints that retention deleted after this commit.
+        deleted_steps: Vec<u64>,
     },
 }

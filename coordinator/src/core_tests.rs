@@ -151,14 +151,16 @@ fn a_reloaded_core_keeps_jobs_attempts_and_checkpoints() {
             step: 5,
             url: "file:///x".into(),
             size_bytes: 9,
+            deleted_steps: vec![],
         };
         core.on_worker_message(&w, report, 10).unwrap();
-        // A stale attempt's checkpoint does not move the job's checkpoint.
+        // A stale attempt's checkpoint neither moves the job's checkpoint nor deletes any.
         let stale = WorkerReport::Checkpoint {
             key: key(&job, 7, 0),
             step: 9,
             url: "file:///y".into(),
             size_bytes: 9,
+            deleted_steps: vec![5],
         };
         core.on_worker_message(&w, stale, 11).unwrap();
         job

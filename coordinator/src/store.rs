@@ -216,6 +216,17 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets checkpoints that retention deleted from the object store.
+    pub fn delete_checkpoints(&self, job: &JobId, steps: &[u64]) -> Result<(), StoreError> {
+        for step in steps {
+            self.conn.execute(
+                "DELETE FROM checkpoints WHERE job_id = ?1 AND step = ?2",
+                params![job.0, step],
+            )?;
+        }
+        Ok(())
+    }
+
     pub fn checkpoints(&self, job: &JobId) -> Result<Vec<CheckpointRecord>, StoreError> {
         let mut stmt = self.conn.prepare(
             "SELECT step, url, attempt, size_bytes, committed_at_ms FROM checkpoints

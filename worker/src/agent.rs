@@ -307,11 +307,13 @@ async fn supervise(
                         step,
                         url,
                         size_bytes,
+                        deleted_steps,
                     }) => Body::Checkpoint(pb::CheckpointCommitted {
                         key: Some(key.clone()),
                         step,
                         url,
                         size_bytes,
+                        deleted_steps,
                     }),
                     None => Body::Logs(pb::RankLogs {
                         key: Some(key.clone()),

@@ -161,12 +161,12 @@ impl CheckpointStore {
 
     /// Commits `step` once every rank's shard is written (the caller has passed a barrier):
     /// the manifest with every file's checksum, then the `latest` pointer, then retention.
-    /// Returns the checkpoint's total size.
+    /// Returns the checkpoint's total size and the steps retention deleted.
     pub async fn commit(
         &self,
         manifest_base: Manifest,
         keep_last: u32,
-    ) -> Result<u64, CheckpointError> {
+    ) -> Result<(u64, Vec<u64>), CheckpointError> {
         let step = manifest_base.step;
         let dir = self.step_dir(step);
         let mut files = Vec::new();
@@ -209,8 +209,8 @@ impl CheckpointStore {
             Err(e) => return Err(e.into()),
         }
         self.advance_latest(step).await?;
-        self.retain(keep_last).await?;
-        Ok(total_bytes)
+        let deleted = self.retain(keep_last).await?;
+        Ok((total_bytes, deleted))
     }
 
     async fn advance_latest(&self, step: u64) -> Result<(), CheckpointError> {
@@ -312,8 +312,9 @@ impl CheckpointStore {
 
     /// Deletes committed checkpoints beyond the newest `keep_last`, and partial ones older
     /// than the newest committed one.
-    async fn retain(&self, keep_last: u32) -> Result<(), CheckpointError> {
+    async fn retain(&self, keep_last: u32) -> Result<Vec<u64>, CheckpointError> {
         let steps = self.steps().await?;
+        let mut deleted = Vec::new();
         let mut committed = 0u32;
         let mut newest_committed: Option<u64> = None;
         for step in steps {
@@ -338,9 +339,10 @@ impl CheckpointStore {
                 for meta in objects {
                     self.store.delete(&meta.location).await?;
                 }
+                deleted.push(step);
             }
         }
-        Ok(())
+        Ok(deleted)
     }
 }
 

@@ -19,6 +19,9 @@ pub enum RankEvent {
         step: u64,
         url: String,
         size_bytes: u64,
+        /// Older checkpoints retention deleted after this commit.
+        #[serde(default)]
+        deleted_steps: Vec<u64>,
     },
 }
 
@@ -74,7 +77,7 @@ impl Reporter {
         });
     }
 
-    pub fn checkpoint(&self, step: u64, url: &str, size_bytes: u64) {
+    pub fn checkpoint(&self, step: u64, url: &str, size_bytes: u64, deleted_steps: Vec<u64>) {
         self.log(&format!(
             "checkpoint committed at step {step}: {url} ({size_bytes} bytes)"
         ));
@@ -82,6 +85,7 @@ impl Reporter {
             step,
             url: url.to_string(),
             size_bytes,
+            deleted_steps,
         });
     }
 }

@@ -339,8 +339,8 @@ fn save<M: TrainModel>(
             files: Vec::new(),
             total_bytes: 0,
         };
-        let size = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
-        reporter.checkpoint(step, &store.step_url(step), size);
+        let (size, deleted) = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
+        reporter.checkpoint(step, &store.step_url(step), size, deleted);
     }
     // Nobody moves on (and possibly dies) before the commit is known.
     comm.world().barrier()?;
