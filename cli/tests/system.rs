@@ -436,3 +436,51 @@ fn coordinator_kill_and_restart_keeps_everything() {
     assert_eq!(end["restarts"], 0, "{end}");
     assert_eq!(end["attempt"], 1);
 }
+
+#[test]
+fn pipeline_layouts_train_like_one_process() {
+    let cluster = Cluster::start(4);
+    // 3 hidden layers + the output layer = 4 blocks: pp = 4 puts one block on each stage.
+    let base = [
+        "model.layers=3",
+        "train.micro_batches=4",
+        "train.steps=20",
+        "checkpoint.every_steps=10",
+    ];
+    let layouts: [&[&str]; 5] = [
+        &["parallel.pp=1"],
+        &["parallel.pp=2", "parallel.schedule=\"1f1b\""],
+        &["parallel.pp=2", "parallel.schedule=\"gpipe\""],
+        &["parallel.pp=4"],
+        &["parallel.pp=2", "parallel.dp=2"],
+    ];
+    let jobs: Vec<String> = layouts
+        .iter()
+        .map(|layout| cluster.submit("mlp-dp1.toml", &[&base[..], layout].concat()))
+        .collect();
+    let ends: Vec<Value> = jobs.iter().map(|j| cluster.wait_until_ended(j)).collect();
+    for (end, layout) in ends.iter().zip(&layouts) {
+        assert_eq!(end["state"], "Succeeded", "{layout:?}: {end}");
+    }
+    let reference = cluster.losses(&jobs[0]);
+    assert_eq!(reference.len(), 20);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1e-12);
+    for (job, layout) in jobs.iter().zip(&layouts).skip(1) {
+        let losses = cluster.losses(job);
+        assert_eq!(losses.len(), reference.len(), "{layout:?}");
+        for ((step, a), (_, b)) in reference.iter().zip(&losses) {
+            assert!(
+                close(*a, *b),
+                "{layout:?} step {step}: {b} vs one process {a}"
+            );
+        }
+    }
+    let eval0 = ends[0]["eval_loss"].as_f64().unwrap();
+    for (end, layout) in ends.iter().zip(&layouts).skip(1) {
+        let eval = end["eval_loss"].as_f64().unwrap();
+        assert!(
+            close(eval0, eval),
+            "{layout:?}: eval loss {eval} vs {eval0}"
+        );
+    }
+}

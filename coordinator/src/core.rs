@@ -309,7 +309,7 @@ impl Core {
                 loss,
                 eval_loss,
             } => {
-                if self.is_live(&key) && key.rank == 0 {
+                if self.is_live(&key) && key.rank == self.jobs[&key.job].spec.progress_rank() {
                     self.update_job(&key.job, now_ms, |job| {
                         job.to_running();
                         job.step = step;

@@ -114,6 +114,21 @@ pub struct ParallelSpec {
     /// Gradients are all-reduced in buckets of about this many MiB (like DDP's bucket_cap_mb).
     #[serde(default = "default_bucket_mb")]
     pub bucket_mb: f64,
+    /// How pipeline stages order micro-batches (pp > 1).
+    #[serde(default)]
+    pub schedule: PipelineSchedule,
+}
+
+/// The order in which a pipeline stage runs its micro-batches' forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PipelineSchedule {
+    /// One forward, one backward after a warm-up: at most `pp` micro-batches of activations live.
+    #[default]
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+    /// Every forward, then every backward: simple, holds all micro-batches' activations.
+    #[serde(rename = "gpipe")]
+    GPipe,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +224,7 @@ impl Default for ParallelSpec {
             tp: 1,
             pp: 1,
             bucket_mb: default_bucket_mb(),
+            schedule: PipelineSchedule::default(),
         }
     }
 }
@@ -286,6 +302,18 @@ impl JobSpec {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("a JobSpec always serialises")
+    }
+
+    /// The rank that reports the job's progress: the first data-parallel replica of the last
+    /// pipeline stage, where the (data-parallel averaged) loss is known.
+    pub fn progress_rank(&self) -> u32 {
+        let p = self.parallel;
+        let mesh = crate::Mesh::new(p.dp, p.tp, p.pp);
+        mesh.rank(crate::Coords {
+            pp: p.pp - 1,
+            dp: 0,
+            tp: 0,
+        })
     }
 
     /// The data source, with the model's built-in default filled in.
@@ -393,10 +421,21 @@ impl JobSpec {
                 "tensor parallelism is not available yet; use tp = 1".into(),
             );
         }
-        if p.pp > 1 {
+        if p.pp > 1 && m.kind == ModelKind::Gpt {
             return err(
                 "parallel.pp",
-                "pipeline parallelism is not available yet; use pp = 1".into(),
+                "pipeline parallelism is available for the mlp model only so far; use pp = 1 for gpt".into(),
+            );
+        }
+        if m.kind == ModelKind::Mlp && p.pp > m.layers + 1 {
+            return err(
+                "parallel.pp",
+                format!(
+                    "{} stages for {} blocks (model.layers = {} hidden layers + the output layer)",
+                    p.pp,
+                    m.layers + 1,
+                    m.layers
+                ),
             );
         }
         if !t.global_batch.is_multiple_of(p.dp * t.micro_batches) {
@@ -529,6 +568,8 @@ mod tests {
             ("train.steps", "train.steps=-5"),
             ("train.global_batch", "train.global_batch=7"),
             ("parallel.tp", "parallel.tp=2"),
+            ("parallel.pp", "parallel.pp=4"),
+            ("parallel.schedule", "parallel.schedule=\"zigzag\""),
             ("name", "name=\"a b\""),
             ("data.split", "data.split=[0.5, 0.5, 0.5]"),
         ];

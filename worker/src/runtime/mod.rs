@@ -6,4 +6,5 @@ pub mod data;
 pub mod model;
 pub mod rank;
 pub mod report;
+pub mod stage;
 pub mod train;

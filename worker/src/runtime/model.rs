@@ -54,6 +54,83 @@ impl TrainModel for Mlp {
     }
 }
 
+/// Reads every parameter once, in visiting order. burn initialises parameters lazily, on first
+/// read, from the seeded generator: this fixes their values whatever the model later touches first.
+pub fn materialize<M: Module>(model: &M) {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    model.visit(&mut Touch);
+}
+
+/// The blocks of the MLP (hidden layers, then the output layer) that one pipeline stage holds.
+#[derive(Module, Debug)]
+pub struct MlpStage {
+    layers: Vec<Linear>,
+    output: Option<Linear>,
+}
+
+/// Blocks `[start, end)` of `blocks` that stage `stage` of `stages` holds: balanced by count.
+pub fn stage_blocks(blocks: usize, stage: usize, stages: usize) -> std::ops::Range<usize> {
+    (stage * blocks / stages)..((stage + 1) * blocks / stages)
+}
+
+impl MlpStage {
+    /// Initialises the whole model exactly as one process would, then keeps this stage's part,
+    /// so every layout starts from the same parameters (and parameter ids) as pp = 1.
+    pub fn new(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self {
+        let full = Mlp::init(spec, device);
+        // burn draws a parameter's initial values when it is first read: read them all, in
+        // order, before dropping the layers other stages hold.
+        materialize(&full);
+        let blocks = full.layers.len() + 1;
+        let mine = stage_blocks(blocks, stage, stages);
+        Self {
+            layers: full
+                .layers
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| mine.contains(i))
+                .map(|(_, l)| l)
+                .collect(),
+            output: mine.contains(&(blocks - 1)).then_some(full.output),
+        }
+    }
+
+    /// `x` is `[n, width]` (`[n, REGRESSION_IN]` on the first stage).
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let hidden = self
+            .layers
+            .iter()
+            .fold(x, |h, layer| relu(layer.forward(h)));
+        match &self.output {
+            Some(output) => output.forward(hidden),
+            None => hidden,
+        }
+    }
+
+    pub fn inputs(batch: &Batch, device: &Device) -> Tensor<2> {
+        let Batch::Regression { x, n, .. } = batch else {
+            panic!("the mlp trains on regression batches");
+        };
+        Tensor::<2>::from_data(TensorData::new(x.clone(), [*n, REGRESSION_IN]), device)
+    }
+
+    /// Mean squared error of the last stage's output against the batch's targets.
+    pub fn loss(output: Tensor<2>, batch: &Batch, device: &Device) -> Tensor<1> {
+        let Batch::Regression { y, n, .. } = batch else {
+            panic!("the mlp trains on regression batches");
+        };
+        let y = Tensor::<2>::from_data(TensorData::new(y.clone(), [*n, REGRESSION_OUT]), device);
+        MseLoss::new()
+            .forward(output, y, Reduction::Mean)
+            .reshape([1])
+    }
+}
+
 /// One pre-norm transformer block with causal self-attention.
 #[derive(Module, Debug)]
 pub struct Block {
@@ -172,5 +249,41 @@ impl TrainModel for Gpt {
         CrossEntropyLossConfig::new()
             .init(device)
             .forward(logits, targets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::train::flat_parameters;
+
+    fn spec() -> JobSpec {
+        JobSpec::from_json(
+            r#"{"name":"t","model":{"kind":"mlp","layers":3},"train":{"steps":1,"global_batch":8,"lr":0.1}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pipeline_stages_hold_exactly_the_unsplit_models_parameters() {
+        let device = Device::flex();
+        device.seed(7);
+        let whole = flat_parameters(&Mlp::init(&spec(), &device));
+        for stages in [1, 2, 4] {
+            let mut joined = Vec::new();
+            for stage in 0..stages {
+                device.seed(7);
+                joined.extend(flat_parameters(&MlpStage::new(
+                    &spec(),
+                    stage,
+                    stages,
+                    &device,
+                )));
+            }
+            assert!(
+                joined == whole,
+                "{stages} stages hold other parameters than the whole model"
+            );
+        }
     }
 }

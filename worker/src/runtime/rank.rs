@@ -2,7 +2,7 @@
 //! the ring, train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
 
 use crate::runtime::comm::tcp::{Identity, TcpComm};
-use crate::runtime::model::{Gpt, Mlp};
+use crate::runtime::model::{Gpt, Mlp, MlpStage};
 use crate::runtime::report::Reporter;
 use crate::runtime::train::{RankJob, train};
 use gantry_core::{JobSpec, ModelKind};
@@ -80,14 +80,15 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         spec,
         resume_step: a.resume_step,
     };
-    let reporter = Reporter { rank: a.rank };
+    let reporter = Reporter::for_rank(&job.spec, a.rank);
     reporter.log(&format!(
         "rank {}/{} of {} attempt {} connected",
         a.rank, a.world_size, a.job_id, a.attempt
     ));
-    match job.spec.model.kind {
-        ModelKind::Mlp => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
-        ModelKind::Gpt => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
+    match (job.spec.model.kind, job.spec.parallel.pp) {
+        (ModelKind::Mlp, 1) => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Mlp, _) => train::<MlpStage>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Gpt, _) => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
     };
     Ok(())
 }

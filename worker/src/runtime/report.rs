@@ -1,6 +1,7 @@
 //! How a rank process talks to its worker daemon: plain lines on stdout are logs; lines that
 //! start with [`EVENT_PREFIX`] carry a JSON [`RankEvent`] (progress, checkpoint commits).
 
+use gantry_core::JobSpec;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
@@ -32,13 +33,20 @@ impl RankEvent {
     }
 }
 
-/// Writes events and log lines for the worker daemon. Only rank 0 reports progress: the loss
-/// it reports is already averaged over the data-parallel group.
+/// Writes events and log lines for the worker daemon. One rank reports progress: the first
+/// data-parallel replica of the last pipeline stage, where the loss (already averaged over the
+/// data-parallel group) is known.
 pub struct Reporter {
-    pub rank: u32,
+    pub reports_progress: bool,
 }
 
 impl Reporter {
+    pub fn for_rank(spec: &JobSpec, rank: u32) -> Self {
+        Self {
+            reports_progress: rank == spec.progress_rank(),
+        }
+    }
+
     fn emit(&self, event: &RankEvent) {
         let line = serde_json::to_string(event).expect("events serialise");
         let mut out = std::io::stdout().lock();
@@ -61,7 +69,7 @@ impl Reporter {
         lr: f64,
         samples_per_sec: f64,
     ) {
-        if self.rank != 0 {
+        if !self.reports_progress {
             return;
         }
         // Full precision: runs are compared step by step from these lines.

@@ -1,23 +1,24 @@
-//! The data-parallel training loop of one rank.
+//! The training loop of one rank.
 //!
-//! Each step: every dp rank takes its contiguous share of the global batch, runs its
-//! micro-batches (gradient accumulation), flattens the summed gradients into one buffer with the
-//! loss appended, all-reduces it (average), clips by the global norm, and steps Adam with the
-//! scheduled learning rate. Replicas start from the same seed and apply identical averaged
-//! gradients, so they stay bit-identical.
+//! Each step: every dp rank takes its contiguous share of the global batch and its [`Stage`]
+//! turns the micro-batches into summed gradients (a whole model, or one pipeline stage); the
+//! gradients are flattened into one buffer with the loss appended, all-reduced over the
+//! data-parallel group in buckets (average), clipped by the global norm (summed over pipeline
+//! stages), and Adam steps with the scheduled learning rate. Replicas start from the same seed
+//! and apply identical averaged gradients, so they stay bit-identical.
 
 use crate::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
-use crate::runtime::model::TrainModel;
 use crate::runtime::report::Reporter;
+use crate::runtime::stage::{Stage, StepContext};
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::Bytes;
-use gantry_core::{JobSpec, Mesh};
+use gantry_core::{Coords, JobSpec, Mesh};
 use std::time::Instant;
 
 /// Everything a rank needs to train.
@@ -103,27 +104,18 @@ pub fn flat_parameters<M: Module>(model: &M) -> Vec<f32> {
     c.0
 }
 
-/// Mean loss of a split, over this dp rank's share of its samples, averaged over the data-parallel group.
-fn evaluate<M: TrainModel>(
+/// Adds the gradients of one backward pass into `flat`, parameter by parameter in visiting order.
+pub(crate) fn accumulate_gradients<M: Module>(
+    grads: burn::tensor::Gradients,
     model: &M,
-    data: &Dataset,
-    split: Split,
-    dp_group: &mut impl Communicator,
-    device: &Device,
-) -> anyhow::Result<f64> {
-    let n = data.len(split).min(512);
-    let dp = dp_group.size() as usize;
-    let dp_rank = dp_group.rank() as usize;
-    let mine: Vec<usize> = (0..n).filter(|i| i % dp == dp_rank).collect();
-    let mut sums = [0.0f32; 2];
-    for chunk in mine.chunks(64) {
-        let batch = data.batch(split, chunk);
-        let loss: f32 = model.loss(&batch, device).into_scalar::<f32>();
-        sums[0] += loss * chunk.len() as f32;
-        sums[1] += chunk.len() as f32;
-    }
-    dp_group.all_reduce(&mut sums, ReduceOp::Sum)?;
-    Ok(f64::from(sums[0] / sums[1].max(1.0)))
+    flat: &mut Vec<f32>,
+) {
+    let mut grads = GradientsParams::from_grads(grads, model);
+    model.visit(&mut Flatten {
+        grads: &mut grads,
+        out: flat,
+        offset: 0,
+    });
 }
 
 /// What a finished run leaves behind.
@@ -132,8 +124,8 @@ pub struct TrainOutcome {
     pub final_parameters: Vec<f32>,
 }
 
-/// Trains `M` from the newest checkpoint (or from scratch) to the last step.
-pub fn train<M: TrainModel>(
+/// Trains this rank's stage `S` from the newest checkpoint (or from scratch) to the last step.
+pub fn train<S: Stage>(
     job: &RankJob,
     comm: &mut TcpComm,
     reporter: &Reporter,
@@ -143,14 +135,16 @@ pub fn train<M: TrainModel>(
     let t = &spec.train;
     let p = spec.parallel;
     let mesh = Mesh::new(p.dp, p.tp, p.pp);
+    let coords = mesh.coords(job.rank);
     let dp_members = mesh.dp_group(job.rank);
+    let pp_members = mesh.pp_group(job.rank);
     let dp = dp_members.len();
-    let dp_rank = mesh.coords(job.rank).dp as usize;
+    let dp_rank = coords.dp as usize;
     let bucket = ((p.bucket_mb * (1 << 20) as f64 / 4.0) as usize).max(1);
     let device = Device::flex();
     device.seed(t.seed);
     let ad = device.clone().autodiff();
-    let mut model = M::init(spec, &ad);
+    let mut model = S::init(spec, mesh, job.rank, &ad);
     let mut optimizer = AdamConfig::new().init();
     let data = Dataset::for_spec(spec);
     let store = CheckpointStore::open(&spec.checkpoint.url, &job.job_id)?;
@@ -164,13 +158,7 @@ pub fn train<M: TrainModel>(
     let mut start = 0;
     let mut last_eval = None;
     if let Some(manifest) = restored {
-        // Data-parallel replicas are identical, so a checkpoint from another dp degree restores
-        // by reading replica 0's shard.
-        let source_rank = if manifest.world_size == mesh.world_size() {
-            job.rank
-        } else {
-            0
-        };
+        let source_rank = source_rank(&manifest, mesh, job.rank)?;
         let shard = io.block_on(store.read_shard(&manifest, source_rank))?;
         let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(shard.model))
             .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?;
@@ -204,20 +192,17 @@ pub fn train<M: TrainModel>(
         let global = data.global_batch_indices(step, t.global_batch as usize);
         let local = shard(&global, dp_rank, dp);
         let per_micro = local.len() / micro;
+        let micro_batches: Vec<&[usize]> = local.chunks(per_micro).take(micro).collect();
         flat.iter_mut().for_each(|v| *v = 0.0);
-        let mut loss_sum = 0.0f32;
-        for m in 0..micro {
-            let batch = data.batch(Split::Train, &local[m * per_micro..(m + 1) * per_micro]);
-            let loss = model.loss(&batch, &ad);
-            loss_sum += loss.clone().into_scalar::<f32>();
-            let mut grads = GradientsParams::from_grads(loss.backward(), &model);
-            let mut visitor = Flatten {
-                grads: &mut grads,
-                out: &mut flat,
-                offset: 0,
-            };
-            model.visit(&mut visitor);
-        }
+        let mut ctx = StepContext {
+            spec,
+            data: &data,
+            comm: &mut *comm,
+            mesh,
+            rank: job.rank,
+            device: ad.clone(),
+        };
+        let loss_sum = model.accumulate(&mut ctx, &micro_batches, &mut flat)?;
         // Average over micro-batches and replicas; the loss rides along in the last slot.
         let n_params = flat.len();
         flat.push(loss_sum);
@@ -232,11 +217,14 @@ pub fn train<M: TrainModel>(
         debug_assert_eq!(flat.len(), n_params);
 
         if t.grad_clip > 0.0 {
-            let norm = flat
+            // The global norm: every stage's share, summed over the pipeline.
+            let mut square = [flat
                 .iter()
                 .map(|g| f64::from(*g) * f64::from(*g))
-                .sum::<f64>()
-                .sqrt();
+                .sum::<f64>() as f32];
+            comm.group(&pp_members)?
+                .all_reduce(&mut square, ReduceOp::Sum)?;
+            let norm = f64::from(square[0]).sqrt();
             if norm > t.grad_clip {
                 let factor = (t.grad_clip / (norm + 1e-6)) as f32;
                 flat.iter_mut().for_each(|g| *g *= factor);
@@ -257,14 +245,15 @@ pub fn train<M: TrainModel>(
         let samples_per_sec = t.global_batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let last = done == t.steps;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
-            let mut dp_group = comm.group(&dp_members)?;
-            Some(evaluate(
-                &model,
-                &data,
-                Split::Validation,
-                &mut dp_group,
-                &ad,
-            )?)
+            let mut ctx = StepContext {
+                spec,
+                data: &data,
+                comm: &mut *comm,
+                mesh,
+                rank: job.rank,
+                device: ad.clone(),
+            };
+            model.evaluate(&mut ctx, Split::Validation)?
         } else {
             None
         };
@@ -280,14 +269,17 @@ pub fn train<M: TrainModel>(
         }
     }
     if start < t.steps {
-        let test_loss = evaluate(
-            &model,
-            &data,
-            Split::Test,
-            &mut comm.group(&dp_members)?,
-            &ad,
-        )?;
-        reporter.log(&format!("test loss {test_loss:.6}"));
+        let mut ctx = StepContext {
+            spec,
+            data: &data,
+            comm: &mut *comm,
+            mesh,
+            rank: job.rank,
+            device: ad.clone(),
+        };
+        if let Some(test_loss) = model.evaluate(&mut ctx, Split::Test)? {
+            reporter.log(&format!("test loss {test_loss:.6}"));
+        }
     }
     Ok(TrainOutcome {
         losses,
@@ -295,8 +287,28 @@ pub fn train<M: TrainModel>(
     })
 }
 
+/// The rank whose shard this rank restores: itself when the layout is unchanged; the first
+/// data-parallel replica of the same stage when only the data-parallel degree changed (replicas
+/// are identical). Other layout changes need resharding, which is not available yet.
+fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> anyhow::Result<u32> {
+    anyhow::ensure!(
+        manifest.tp == mesh.tp && manifest.pp == mesh.pp,
+        "checkpoint at step {} was written with tp={} pp={}, this run has tp={} pp={}; \
+         changing tp or pp on resume is not supported yet",
+        manifest.step,
+        manifest.tp,
+        manifest.pp,
+        mesh.tp,
+        mesh.pp
+    );
+    let saved = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
+    let mine = mesh.coords(rank);
+    let dp = if manifest.dp == mesh.dp { mine.dp } else { 0 };
+    Ok(saved.rank(Coords { dp, ..mine }))
+}
+
 #[allow(clippy::too_many_arguments)]
-fn save<M: TrainModel>(
+fn save<M: Module>(
     job: &RankJob,
     store: &CheckpointStore,
     comm: &mut TcpComm,

@@ -1,0 +1,283 @@
+//! What one rank computes in a training step, given the shared loop in `train`: a data-parallel
+//! replica runs its micro-batches through the whole model; a pipeline stage runs its part of
+//! the model on every micro-batch, exchanging activations (forward) and their gradients
+//! (backward) with the neighbouring stages under the GPipe or 1F1B schedule.
+//!
+//! Pipeline stage boundaries: a stage receives its input activation as a fresh leaf that requires
+//! a gradient; after its backward pass it sends that leaf's gradient to the previous stage, which
+//! continues its own backward with `(output · upstream_gradient).sum()`.
+
+use crate::runtime::comm::tcp::TcpComm;
+use crate::runtime::comm::{Communicator, ReduceOp};
+use crate::runtime::data::{Batch, Dataset, Split};
+use crate::runtime::model::{MlpStage, TrainModel, materialize};
+use crate::runtime::train::accumulate_gradients;
+use burn::module::Module;
+use burn::prelude::*;
+use gantry_core::{Coords, JobSpec, Mesh, PipelineSchedule};
+
+/// What a stage needs to know about its place in the job.
+pub struct StepContext<'a> {
+    pub spec: &'a JobSpec,
+    pub data: &'a Dataset,
+    pub comm: &'a mut TcpComm,
+    pub mesh: Mesh,
+    pub rank: u32,
+    /// The autodiff device the model lives on.
+    pub device: Device,
+}
+
+impl StepContext<'_> {
+    pub fn coords(&self) -> Coords {
+        self.mesh.coords(self.rank)
+    }
+
+    pub fn dp_group(&self) -> Vec<u32> {
+        self.mesh.dp_group(self.rank)
+    }
+
+    pub fn pp_group(&self) -> Vec<u32> {
+        self.mesh.pp_group(self.rank)
+    }
+
+    fn is_last_stage(&self) -> bool {
+        self.coords().pp + 1 == self.mesh.pp
+    }
+}
+
+/// One rank's part of the model and how it runs a step.
+pub trait Stage: Module + Clone + Send + Sized + 'static {
+    fn init(spec: &JobSpec, mesh: Mesh, rank: u32, device: &Device) -> Self;
+
+    /// Adds the gradient of every micro-batch (given as training-sample indices) into `flat`
+    /// and returns the sum of the micro-batch losses (0 on stages that compute no loss).
+    fn accumulate(
+        &self,
+        ctx: &mut StepContext<'_>,
+        micro_batches: &[&[usize]],
+        flat: &mut Vec<f32>,
+    ) -> anyhow::Result<f32>;
+
+    /// The mean loss over (up to 512 samples of) a split, on the ranks that compute the loss.
+    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>>;
+}
+
+/// This dp rank's evaluation samples, in chunks of 64.
+fn eval_chunks(ctx: &StepContext<'_>, split: Split) -> Vec<Vec<usize>> {
+    let n = ctx.data.len(split).min(512);
+    let dp = ctx.mesh.dp as usize;
+    let dp_rank = ctx.coords().dp as usize;
+    let mine: Vec<usize> = (0..n).filter(|i| i % dp == dp_rank).collect();
+    mine.chunks(64).map(<[usize]>::to_vec).collect()
+}
+
+/// Averages (loss sum, count) over the data-parallel group.
+fn mean_over_dp(ctx: &mut StepContext<'_>, mut sums: [f32; 2]) -> anyhow::Result<f64> {
+    let group = ctx.dp_group();
+    ctx.comm
+        .group(&group)?
+        .all_reduce(&mut sums, ReduceOp::Sum)?;
+    Ok(f64::from(sums[0] / sums[1].max(1.0)))
+}
+
+/// A whole model on one rank (pp = 1): data parallelism only.
+impl<M: TrainModel> Stage for M {
+    fn init(spec: &JobSpec, _mesh: Mesh, _rank: u32, device: &Device) -> Self {
+        let model = M::init(spec, device);
+        materialize(&model);
+        model
+    }
+
+    fn accumulate(
+        &self,
+        ctx: &mut StepContext<'_>,
+        micro_batches: &[&[usize]],
+        flat: &mut Vec<f32>,
+    ) -> anyhow::Result<f32> {
+        let mut loss_sum = 0.0;
+        for indices in micro_batches {
+            let batch = ctx.data.batch(Split::Train, indices);
+            let loss = self.loss(&batch, &ctx.device);
+            loss_sum += loss.clone().into_scalar::<f32>();
+            accumulate_gradients(loss.backward(), self, flat);
+        }
+        Ok(loss_sum)
+    }
+
+    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>> {
+        let mut sums = [0.0f32; 2];
+        for chunk in eval_chunks(ctx, split) {
+            let batch = ctx.data.batch(split, &chunk);
+            sums[0] += self.loss(&batch, &ctx.device).into_scalar::<f32>() * chunk.len() as f32;
+            sums[1] += chunk.len() as f32;
+        }
+        mean_over_dp(ctx, sums).map(Some)
+    }
+}
+
+/// Activations in flight for one micro-batch: the stage's input leaf (absent on the first
+/// stage) and its output (the loss, on the last stage).
+struct InFlight {
+    input: Option<Tensor<2>>,
+    output: Tensor<2>,
+}
+
+impl MlpStage {
+    fn neighbours(ctx: &StepContext<'_>) -> (Option<u32>, Option<u32>) {
+        let stages = ctx.pp_group();
+        let s = ctx.coords().pp as usize;
+        (
+            s.checked_sub(1).map(|p| stages[p]),
+            stages.get(s + 1).copied(),
+        )
+    }
+
+    /// Receives an activation (or gradient) of `rows` rows from `peer`, as a tensor.
+    fn receive(
+        ctx: &mut StepContext<'_>,
+        peer: u32,
+        rows: usize,
+        width: usize,
+    ) -> anyhow::Result<Tensor<2>> {
+        let mut buf = vec![0.0f32; rows * width];
+        ctx.comm.world().recv(&mut buf, peer)?;
+        Ok(Tensor::<2>::from_data(
+            TensorData::new(buf, [rows, width]),
+            &ctx.device,
+        ))
+    }
+
+    fn send(ctx: &mut StepContext<'_>, peer: u32, tensor: Tensor<2>) -> anyhow::Result<()> {
+        let data = tensor.into_data().convert::<f32>();
+        ctx.comm
+            .world()
+            .send(data.as_slice::<f32>().expect("f32 activations"), peer)?;
+        Ok(())
+    }
+
+    /// Runs this stage's forward pass of one micro-batch.
+    fn forward_micro(&self, ctx: &mut StepContext<'_>, batch: &Batch) -> anyhow::Result<InFlight> {
+        let (prev, next) = Self::neighbours(ctx);
+        let width = ctx.spec.model.d_model as usize;
+        let input = match prev {
+            None => None,
+            Some(p) => Some(Self::receive(ctx, p, batch.len(), width)?.require_grad()),
+        };
+        let x = input
+            .clone()
+            .unwrap_or_else(|| MlpStage::inputs(batch, &ctx.device));
+        let out = self.forward(x);
+        let output = match next {
+            Some(n) => {
+                Self::send(ctx, n, out.clone().detach())?;
+                out
+            }
+            None => MlpStage::loss(out, batch, &ctx.device).reshape([1, 1]),
+        };
+        Ok(InFlight { input, output })
+    }
+
+    /// Runs this stage's backward pass of one micro-batch; returns its loss on the last stage.
+    fn backward_micro(
+        &self,
+        ctx: &mut StepContext<'_>,
+        f: InFlight,
+        rows: usize,
+        flat: &mut Vec<f32>,
+    ) -> anyhow::Result<f32> {
+        let (prev, next) = Self::neighbours(ctx);
+        let width = ctx.spec.model.d_model as usize;
+        let (grads, loss) = match next {
+            None => {
+                let loss = f.output.clone().into_scalar::<f32>();
+                (f.output.sum().backward(), loss)
+            }
+            Some(n) => {
+                let upstream = Self::receive(ctx, n, rows, width)?;
+                ((f.output * upstream).sum().backward(), 0.0)
+            }
+        };
+        if let (Some(p), Some(input)) = (prev, &f.input) {
+            let grad = input
+                .grad(&grads)
+                .expect("the stage input requires a gradient");
+            Self::send(ctx, p, grad)?;
+        }
+        accumulate_gradients(grads, self, flat);
+        Ok(loss)
+    }
+}
+
+impl Stage for MlpStage {
+    fn init(spec: &JobSpec, mesh: Mesh, rank: u32, device: &Device) -> Self {
+        MlpStage::new(
+            spec,
+            mesh.coords(rank).pp as usize,
+            mesh.pp as usize,
+            device,
+        )
+    }
+
+    fn accumulate(
+        &self,
+        ctx: &mut StepContext<'_>,
+        micro_batches: &[&[usize]],
+        flat: &mut Vec<f32>,
+    ) -> anyhow::Result<f32> {
+        let m = micro_batches.len();
+        let batches: Vec<Batch> = micro_batches
+            .iter()
+            .map(|i| ctx.data.batch(Split::Train, i))
+            .collect();
+        let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
+        let mut loss_sum = 0.0;
+        let mut backward_next = 0;
+        let mut backward =
+            |this: &Self,
+             ctx: &mut StepContext<'_>,
+             in_flight: &mut std::collections::VecDeque<InFlight>| {
+                let f = in_flight
+                    .pop_front()
+                    .expect("a forward precedes its backward");
+                let rows = batches[backward_next].len();
+                backward_next += 1;
+                this.backward_micro(ctx, f, rows, flat)
+            };
+        // Forward and backward passes run in micro-batch order on every stage, so neighbours'
+        // sends and receives pair up; the schedules differ in how they interleave.
+        let warmup = match ctx.spec.parallel.schedule {
+            PipelineSchedule::GPipe => m,
+            PipelineSchedule::OneFOneB => ((ctx.mesh.pp - ctx.coords().pp - 1) as usize).min(m),
+        };
+        for batch in &batches[..warmup] {
+            let f = self.forward_micro(ctx, batch)?;
+            in_flight.push_back(f);
+        }
+        for batch in &batches[warmup..] {
+            let f = self.forward_micro(ctx, batch)?;
+            in_flight.push_back(f);
+            loss_sum += backward(self, ctx, &mut in_flight)?;
+        }
+        while !in_flight.is_empty() {
+            loss_sum += backward(self, ctx, &mut in_flight)?;
+        }
+        Ok(loss_sum)
+    }
+
+    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>> {
+        let mut sums = [0.0f32; 2];
+        for chunk in eval_chunks(ctx, split) {
+            let batch = ctx.data.batch(split, &chunk);
+            let f = self.forward_micro(ctx, &batch)?;
+            if ctx.is_last_stage() {
+                sums[0] += f.output.into_scalar::<f32>() * chunk.len() as f32;
+                sums[1] += chunk.len() as f32;
+            }
+        }
+        if ctx.is_last_stage() {
+            mean_over_dp(ctx, sums).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+}
