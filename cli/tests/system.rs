@@ -454,33 +454,57 @@ fn pipeline_layouts_train_like_one_process() {
         &["parallel.pp=4"],
         &["parallel.pp=2", "parallel.dp=2"],
     ];
+    assert_layouts_match(&cluster, "mlp-dp1.toml", &base, &layouts);
+    let gpt = [
+        "model.layers=2",
+        "model.d_model=32",
+        "data.seq_len=16",
+        "data.examples=2000",
+        "train.global_batch=8",
+        "train.micro_batches=2",
+        "train.steps=8",
+        "train.warmup_steps=2",
+        "checkpoint.every_steps=4",
+    ];
+    let layouts: [&[&str]; 4] = [
+        &["parallel.pp=1"],
+        &["parallel.pp=2", "parallel.schedule=\"1f1b\""],
+        &["parallel.pp=2", "parallel.schedule=\"gpipe\""],
+        &["parallel.pp=2", "parallel.dp=2"],
+    ];
+    assert_layouts_match(&cluster, "gpt-dp1.toml", &gpt, &layouts);
+}
+
+/// Runs `example` under every layout and checks each trains like the first (one process):
+/// per-step losses and the final evaluation loss within a relative 1e-4.
+fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts: &[&[&str]]) {
     let jobs: Vec<String> = layouts
         .iter()
-        .map(|layout| cluster.submit("mlp-dp1.toml", &[&base[..], layout].concat()))
+        .map(|layout| cluster.submit(example, &[base, layout].concat()))
         .collect();
     let ends: Vec<Value> = jobs.iter().map(|j| cluster.wait_until_ended(j)).collect();
-    for (end, layout) in ends.iter().zip(&layouts) {
-        assert_eq!(end["state"], "Succeeded", "{layout:?}: {end}");
+    for (end, layout) in ends.iter().zip(layouts) {
+        assert_eq!(end["state"], "Succeeded", "{example} {layout:?}: {end}");
     }
     let reference = cluster.losses(&jobs[0]);
-    assert_eq!(reference.len(), 20);
+    assert!(!reference.is_empty());
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * a.abs().max(1e-12);
-    for (job, layout) in jobs.iter().zip(&layouts).skip(1) {
+    for (job, layout) in jobs.iter().zip(layouts).skip(1) {
         let losses = cluster.losses(job);
-        assert_eq!(losses.len(), reference.len(), "{layout:?}");
+        assert_eq!(losses.len(), reference.len(), "{example} {layout:?}");
         for ((step, a), (_, b)) in reference.iter().zip(&losses) {
             assert!(
                 close(*a, *b),
-                "{layout:?} step {step}: {b} vs one process {a}"
+                "{example} {layout:?} step {step}: {b} vs one process {a}"
             );
         }
     }
     let eval0 = ends[0]["eval_loss"].as_f64().unwrap();
-    for (end, layout) in ends.iter().zip(&layouts).skip(1) {
+    for (end, layout) in ends.iter().zip(layouts).skip(1) {
         let eval = end["eval_loss"].as_f64().unwrap();
         assert!(
             close(eval0, eval),
-            "{layout:?}: eval loss {eval} vs {eval0}"
+            "{example} {layout:?}: eval loss {eval} vs {eval0}"
         );
     }
 }

@@ -421,10 +421,13 @@ impl JobSpec {
                 "tensor parallelism is not available yet; use tp = 1".into(),
             );
         }
-        if p.pp > 1 && m.kind == ModelKind::Gpt {
+        if m.kind == ModelKind::Gpt && p.pp > m.layers {
             return err(
                 "parallel.pp",
-                "pipeline parallelism is available for the mlp model only so far; use pp = 1 for gpt".into(),
+                format!(
+                    "{} stages for {} transformer blocks (model.layers)",
+                    p.pp, m.layers
+                ),
             );
         }
         if m.kind == ModelKind::Mlp && p.pp > m.layers + 1 {

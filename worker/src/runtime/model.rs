@@ -99,9 +99,34 @@ impl MlpStage {
             output: mine.contains(&(blocks - 1)).then_some(full.output),
         }
     }
+}
 
-    /// `x` is `[n, width]` (`[n, REGRESSION_IN]` on the first stage).
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+/// A part of a model that runs as one pipeline stage. Activations between stages are 3-D:
+/// `[n, 1, width]` for the mlp, `[n, seq_len, d_model]` for the gpt.
+pub trait PipelineModel: Module + Clone + Send + Sized + 'static {
+    /// Stage `stage` of `stages`, initialised exactly as the same layers of one process are.
+    fn new_stage(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self;
+    /// This stage's output for a micro-batch: computed from the batch itself on the first stage
+    /// (`input` is None), from the previous stage's activation otherwise.
+    fn forward_stage(&self, input: Option<Tensor<3>>, batch: &Batch, device: &Device) -> Tensor<3>;
+    /// The last stage's loss (mean over the batch) from its output.
+    fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1>;
+    /// The shape of the activation a stage passes on for `batch`.
+    fn activation_shape(spec: &JobSpec, batch: &Batch) -> [usize; 3];
+}
+
+impl PipelineModel for MlpStage {
+    fn new_stage(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self {
+        Self::new(spec, stage, stages, device)
+    }
+
+    fn forward_stage(&self, input: Option<Tensor<3>>, batch: &Batch, device: &Device) -> Tensor<3> {
+        let x = input.unwrap_or_else(|| {
+            let Batch::Regression { x, n, .. } = batch else {
+                panic!("the mlp trains on regression batches");
+            };
+            Tensor::<3>::from_data(TensorData::new(x.clone(), [*n, 1, REGRESSION_IN]), device)
+        });
         let hidden = self
             .layers
             .iter()
@@ -112,22 +137,18 @@ impl MlpStage {
         }
     }
 
-    pub fn inputs(batch: &Batch, device: &Device) -> Tensor<2> {
-        let Batch::Regression { x, n, .. } = batch else {
-            panic!("the mlp trains on regression batches");
-        };
-        Tensor::<2>::from_data(TensorData::new(x.clone(), [*n, REGRESSION_IN]), device)
-    }
-
-    /// Mean squared error of the last stage's output against the batch's targets.
-    pub fn loss(output: Tensor<2>, batch: &Batch, device: &Device) -> Tensor<1> {
+    fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1> {
         let Batch::Regression { y, n, .. } = batch else {
             panic!("the mlp trains on regression batches");
         };
         let y = Tensor::<2>::from_data(TensorData::new(y.clone(), [*n, REGRESSION_OUT]), device);
         MseLoss::new()
-            .forward(output, y, Reduction::Mean)
+            .forward(output.reshape([*n, REGRESSION_OUT]), y, Reduction::Mean)
             .reshape([1])
+    }
+
+    fn activation_shape(spec: &JobSpec, batch: &Batch) -> [usize; 3] {
+        [batch.len(), 1, spec.model.d_model as usize]
     }
 }
 
@@ -192,20 +213,109 @@ pub struct Gpt {
     head: Linear,
 }
 
+/// Token plus position embeddings of a `[n, seq_len]` batch of token ids.
+fn embed(
+    tokens_table: &Embedding,
+    positions_table: &Embedding,
+    inputs: &[i64],
+    n: usize,
+    seq_len: usize,
+    device: &Device,
+) -> Tensor<3> {
+    let tokens =
+        Tensor::<2, Int>::from_data(TensorData::new(inputs.to_vec(), [n, seq_len]), device);
+    let positions: Vec<i64> = (0..n).flat_map(|_| 0..seq_len as i64).collect();
+    let positions = Tensor::<2, Int>::from_data(TensorData::new(positions, [n, seq_len]), device);
+    tokens_table.forward(tokens) + positions_table.forward(positions)
+}
+
+/// Mean next-token cross-entropy of `[n, seq_len, vocab]` logits.
+fn next_token_loss(logits: Tensor<3>, targets: &[i64], device: &Device) -> Tensor<1> {
+    let [n, t, v] = logits.dims();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets.to_vec(), [n * t]), device);
+    CrossEntropyLossConfig::new()
+        .init(device)
+        .forward(logits.reshape([n * t, v]), targets)
+}
+
 impl Gpt {
     /// Next-token logits, `[batch, time, vocab]`.
     pub fn logits(&self, inputs: &[i64], n: usize, seq_len: usize, device: &Device) -> Tensor<3> {
-        let tokens =
-            Tensor::<2, Int>::from_data(TensorData::new(inputs.to_vec(), [n, seq_len]), device);
-        let positions: Vec<i64> = (0..n).flat_map(|_| 0..seq_len as i64).collect();
-        let positions =
-            Tensor::<2, Int>::from_data(TensorData::new(positions, [n, seq_len]), device);
-        let mut x = self.tokens.forward(tokens) + self.positions.forward(positions);
+        let mut x = embed(&self.tokens, &self.positions, inputs, n, seq_len, device);
         let mask = causal_mask(seq_len, device);
         for block in &self.blocks {
             x = block.forward(x, &mask);
         }
         self.head.forward(self.ln_f.forward(x))
+    }
+}
+
+/// The part of the gpt one pipeline stage holds: the embeddings (first stage), a run of
+/// transformer blocks, and the final norm and output head (last stage).
+#[derive(Module, Debug)]
+pub struct GptStage {
+    tokens: Option<Embedding>,
+    positions: Option<Embedding>,
+    blocks: Vec<Block>,
+    ln_f: Option<LayerNorm>,
+    head: Option<Linear>,
+}
+
+impl PipelineModel for GptStage {
+    fn new_stage(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self {
+        let full = Gpt::init(spec, device);
+        materialize(&full);
+        let mine = stage_blocks(full.blocks.len(), stage, stages);
+        let (first, last) = (stage == 0, stage + 1 == stages);
+        Self {
+            tokens: first.then_some(full.tokens),
+            positions: first.then_some(full.positions),
+            blocks: full
+                .blocks
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| mine.contains(i))
+                .map(|(_, b)| b)
+                .collect(),
+            ln_f: last.then_some(full.ln_f),
+            head: last.then_some(full.head),
+        }
+    }
+
+    fn forward_stage(&self, input: Option<Tensor<3>>, batch: &Batch, device: &Device) -> Tensor<3> {
+        let Batch::Tokens {
+            inputs, n, seq_len, ..
+        } = batch
+        else {
+            panic!("the gpt trains on token batches");
+        };
+        let mut x = match (input, &self.tokens, &self.positions) {
+            (Some(x), _, _) => x,
+            (None, Some(t), Some(p)) => embed(t, p, inputs, *n, *seq_len, device),
+            (None, _, _) => panic!("only the first stage starts from tokens"),
+        };
+        let mask = causal_mask(*seq_len, device);
+        for block in &self.blocks {
+            x = block.forward(x, &mask);
+        }
+        match (&self.ln_f, &self.head) {
+            (Some(ln_f), Some(head)) => head.forward(ln_f.forward(x)),
+            _ => x,
+        }
+    }
+
+    fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1> {
+        let Batch::Tokens { targets, .. } = batch else {
+            panic!("the gpt trains on token batches");
+        };
+        next_token_loss(output, targets, device)
+    }
+
+    fn activation_shape(spec: &JobSpec, batch: &Batch) -> [usize; 3] {
+        let Batch::Tokens { n, seq_len, .. } = batch else {
+            panic!("the gpt trains on token batches");
+        };
+        [*n, *seq_len, spec.model.d_model as usize]
     }
 }
 
@@ -241,14 +351,7 @@ impl TrainModel for Gpt {
         else {
             panic!("the gpt trains on token batches");
         };
-        let logits = self
-            .logits(inputs, *n, *seq_len, device)
-            .reshape([n * seq_len, VOCAB.len()]);
-        let targets =
-            Tensor::<1, Int>::from_data(TensorData::new(targets.clone(), [n * seq_len]), device);
-        CrossEntropyLossConfig::new()
-            .init(device)
-            .forward(logits, targets)
+        next_token_loss(self.logits(inputs, *n, *seq_len, device), targets, device)
     }
 }
 

@@ -2,7 +2,7 @@
 //! the ring, train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
 
 use crate::runtime::comm::tcp::{Identity, TcpComm};
-use crate::runtime::model::{Gpt, Mlp, MlpStage};
+use crate::runtime::model::{Gpt, GptStage, Mlp, MlpStage};
 use crate::runtime::report::Reporter;
 use crate::runtime::train::{RankJob, train};
 use gantry_core::{JobSpec, ModelKind};
@@ -88,7 +88,8 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     match (job.spec.model.kind, job.spec.parallel.pp) {
         (ModelKind::Mlp, 1) => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
         (ModelKind::Mlp, _) => train::<MlpStage>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Gpt, _) => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Gpt, 1) => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Gpt, _) => train::<GptStage>(&job, &mut comm, &reporter, &io)?,
     };
     Ok(())
 }

@@ -10,7 +10,7 @@
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Batch, Dataset, Split};
-use crate::runtime::model::{MlpStage, TrainModel, materialize};
+use crate::runtime::model::{GptStage, MlpStage, PipelineModel, TrainModel, materialize};
 use crate::runtime::train::accumulate_gradients;
 use burn::module::Module;
 use burn::prelude::*;
@@ -116,168 +116,182 @@ impl<M: TrainModel> Stage for M {
 }
 
 /// Activations in flight for one micro-batch: the stage's input leaf (absent on the first
-/// stage) and its output (the loss, on the last stage).
+/// stage) and its output (the loss, shaped `[1, 1, 1]`, on the last stage).
 struct InFlight {
-    input: Option<Tensor<2>>,
-    output: Tensor<2>,
+    input: Option<Tensor<3>>,
+    output: Tensor<3>,
 }
 
-impl MlpStage {
-    fn neighbours(ctx: &StepContext<'_>) -> (Option<u32>, Option<u32>) {
-        let stages = ctx.pp_group();
-        let s = ctx.coords().pp as usize;
-        (
-            s.checked_sub(1).map(|p| stages[p]),
-            stages.get(s + 1).copied(),
-        )
-    }
-
-    /// Receives an activation (or gradient) of `rows` rows from `peer`, as a tensor.
-    fn receive(
-        ctx: &mut StepContext<'_>,
-        peer: u32,
-        rows: usize,
-        width: usize,
-    ) -> anyhow::Result<Tensor<2>> {
-        let mut buf = vec![0.0f32; rows * width];
-        ctx.comm.world().recv(&mut buf, peer)?;
-        Ok(Tensor::<2>::from_data(
-            TensorData::new(buf, [rows, width]),
-            &ctx.device,
-        ))
-    }
-
-    fn send(ctx: &mut StepContext<'_>, peer: u32, tensor: Tensor<2>) -> anyhow::Result<()> {
-        let data = tensor.into_data().convert::<f32>();
-        ctx.comm
-            .world()
-            .send(data.as_slice::<f32>().expect("f32 activations"), peer)?;
-        Ok(())
-    }
-
-    /// Runs this stage's forward pass of one micro-batch.
-    fn forward_micro(&self, ctx: &mut StepContext<'_>, batch: &Batch) -> anyhow::Result<InFlight> {
-        let (prev, next) = Self::neighbours(ctx);
-        let width = ctx.spec.model.d_model as usize;
-        let input = match prev {
-            None => None,
-            Some(p) => Some(Self::receive(ctx, p, batch.len(), width)?.require_grad()),
-        };
-        let x = input
-            .clone()
-            .unwrap_or_else(|| MlpStage::inputs(batch, &ctx.device));
-        let out = self.forward(x);
-        let output = match next {
-            Some(n) => {
-                Self::send(ctx, n, out.clone().detach())?;
-                out
-            }
-            None => MlpStage::loss(out, batch, &ctx.device).reshape([1, 1]),
-        };
-        Ok(InFlight { input, output })
-    }
-
-    /// Runs this stage's backward pass of one micro-batch; returns its loss on the last stage.
-    fn backward_micro(
-        &self,
-        ctx: &mut StepContext<'_>,
-        f: InFlight,
-        rows: usize,
-        flat: &mut Vec<f32>,
-    ) -> anyhow::Result<f32> {
-        let (prev, next) = Self::neighbours(ctx);
-        let width = ctx.spec.model.d_model as usize;
-        let (grads, loss) = match next {
-            None => {
-                let loss = f.output.clone().into_scalar::<f32>();
-                (f.output.sum().backward(), loss)
-            }
-            Some(n) => {
-                let upstream = Self::receive(ctx, n, rows, width)?;
-                ((f.output * upstream).sum().backward(), 0.0)
-            }
-        };
-        if let (Some(p), Some(input)) = (prev, &f.input) {
-            let grad = input
-                .grad(&grads)
-                .expect("the stage input requires a gradient");
-            Self::send(ctx, p, grad)?;
-        }
-        accumulate_gradients(grads, self, flat);
-        Ok(loss)
-    }
+fn neighbours(ctx: &StepContext<'_>) -> (Option<u32>, Option<u32>) {
+    let stages = ctx.pp_group();
+    let s = ctx.coords().pp as usize;
+    (
+        s.checked_sub(1).map(|p| stages[p]),
+        stages.get(s + 1).copied(),
+    )
 }
 
-impl Stage for MlpStage {
-    fn init(spec: &JobSpec, mesh: Mesh, rank: u32, device: &Device) -> Self {
-        MlpStage::new(
-            spec,
-            mesh.coords(rank).pp as usize,
-            mesh.pp as usize,
-            device,
-        )
-    }
+/// Receives an activation (or its gradient) of `shape` from `peer`.
+fn receive(ctx: &mut StepContext<'_>, peer: u32, shape: [usize; 3]) -> anyhow::Result<Tensor<3>> {
+    let mut buf = vec![0.0f32; shape.iter().product()];
+    ctx.comm.world().recv(&mut buf, peer)?;
+    Ok(Tensor::<3>::from_data(
+        TensorData::new(buf, shape),
+        &ctx.device,
+    ))
+}
 
-    fn accumulate(
-        &self,
-        ctx: &mut StepContext<'_>,
-        micro_batches: &[&[usize]],
-        flat: &mut Vec<f32>,
-    ) -> anyhow::Result<f32> {
-        let m = micro_batches.len();
-        let batches: Vec<Batch> = micro_batches
-            .iter()
-            .map(|i| ctx.data.batch(Split::Train, i))
-            .collect();
-        let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
-        let mut loss_sum = 0.0;
-        let mut backward_next = 0;
-        let mut backward =
-            |this: &Self,
-             ctx: &mut StepContext<'_>,
-             in_flight: &mut std::collections::VecDeque<InFlight>| {
-                let f = in_flight
-                    .pop_front()
-                    .expect("a forward precedes its backward");
-                let rows = batches[backward_next].len();
-                backward_next += 1;
-                this.backward_micro(ctx, f, rows, flat)
-            };
-        // Forward and backward passes run in micro-batch order on every stage, so neighbours'
-        // sends and receives pair up; the schedules differ in how they interleave.
-        let warmup = match ctx.spec.parallel.schedule {
-            PipelineSchedule::GPipe => m,
-            PipelineSchedule::OneFOneB => ((ctx.mesh.pp - ctx.coords().pp - 1) as usize).min(m),
-        };
-        for batch in &batches[..warmup] {
-            let f = self.forward_micro(ctx, batch)?;
-            in_flight.push_back(f);
-        }
-        for batch in &batches[warmup..] {
-            let f = self.forward_micro(ctx, batch)?;
-            in_flight.push_back(f);
-            loss_sum += backward(self, ctx, &mut in_flight)?;
-        }
-        while !in_flight.is_empty() {
-            loss_sum += backward(self, ctx, &mut in_flight)?;
-        }
-        Ok(loss_sum)
-    }
+fn send(ctx: &mut StepContext<'_>, peer: u32, tensor: Tensor<3>) -> anyhow::Result<()> {
+    let data = tensor.into_data().convert::<f32>();
+    ctx.comm
+        .world()
+        .send(data.as_slice::<f32>().expect("f32 activations"), peer)?;
+    Ok(())
+}
 
-    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>> {
-        let mut sums = [0.0f32; 2];
-        for chunk in eval_chunks(ctx, split) {
-            let batch = ctx.data.batch(split, &chunk);
-            let f = self.forward_micro(ctx, &batch)?;
-            if ctx.is_last_stage() {
-                sums[0] += f.output.into_scalar::<f32>() * chunk.len() as f32;
-                sums[1] += chunk.len() as f32;
-            }
+/// Runs a stage's forward pass of one micro-batch.
+fn forward_micro<P: PipelineModel>(
+    stage: &P,
+    ctx: &mut StepContext<'_>,
+    batch: &Batch,
+) -> anyhow::Result<InFlight> {
+    let (prev, next) = neighbours(ctx);
+    let shape = P::activation_shape(ctx.spec, batch);
+    let input = match prev {
+        None => None,
+        Some(p) => Some(receive(ctx, p, shape)?.require_grad()),
+    };
+    let out = stage.forward_stage(input.clone(), batch, &ctx.device);
+    let output = match next {
+        Some(n) => {
+            send(ctx, n, out.clone().detach())?;
+            out
         }
+        None => P::stage_loss(out, batch, &ctx.device).reshape([1, 1, 1]),
+    };
+    Ok(InFlight { input, output })
+}
+
+/// Runs a stage's backward pass of one micro-batch; returns its loss on the last stage.
+fn backward_micro<P: PipelineModel>(
+    stage: &P,
+    ctx: &mut StepContext<'_>,
+    f: InFlight,
+    batch: &Batch,
+    flat: &mut Vec<f32>,
+) -> anyhow::Result<f32> {
+    let (prev, next) = neighbours(ctx);
+    let (grads, loss) = match next {
+        None => {
+            let loss = f.output.clone().into_scalar::<f32>();
+            (f.output.sum().backward(), loss)
+        }
+        Some(n) => {
+            let upstream = receive(ctx, n, P::activation_shape(ctx.spec, batch))?;
+            ((f.output * upstream).sum().backward(), 0.0)
+        }
+    };
+    if let (Some(p), Some(input)) = (prev, &f.input) {
+        let grad = input
+            .grad(&grads)
+            .expect("the stage input requires a gradient");
+        send(ctx, p, grad)?;
+    }
+    accumulate_gradients(grads, stage, flat);
+    Ok(loss)
+}
+
+fn pipeline_accumulate<P: PipelineModel>(
+    stage: &P,
+    ctx: &mut StepContext<'_>,
+    micro_batches: &[&[usize]],
+    flat: &mut Vec<f32>,
+) -> anyhow::Result<f32> {
+    let m = micro_batches.len();
+    let batches: Vec<Batch> = micro_batches
+        .iter()
+        .map(|i| ctx.data.batch(Split::Train, i))
+        .collect();
+    let mut in_flight = std::collections::VecDeque::new();
+    let mut loss_sum = 0.0;
+    let mut done = 0;
+    // Forward and backward passes run in micro-batch order on every stage, so neighbours'
+    // sends and receives pair up; the schedules differ in how they interleave: GPipe runs every
+    // forward first, 1F1B only enough to fill the pipeline, then alternates.
+    let warmup = match ctx.spec.parallel.schedule {
+        PipelineSchedule::GPipe => m,
+        PipelineSchedule::OneFOneB => ((ctx.mesh.pp - ctx.coords().pp - 1) as usize).min(m),
+    };
+    for (i, batch) in batches.iter().enumerate() {
+        in_flight.push_back(forward_micro(stage, ctx, batch)?);
+        if i >= warmup {
+            let f = in_flight
+                .pop_front()
+                .expect("a forward precedes its backward");
+            loss_sum += backward_micro(stage, ctx, f, &batches[done], flat)?;
+            done += 1;
+        }
+    }
+    while let Some(f) = in_flight.pop_front() {
+        loss_sum += backward_micro(stage, ctx, f, &batches[done], flat)?;
+        done += 1;
+    }
+    Ok(loss_sum)
+}
+
+fn pipeline_evaluate<P: PipelineModel>(
+    stage: &P,
+    ctx: &mut StepContext<'_>,
+    split: Split,
+) -> anyhow::Result<Option<f64>> {
+    let mut sums = [0.0f32; 2];
+    for chunk in eval_chunks(ctx, split) {
+        let batch = ctx.data.batch(split, &chunk);
+        let f = forward_micro(stage, ctx, &batch)?;
         if ctx.is_last_stage() {
-            mean_over_dp(ctx, sums).map(Some)
-        } else {
-            Ok(None)
+            sums[0] += f.output.into_scalar::<f32>() * chunk.len() as f32;
+            sums[1] += chunk.len() as f32;
         }
     }
+    if ctx.is_last_stage() {
+        mean_over_dp(ctx, sums).map(Some)
+    } else {
+        Ok(None)
+    }
 }
+
+/// A pipeline stage of a model is a [`Stage`]; the work is in the generic functions above.
+macro_rules! pipeline_stage {
+    ($stage:ty) => {
+        impl Stage for $stage {
+            fn init(spec: &JobSpec, mesh: Mesh, rank: u32, device: &Device) -> Self {
+                <$stage as PipelineModel>::new_stage(
+                    spec,
+                    mesh.coords(rank).pp as usize,
+                    mesh.pp as usize,
+                    device,
+                )
+            }
+
+            fn accumulate(
+                &self,
+                ctx: &mut StepContext<'_>,
+                micro_batches: &[&[usize]],
+                flat: &mut Vec<f32>,
+            ) -> anyhow::Result<f32> {
+                pipeline_accumulate(self, ctx, micro_batches, flat)
+            }
+
+            fn evaluate(
+                &self,
+                ctx: &mut StepContext<'_>,
+                split: Split,
+            ) -> anyhow::Result<Option<f64>> {
+                pipeline_evaluate(self, ctx, split)
+            }
+        }
+    };
+}
+
+pipeline_stage!(MlpStage);
+pipeline_stage!(GptStage);
