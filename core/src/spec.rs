@@ -100,6 +100,17 @@ pub struct TrainSpec {
     pub eval_every: u64,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Compute precision: "f32", or "bf16" (bf16 compute with f32 master weights; cuda only).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -466,6 +477,12 @@ impl JobSpec {
                 );
             }
         }
+        if t.precision == Precision::Bf16 && self.resources.device == "cpu" {
+            return err(
+                "train.precision",
+                "bf16 mixed precision needs resources.device = \"cuda\"; the cpu backend trains in f32".into(),
+            );
+        }
         if self.resources.device != "cpu" {
             return err(
                 "resources.device",
@@ -572,6 +589,7 @@ mod tests {
             ("train.global_batch", "train.global_batch=7"),
             ("parallel.tp", "parallel.tp=2"),
             ("parallel.pp", "parallel.pp=4"),
+            ("train.precision", "train.precision=\"bf16\""),
             ("parallel.schedule", "parallel.schedule=\"zigzag\""),
             ("name", "name=\"a b\""),
             ("data.split", "data.split=[0.5, 0.5, 0.5]"),
