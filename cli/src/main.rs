@@ -458,7 +458,7 @@ async fn demo(state_dir: &std::path::Path, set: &[String]) -> Result<i32, Failur
     println!("{}", render::summary(&end));
     if let (Some(first), Some(last)) = (first_loss, end.loss) {
         println!(
-            "training loss {first:.4} → {last:.4} ({:.1}× lower) in {:.0?}",
+            "training loss {first:.4} → {last:.4} ({:.2}× lower) in {:.0?}",
             first / last,
             started.elapsed()
         );

@@ -42,6 +42,9 @@ pub fn job_json(job: &pb::Job) -> Value {
         "restarts": job.restarts,
         "loss": job.loss,
         "eval_loss": job.eval_loss,
+        "test_loss": job.test_loss,
+        "test_perplexity": job.test_loss.map(f64::exp),
+        "test_accuracy": job.test_accuracy,
         "parallel": {"dp": parallel.dp, "tp": parallel.tp, "pp": parallel.pp},
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "url": c.url})),
         "error": job.error,
@@ -112,6 +115,15 @@ pub fn status(job: &pb::Job, out: Output) {
         opt(job.loss),
         opt(job.eval_loss)
     );
+    if let Some(test) = job.test_loss {
+        let accuracy = job.test_accuracy.map_or(String::new(), |a| {
+            format!(", exact-match accuracy {:.1}%", a * 100.0)
+        });
+        println!(
+            "test:        loss {test:.4}, perplexity {:.3}{accuracy}",
+            test.exp()
+        );
+    }
     println!("layout:      dp={} tp={} pp={}", p.dp, p.tp, p.pp);
     println!("attempt:     {} ({} restarts)", job.attempt, job.restarts);
     match &job.last_checkpoint {
@@ -144,6 +156,15 @@ pub fn summary(job: &pb::Job) -> String {
         opt(job.eval_loss),
         job.restarts
     );
+    if let Some(test) = job.test_loss {
+        s.push_str(&format!(
+            "; test loss {test:.4} (perplexity {:.3})",
+            test.exp()
+        ));
+    }
+    if let Some(accuracy) = job.test_accuracy {
+        s.push_str(&format!(", exact-match accuracy {:.1}%", accuracy * 100.0));
+    }
     if let Some(c) = &job.last_checkpoint {
         s.push_str(&format!("; checkpoint at step {}: {}", c.step, c.url));
     }

@@ -503,11 +503,37 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
         }
     }
     let eval0 = ends[0]["eval_loss"].as_f64().unwrap();
+    let test0 = ends[0]["test_loss"].as_f64().unwrap();
     for (end, layout) in ends.iter().zip(layouts).skip(1) {
         let eval = end["eval_loss"].as_f64().unwrap();
         assert!(
             close(eval0, eval),
             "{example} {layout:?}: eval loss {eval} vs {eval0}"
+        );
+        let test = end["test_loss"].as_f64().unwrap();
+        assert!(
+            close(test0, test),
+            "{example} {layout:?}: test loss {test} vs {test0}"
+        );
+        // Exact-match accuracy (gpt only) can move by a near-tie's argmax, not more.
+        assert_eq!(
+            end["test_accuracy"].is_null(),
+            ends[0]["test_accuracy"].is_null()
+        );
+        if let (Some(a), Some(b)) = (
+            end["test_accuracy"].as_f64(),
+            ends[0]["test_accuracy"].as_f64(),
+        ) {
+            assert!(
+                (a - b).abs() <= 0.02,
+                "{example} {layout:?}: accuracy {a} vs {b}"
+            );
+        }
+    }
+    if example.starts_with("gpt") {
+        assert!(
+            ends[0]["test_accuracy"].as_f64().is_some(),
+            "gpt jobs report answer accuracy"
         );
     }
 }

@@ -77,6 +77,11 @@ pub fn worker_report(
             }
         }
         Body::Exited(e) => WorkerReport::Exited(rank_exit(e, "exited")?),
+        Body::Test(t) => WorkerReport::Test {
+            key: rank_key(t.key, "test.key")?,
+            loss: t.loss,
+            accuracy: t.accuracy,
+        },
         Body::Logs(l) => WorkerReport::Logs {
             key: rank_key(l.key, "logs.key")?,
             stream: if l.stream.is_empty() {
@@ -145,6 +150,8 @@ pub fn job(job: &Job) -> pb::Job {
         updated_at_ms: job.updated_at_ms,
         spec_json: job.spec.to_json(),
         attempts: Vec::new(),
+        test_loss: job.test_loss,
+        test_accuracy: job.test_accuracy,
     }
 }
 

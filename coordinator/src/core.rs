@@ -321,6 +321,18 @@ impl Core {
                 }
             }
             WorkerReport::Exited(exit) => self.on_rank_exit(exit, now_ms)?,
+            WorkerReport::Test {
+                key,
+                loss,
+                accuracy,
+            } => {
+                if self.is_live(&key) {
+                    self.update_job(&key.job, now_ms, |job| {
+                        job.test_loss = Some(loss);
+                        job.test_accuracy = accuracy;
+                    })?;
+                }
+            }
             WorkerReport::Logs { key, stream, lines } => {
                 if self.jobs.contains_key(&key.job) {
                     for line in lines {
@@ -844,5 +856,10 @@ pub enum WorkerReport {
         size_bytes: u64,
         /// Older checkpoints that retention deleted after this commit.
         deleted_steps: Vec<u64>,
+    },
+    Test {
+        key: RankKey,
+        loss: f64,
+        accuracy: Option<f64>,
     },
 }

@@ -88,6 +88,11 @@ pub struct Job {
     pub step: u64,
     pub loss: Option<f64>,
     pub eval_loss: Option<f64>,
+    /// The final evaluation on the test split.
+    #[serde(default)]
+    pub test_loss: Option<f64>,
+    #[serde(default)]
+    pub test_accuracy: Option<f64>,
     pub last_checkpoint: Option<CheckpointRecord>,
     /// Checkpoint step the next attempt must resume from (manual `resume --from-step`).
     pub resume_step: Option<u64>,
@@ -121,6 +126,8 @@ impl Job {
             step: 0,
             loss: None,
             eval_loss: None,
+            test_loss: None,
+            test_accuracy: None,
             last_checkpoint: None,
             resume_step: None,
             finished_ranks: Vec::new(),

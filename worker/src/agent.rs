@@ -315,6 +315,11 @@ async fn supervise(
                         size_bytes,
                         deleted_steps,
                     }),
+                    Some(RankEvent::Test { loss, accuracy }) => Body::Test(pb::TestResult {
+                        key: Some(key.clone()),
+                        loss,
+                        accuracy,
+                    }),
                     None => Body::Logs(pb::RankLogs {
                         key: Some(key.clone()),
                         lines: vec![line],

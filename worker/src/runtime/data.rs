@@ -107,6 +107,8 @@ pub struct Dataset {
     train: Samples,
     validation: Samples,
     test: Samples,
+    /// The test split's arithmetic lines, token by token, for exact-match accuracy.
+    test_lines: Vec<Vec<i64>>,
     seed: u64,
 }
 
@@ -118,6 +120,7 @@ impl Dataset {
         let n_train = ((examples as f64) * train_frac).round() as usize;
         let n_val = ((examples as f64) * val_frac).round() as usize;
         let cut = |n_train: usize, n_val: usize| (0..n_train, n_train..n_train + n_val);
+        let mut test_lines = Vec::new();
         let (train, validation, test) = match spec.data_source() {
             "builtin:arithmetic" => {
                 let lines = arithmetic_lines(examples, seed);
@@ -127,6 +130,10 @@ impl Dataset {
                     stream: lines.iter().flat_map(|l| encode(l)).collect(),
                     seq_len,
                 };
+                test_lines = lines[va.end..]
+                    .iter()
+                    .map(|l| encode(l).collect())
+                    .collect();
                 (
                     stream(&lines[tr]),
                     stream(&lines[va.clone()]),
@@ -148,6 +155,7 @@ impl Dataset {
             train,
             validation,
             test,
+            test_lines,
             seed,
         }
     }
@@ -185,6 +193,17 @@ impl Dataset {
                 epoch_cache.as_ref().expect("filled above").1[pos % n]
             })
             .collect()
+    }
+
+    /// Test-split lines (`a+b=c\n`, as tokens) and where each answer starts (after `=`).
+    pub fn test_answers(&self) -> impl Iterator<Item = (&[i64], usize)> {
+        let equals = VOCAB
+            .iter()
+            .position(|&c| c == b'=')
+            .expect("'=' is in the vocabulary") as i64;
+        self.test_lines
+            .iter()
+            .filter_map(move |l| Some((l.as_slice(), l.iter().position(|&t| t == equals)? + 1)))
     }
 
     pub fn batch(&self, split: Split, indices: &[usize]) -> Batch {

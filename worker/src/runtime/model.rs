@@ -14,6 +14,40 @@ pub trait TrainModel: Module + Clone + Send + Sized + 'static {
     fn init(spec: &JobSpec, device: &Device) -> Self;
     /// Mean loss over the batch, as a one-element tensor.
     fn loss(&self, batch: &Batch, device: &Device) -> Tensor<1>;
+    /// Next-token logits `[n, seq_len, vocab]`, for models that predict tokens.
+    fn logits_for(&self, _batch: &Batch, _device: &Device) -> Option<Tensor<3>> {
+        None
+    }
+}
+
+/// Test lines (tokens, answer start) padded with newlines into one batch.
+pub fn answer_batch(lines: &[(&[i64], usize)]) -> Batch {
+    let len = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(1);
+    let inputs: Vec<i64> = lines
+        .iter()
+        .flat_map(|(l, _)| l.iter().copied().chain(std::iter::repeat(0)).take(len))
+        .collect();
+    Batch::Tokens {
+        targets: inputs.clone(),
+        inputs,
+        n: lines.len(),
+        seq_len: len,
+    }
+}
+
+/// How many lines have every answer token (after `=`, through the newline) as the model's most
+/// likely next token given the correct prefix: what greedy decoding would produce.
+pub fn exact_matches(logits: Tensor<3>, lines: &[(&[i64], usize)]) -> usize {
+    let [_, len, _] = logits.dims();
+    let predicted = logits.argmax(2).into_data().convert::<i64>();
+    let predicted = predicted.as_slice::<i64>().expect("i64 predictions");
+    lines
+        .iter()
+        .enumerate()
+        .filter(|(i, (line, start))| {
+            (*start..line.len()).all(|p| predicted[i * len + p - 1] == line[p])
+        })
+        .count()
 }
 
 /// A multi-layer perceptron for the synthetic regression task.
@@ -353,6 +387,16 @@ impl TrainModel for Gpt {
         };
         next_token_loss(self.logits(inputs, *n, *seq_len, device), targets, device)
     }
+
+    fn logits_for(&self, batch: &Batch, device: &Device) -> Option<Tensor<3>> {
+        let Batch::Tokens {
+            inputs, n, seq_len, ..
+        } = batch
+        else {
+            return None;
+        };
+        Some(self.logits(inputs, *n, *seq_len, device))
+    }
 }
 
 #[cfg(test)]
@@ -365,6 +409,30 @@ mod tests {
             r#"{"name":"t","model":{"kind":"mlp","layers":3},"train":{"steps":1,"global_batch":8,"lr":0.1}}"#,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn exact_match_counts_lines_whose_whole_answer_is_predicted() {
+        // "1+2=3\n" and "4+4=8\n" as tokens; answers start after '=' (index 4).
+        let tok = |c: u8| VOCAB.iter().position(|&v| v == c).unwrap() as i64;
+        let line = |s: &str| s.bytes().map(tok).collect::<Vec<i64>>();
+        let (a, b) = (line("1+2=3\n"), line("4+4=8\n"));
+        let lines = [(a.as_slice(), 4), (b.as_slice(), 4)];
+        let v = VOCAB.len();
+        // Logits that predict each line's next token perfectly, except b's last answer token.
+        let mut logits = vec![0.0f32; 2 * 6 * v];
+        for (i, l) in [&a, &b].iter().enumerate() {
+            for p in 0..5 {
+                let mut next = l[p + 1] as usize;
+                if i == 1 && p == 4 {
+                    next = tok(b'7') as usize; // predicts '7' where '\n' follows
+                }
+                logits[(i * 6 + p) * v + next] = 1.0;
+            }
+        }
+        let device = Device::flex();
+        let logits = Tensor::<3>::from_data(TensorData::new(logits, [2, 6, v]), &device);
+        assert_eq!(exact_matches(logits, &lines), 1);
     }
 
     #[test]

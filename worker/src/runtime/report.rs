@@ -16,6 +16,10 @@ pub enum RankEvent {
         eval_loss: Option<f64>,
         samples_per_sec: f64,
     },
+    Test {
+        loss: f64,
+        accuracy: Option<f64>,
+    },
     Checkpoint {
         step: u64,
         url: String,
@@ -83,6 +87,21 @@ impl Reporter {
             eval_loss,
             samples_per_sec,
         });
+    }
+
+    /// The test-split evaluation at the end of training.
+    pub fn test(&self, loss: f64, accuracy: Option<f64>) {
+        if !self.reports_progress {
+            return;
+        }
+        let accuracy_text = accuracy.map_or(String::new(), |a| {
+            format!(", exact-match accuracy {:.1}%", a * 100.0)
+        });
+        self.log(&format!(
+            "test loss {loss:.6}, perplexity {:.3}{accuracy_text}",
+            loss.exp()
+        ));
+        self.emit(&RankEvent::Test { loss, accuracy });
     }
 
     pub fn checkpoint(&self, step: u64, url: &str, size_bytes: u64, deleted_steps: Vec<u64>) {

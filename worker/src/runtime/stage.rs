@@ -10,7 +10,9 @@
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Batch, Dataset, Split};
-use crate::runtime::model::{GptStage, MlpStage, PipelineModel, TrainModel, materialize};
+use crate::runtime::model::{
+    GptStage, MlpStage, PipelineModel, TrainModel, answer_batch, exact_matches, materialize,
+};
 use crate::runtime::train::accumulate_gradients;
 use burn::module::Module;
 use burn::prelude::*;
@@ -60,6 +62,25 @@ pub trait Stage: Module + Clone + Send + Sized + 'static {
 
     /// The mean loss over (up to 512 samples of) a split, on the ranks that compute the loss.
     fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>>;
+
+    /// Exact-match accuracy of the test split's arithmetic answers (up to 512), on the ranks
+    /// that see the model's output; None for data without answers.
+    fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>>;
+}
+
+/// This dp rank's share of the test answers, in chunks of 64 lines.
+fn answer_chunks<'d>(ctx: &StepContext<'d>) -> Vec<Vec<(&'d [i64], usize)>> {
+    let dp = ctx.mesh.dp as usize;
+    let dp_rank = ctx.coords().dp as usize;
+    let mine: Vec<(&[i64], usize)> = ctx
+        .data
+        .test_answers()
+        .take(512)
+        .enumerate()
+        .filter(|(i, _)| i % dp == dp_rank)
+        .map(|(_, line)| line)
+        .collect();
+    mine.chunks(64).map(<[_]>::to_vec).collect()
 }
 
 /// This dp rank's evaluation samples, in chunks of 64.
@@ -113,6 +134,22 @@ impl<M: TrainModel> Stage for M {
         }
         mean_over_dp(ctx, sums).map(Some)
     }
+
+    fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>> {
+        let chunks = answer_chunks(ctx);
+        let mut counts = [0.0f32; 2];
+        for lines in &chunks {
+            let Some(logits) = self.logits_for(&answer_batch(lines), &ctx.device) else {
+                return Ok(None);
+            };
+            counts[0] += exact_matches(logits, lines) as f32;
+            counts[1] += lines.len() as f32;
+        }
+        if ctx.data.test_answers().next().is_none() {
+            return Ok(None);
+        }
+        mean_over_dp(ctx, counts).map(Some)
+    }
 }
 
 /// Activations in flight for one micro-batch: the stage's input leaf (absent on the first
@@ -149,11 +186,13 @@ fn send(ctx: &mut StepContext<'_>, peer: u32, tensor: Tensor<3>) -> anyhow::Resu
     Ok(())
 }
 
-/// Runs a stage's forward pass of one micro-batch.
+/// Runs a stage's forward pass of one micro-batch. The last stage's output is the loss, or with
+/// `raw_output` the model's output itself (logits).
 fn forward_micro<P: PipelineModel>(
     stage: &P,
     ctx: &mut StepContext<'_>,
     batch: &Batch,
+    raw_output: bool,
 ) -> anyhow::Result<InFlight> {
     let (prev, next) = neighbours(ctx);
     let shape = P::activation_shape(ctx.spec, batch);
@@ -167,6 +206,7 @@ fn forward_micro<P: PipelineModel>(
             send(ctx, n, out.clone().detach())?;
             out
         }
+        None if raw_output => out,
         None => P::stage_loss(out, batch, &ctx.device).reshape([1, 1, 1]),
     };
     Ok(InFlight { input, output })
@@ -223,7 +263,7 @@ fn pipeline_accumulate<P: PipelineModel>(
         PipelineSchedule::OneFOneB => ((ctx.mesh.pp - ctx.coords().pp - 1) as usize).min(m),
     };
     for (i, batch) in batches.iter().enumerate() {
-        in_flight.push_back(forward_micro(stage, ctx, batch)?);
+        in_flight.push_back(forward_micro(stage, ctx, batch, false)?);
         if i >= warmup {
             let f = in_flight
                 .pop_front()
@@ -247,7 +287,7 @@ fn pipeline_evaluate<P: PipelineModel>(
     let mut sums = [0.0f32; 2];
     for chunk in eval_chunks(ctx, split) {
         let batch = ctx.data.batch(split, &chunk);
-        let f = forward_micro(stage, ctx, &batch)?;
+        let f = forward_micro(stage, ctx, &batch, false)?;
         if ctx.is_last_stage() {
             sums[0] += f.output.into_scalar::<f32>() * chunk.len() as f32;
             sums[1] += chunk.len() as f32;
@@ -255,6 +295,28 @@ fn pipeline_evaluate<P: PipelineModel>(
     }
     if ctx.is_last_stage() {
         mean_over_dp(ctx, sums).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+fn pipeline_test_accuracy<P: PipelineModel>(
+    stage: &P,
+    ctx: &mut StepContext<'_>,
+) -> anyhow::Result<Option<f64>> {
+    if ctx.data.test_answers().next().is_none() {
+        return Ok(None);
+    }
+    let mut counts = [0.0f32; 2];
+    for lines in answer_chunks(ctx) {
+        let f = forward_micro(stage, ctx, &answer_batch(&lines), true)?;
+        if ctx.is_last_stage() {
+            counts[0] += exact_matches(f.output, &lines) as f32;
+            counts[1] += lines.len() as f32;
+        }
+    }
+    if ctx.is_last_stage() {
+        mean_over_dp(ctx, counts).map(Some)
     } else {
         Ok(None)
     }
@@ -288,6 +350,10 @@ macro_rules! pipeline_stage {
                 split: Split,
             ) -> anyhow::Result<Option<f64>> {
                 pipeline_evaluate(self, ctx, split)
+            }
+
+            fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>> {
+                pipeline_test_accuracy(self, ctx)
             }
         }
     };

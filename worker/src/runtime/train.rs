@@ -277,8 +277,10 @@ pub fn train<S: Stage>(
             rank: job.rank,
             device: ad.clone(),
         };
-        if let Some(test_loss) = model.evaluate(&mut ctx, Split::Test)? {
-            reporter.log(&format!("test loss {test_loss:.6}"));
+        let test_loss = model.evaluate(&mut ctx, Split::Test)?;
+        let accuracy = model.test_accuracy(&mut ctx)?;
+        if let Some(loss) = test_loss {
+            reporter.test(loss, accuracy);
         }
     }
     Ok(TrainOutcome {
