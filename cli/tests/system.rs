@@ -469,11 +469,13 @@ fn pipeline_layouts_train_like_one_process() {
         "train.warmup_steps=2",
         "checkpoint.every_steps=4",
     ];
-    let layouts: [&[&str]; 4] = [
+    let layouts: [&[&str]; 5] = [
         &["parallel.pp=1"],
         &["parallel.pp=2", "parallel.schedule=\"1f1b\""],
         &["parallel.pp=2", "parallel.schedule=\"gpipe\""],
         &["parallel.pp=2", "parallel.dp=2"],
+        // Recomputing activations in backward must not change the training.
+        &["parallel.pp=1", "train.activation_checkpointing=true"],
     ];
     assert_layouts_match(&cluster, "gpt-dp1.toml", &gpt, &layouts);
 }

@@ -103,6 +103,9 @@ pub struct TrainSpec {
     /// Compute precision: "f32", or "bf16" (bf16 compute with f32 master weights; cuda only).
     #[serde(default)]
     pub precision: Precision,
+    /// Recompute activations in the backward pass instead of keeping them: less memory, more compute.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

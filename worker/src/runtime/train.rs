@@ -143,7 +143,11 @@ pub fn train<S: Stage>(
     let bucket = ((p.bucket_mb * (1 << 20) as f64 / 4.0) as usize).max(1);
     let device = Device::flex();
     device.seed(t.seed);
-    let ad = device.clone().autodiff();
+    let ad = if t.activation_checkpointing {
+        device.clone().autodiff().gradient_checkpointing()
+    } else {
+        device.clone().autodiff()
+    };
     let mut model = S::init(spec, mesh, job.rank, &ad);
     let mut optimizer = AdamConfig::new().init();
     let data = Dataset::for_spec(spec);
