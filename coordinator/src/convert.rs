@@ -178,6 +178,7 @@ pub fn worker(w: &Worker, used: u32) -> pb::Worker {
         devices: w.devices.clone(),
         registered_at_ms: w.registered_at_ms,
         last_seen_ms: w.last_seen_ms,
+        memory_bytes: w.memory_bytes,
     }
 }
 

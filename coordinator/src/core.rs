@@ -106,6 +106,7 @@ impl Core {
 
     pub fn submit(&mut self, spec_json: &str, now_ms: i64) -> Result<Job, CoordinatorError> {
         let mut spec = JobSpec::from_json(spec_json)?;
+        self.check_memory(&spec)?;
         if spec.checkpoint.url.is_empty() {
             spec.checkpoint.url = self.options.default_checkpoint_url.clone();
         }
@@ -208,6 +209,7 @@ impl Core {
         hostname: String,
         slots: u32,
         devices: Vec<String>,
+        memory_bytes: u64,
         now_ms: i64,
     ) -> Result<WorkerId, CoordinatorError> {
         if hostname.is_empty() {
@@ -235,6 +237,7 @@ impl Core {
             hostname,
             slots,
             devices,
+            memory_bytes,
             state: WorkerState::Lost { since_ms: now_ms },
             registered_at_ms,
             last_seen_ms: now_ms,
@@ -491,6 +494,33 @@ impl Core {
     }
 
     // ---- internals --------------------------------------------------------------------------
+
+    /// Refuses a job whose ranks cannot fit the memory of a slot on the live workers that said
+    /// how much they have (the smallest such slot; no information, no refusal).
+    fn check_memory(&self, spec: &JobSpec) -> Result<(), CoordinatorError> {
+        let per_slot = self
+            .workers
+            .values()
+            .filter(|w| w.is_alive() && w.memory_bytes > 0)
+            .map(|w| w.memory_bytes / u64::from(w.slots))
+            .min();
+        let need = spec.memory_per_rank();
+        match per_slot {
+            Some(have) if need > have => {
+                Err(CoordinatorError::InvalidSpec(gantry_core::SpecError::new(
+                    "resources",
+                    format!(
+                        "each rank needs about {:.1} GiB but a worker slot has {:.1} GiB; lower \
+                     train.global_batch or raise train.micro_batches, set \
+                     train.activation_checkpointing = true, or raise parallel.pp",
+                        need as f64 / f64::from(1u32 << 30),
+                        have as f64 / f64::from(1u32 << 30)
+                    ),
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
 
     fn is_live(&self, key: &RankKey) -> bool {
         self.jobs

@@ -25,7 +25,14 @@ fn spec(dp: u32) -> String {
 
 fn join(core: &mut Core, name: &str, now: i64) -> (WorkerId, Inbox) {
     let id = core
-        .register(Some(WorkerId(name.into())), "host".into(), 1, vec![], now)
+        .register(
+            Some(WorkerId(name.into())),
+            "host".into(),
+            1,
+            vec![],
+            0,
+            now,
+        )
         .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     core.open_session(&id, tx, now).unwrap();
@@ -186,4 +193,22 @@ fn a_reloaded_core_keeps_jobs_attempts_and_checkpoints() {
             .iter()
             .all(|(w, _)| !w.lease_expired(20 + 999))
     );
+}
+
+#[test]
+fn a_job_too_big_for_the_workers_memory_is_refused_with_the_knobs_to_turn() {
+    let mut core = Core::load(Store::in_memory().unwrap(), options(), 0).unwrap();
+    // No worker has said how much memory it has: nothing to check against.
+    let huge = r#"{"name":"big","model":{"kind":"gpt","layers":48,"d_model":2048,"heads":16},"data":{"seq_len":512},"train":{"steps":10,"global_batch":64,"lr":0.1}}"#;
+    assert!(core.submit(huge, 0).is_ok());
+    core.register(None, "small".into(), 2, vec![], 8 << 30, 1)
+        .unwrap();
+    let err = core.submit(huge, 2).unwrap_err().to_string();
+    assert!(
+        err.contains("resources") && err.contains("activation_checkpointing"),
+        "{err}"
+    );
+    assert_eq!(core.jobs().len(), 1, "nothing stored");
+    // The small default job fits.
+    assert!(core.submit(&spec(1), 3).is_ok());
 }

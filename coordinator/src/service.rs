@@ -223,8 +223,15 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         check_version(req.protocol_version)?;
         let worker_id = (!req.worker_id.is_empty()).then_some(WorkerId(req.worker_id));
         let (id, options) = self.0.with(|core, now| {
-            core.register(worker_id, req.hostname, req.slots, req.devices, now)
-                .map(|id| (id, core.options().clone()))
+            core.register(
+                worker_id,
+                req.hostname,
+                req.slots,
+                req.devices,
+                req.memory_bytes,
+                now,
+            )
+            .map(|id| (id, core.options().clone()))
         })?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.0,

@@ -233,6 +233,9 @@ pub struct Worker {
     pub hostname: String,
     pub slots: u32,
     pub devices: Vec<String>,
+    /// 0 when the worker did not say.
+    #[serde(default)]
+    pub memory_bytes: u64,
     pub state: WorkerState,
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,

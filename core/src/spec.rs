@@ -330,6 +330,45 @@ impl JobSpec {
         })
     }
 
+    /// About how many bytes of memory one rank needs: parameters with their gradient, Adam
+    /// moments and the flat gradient buffer (20 bytes each), activations of the micro-batches in
+    /// flight (Megatron's per-layer estimate, or only block inputs with activation
+    /// checkpointing), and a fixed allowance for the runtime.
+    pub fn memory_per_rank(&self) -> u64 {
+        let m = &self.model;
+        let p = self.parallel;
+        let (d, layers) = (u64::from(m.d_model), u64::from(m.layers));
+        let seq = u64::from(self.data.seq_len);
+        let micro = u64::from(self.train.micro_batches);
+        let micro_batch = u64::from(self.train.global_batch) / (u64::from(p.dp) * micro).max(1);
+        // Micro-batches whose activations a stage holds at once.
+        let in_flight = match (p.pp, p.schedule) {
+            (1, _) => 1,
+            (_, PipelineSchedule::GPipe) => micro,
+            (pp, PipelineSchedule::OneFOneB) => micro.min(u64::from(pp)),
+        };
+        let stage_layers = layers.div_ceil(u64::from(p.pp));
+        let (params, activations_per_layer) = match m.kind {
+            ModelKind::Mlp => {
+                let params = 16 * d + layers * (d * d + d) + d * 4 + 4;
+                (params, micro_batch * d * 4 * 3)
+            }
+            ModelKind::Gpt => {
+                let vocab = 13;
+                let params = (vocab + seq) * d + layers * (12 * d * d + 13 * d) + 2 * d + d * vocab;
+                let per_layer = if self.train.activation_checkpointing {
+                    micro_batch * seq * d * 4
+                } else {
+                    // s·b·h·(34 + 5·a·s/h) bytes at 16 bits, doubled for f32.
+                    2 * micro_batch * seq * (34 * d + 5 * u64::from(m.heads) * seq)
+                };
+                (params, per_layer)
+            }
+        };
+        let params_per_rank = params / u64::from(p.pp * p.tp).max(1);
+        params_per_rank * 20 + activations_per_layer * stage_layers * in_flight + (256 << 20)
+    }
+
     /// The data source, with the model's built-in default filled in.
     pub fn data_source(&self) -> &str {
         match (self.data.source.as_str(), self.model.kind) {

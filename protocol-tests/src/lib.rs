@@ -56,6 +56,7 @@ impl FakeWorker {
                 hostname: "fake".into(),
                 slots,
                 devices: vec!["cpu".into()],
+                memory_bytes: 0,
             })
             .await?
             .into_inner();
@@ -189,6 +190,7 @@ pub async fn registration_and_version_mismatch(t: &Target) -> anyhow::Result<()>
             hostname: "old".into(),
             slots: 1,
             devices: vec![],
+            memory_bytes: 0,
         })
         .await;
     expect_code(
@@ -320,6 +322,7 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
                 hostname: hostname.into(),
                 slots,
                 devices: vec![],
+                memory_bytes: 0,
             })
             .await;
         expect_code(

@@ -205,6 +205,7 @@ async fn register(
         hostname: options.hostname.clone(),
         slots: options.slots,
         devices: vec!["cpu".into()],
+        memory_bytes: total_memory(),
     };
     let attempt = || async {
         let mut client = WorkerClient::connect(options.coordinator.clone())
@@ -355,4 +356,16 @@ async fn supervise(
         signal,
         message,
     }));
+}
+
+/// This machine's memory (MemTotal in /proc/meminfo), or 0 where it cannot be read.
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
