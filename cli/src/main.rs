@@ -87,6 +87,9 @@ enum Command {
         job: String,
         #[arg(long)]
         from_step: Option<u64>,
+        /// Change the layout or length on resume, e.g. `--set parallel.dp=1`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
     /// List worker daemons.
     Workers,
@@ -294,12 +297,17 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             render::status(&job, out);
             Ok(0)
         }
-        Command::Resume { job, from_step } => {
+        Command::Resume {
+            job,
+            from_step,
+            set,
+        } => {
             let job = connect(&cli.coordinator)
                 .await?
                 .resume_job(pb::ResumeJobRequest {
                     job_id: job,
                     from_step,
+                    set,
                 })
                 .await?
                 .into_inner();

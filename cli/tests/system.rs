@@ -539,3 +539,53 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
         );
     }
 }
+
+#[test]
+fn resume_by_hand_at_another_data_parallel_degree() {
+    let cluster = Cluster::start(2);
+    let set = ["train.steps=3000", "checkpoint.every_steps=50"];
+    let reference = cluster.submit("mlp-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+
+    let job = cluster.submit("mlp-dp2.toml", &set);
+    cluster.wait_for(
+        |c| {
+            c.status(&job)["last_checkpoint"]["step"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 100
+        },
+        "a checkpoint at step 100",
+    );
+    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    assert_eq!(cluster.status(&job)["state"], "Cancelled");
+
+    // The model cannot change under a checkpoint: refused, nothing changed.
+    let out = cluster.gantry(&["resume", &job, "--set", "model.d_model=8"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("parallel.dp"));
+    assert_eq!(cluster.status(&job)["state"], "Cancelled");
+
+    let out = cluster.gantry(&["resume", &job, "--set", "parallel.dp=1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let end = cluster.wait_until_ended(&job);
+    assert_eq!(end["state"], "Succeeded", "{end}");
+    assert_eq!(end["parallel"]["dp"], 1);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert!(logs.contains("written by 2 ranks"), "{logs}");
+    // Same data, same optimizer state; only the summation order of the gradient differs.
+    let (a, b) = (
+        reference_end["loss"].as_f64().unwrap(),
+        end["loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (a - b).abs() <= 1e-4 * a.abs(),
+        "dp=1 after resume ends at {b}, dp=2 at {a}"
+    );
+}

@@ -158,6 +158,7 @@ impl Core {
         &mut self,
         id: &JobId,
         from_step: Option<u64>,
+        overrides: &[String],
         now_ms: i64,
     ) -> Result<Job, CoordinatorError> {
         let job = self.job(id)?;
@@ -174,7 +175,12 @@ impl Core {
                 "from_step: job {id} has no checkpoint at step {step}"
             )));
         }
-        self.update_job(id, now_ms, |job| job.to_resumed(from_step))?;
+        let spec = self.jobs[id].spec.for_resume(overrides)?;
+        self.check_memory(&spec)?;
+        self.update_job(id, now_ms, |job| {
+            job.spec = spec;
+            job.to_resumed(from_step);
+        })?;
         let from = from_step.map_or("the newest checkpoint".to_string(), |s| format!("step {s}"));
         self.note(id, now_ms, &format!("job resumed by hand from {from}"))?;
         self.schedule(now_ms)?;

@@ -119,7 +119,7 @@ impl pb::job_service_server::JobService for JobApi {
         let id = convert::job_id(&req.job_id)?;
         let job = self
             .0
-            .with(|core, now| core.resume(&id, req.from_step, now))?;
+            .with(|core, now| core.resume(&id, req.from_step, &req.set, now))?;
         Ok(Response::new(convert::job(&job)))
     }
 

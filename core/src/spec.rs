@@ -300,6 +300,35 @@ impl JobSpec {
         Self::from_value(value)
     }
 
+    /// This spec with `key=value` overrides applied, for resuming: only keys that do not change
+    /// what the checkpoint means may differ (the model, data, seed, learning-rate schedule and
+    /// tensor/pipeline layout must stay).
+    pub fn for_resume(&self, overrides: &[String]) -> Result<Self, SpecError> {
+        let mut value = serde_json::to_value(self).expect("a JobSpec always serialises");
+        for assignment in overrides {
+            apply_override(&mut value, assignment)?;
+        }
+        let next = Self::from_value(value)?;
+        let frozen = |s: &JobSpec| {
+            let mut s = s.clone();
+            s.parallel.dp = 1;
+            s.parallel.bucket_mb = 1.0;
+            s.train.steps = 1;
+            s.checkpoint.every_steps = 0;
+            s.checkpoint.keep_last = 1;
+            s.fault_tolerance = FaultToleranceSpec::default();
+            s
+        };
+        if frozen(&next) != frozen(self) {
+            return Err(SpecError::new(
+                "set",
+                "only parallel.dp, parallel.bucket_mb, train.steps, checkpoint.every_steps, \
+                 checkpoint.keep_last and fault_tolerance.* can change when resuming",
+            ));
+        }
+        Ok(next)
+    }
+
     fn from_value(value: serde_json::Value) -> Result<Self, SpecError> {
         let spec: JobSpec = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();

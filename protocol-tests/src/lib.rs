@@ -264,6 +264,7 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
         jobs.resume_job(pb::ResumeJobRequest {
             job_id: "nope".into(),
             from_step: None,
+            set: vec![],
         })
         .await,
         Code::NotFound,
