@@ -188,6 +188,19 @@ pub fn train<S: Stage>(
         last_eval = shard.eval_loss;
     }
 
+    // What a stage sees of this rank; rebuilt for each use because it borrows the communicator.
+    macro_rules! step_context {
+        () => {
+            StepContext {
+                spec,
+                data: &data,
+                comm: &mut *comm,
+                mesh,
+                rank: job.rank,
+                device: ad.clone(),
+            }
+        };
+    }
     let micro = t.micro_batches as usize;
     let mut losses = Vec::new();
     let mut flat = Vec::new();
@@ -198,14 +211,7 @@ pub fn train<S: Stage>(
         let per_micro = local.len() / micro;
         let micro_batches: Vec<&[usize]> = local.chunks(per_micro).take(micro).collect();
         flat.iter_mut().for_each(|v| *v = 0.0);
-        let mut ctx = StepContext {
-            spec,
-            data: &data,
-            comm: &mut *comm,
-            mesh,
-            rank: job.rank,
-            device: ad.clone(),
-        };
+        let mut ctx = step_context!();
         let loss_sum = model.accumulate(&mut ctx, &micro_batches, &mut flat)?;
         // Average over micro-batches and replicas; the loss rides along in the last slot.
         let n_params = flat.len();
@@ -249,14 +255,7 @@ pub fn train<S: Stage>(
         let samples_per_sec = t.global_batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let last = done == t.steps;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
-            let mut ctx = StepContext {
-                spec,
-                data: &data,
-                comm: &mut *comm,
-                mesh,
-                rank: job.rank,
-                device: ad.clone(),
-            };
+            let mut ctx = step_context!();
             model.evaluate(&mut ctx, Split::Validation)?
         } else {
             None
@@ -273,14 +272,7 @@ pub fn train<S: Stage>(
         }
     }
     if start < t.steps {
-        let mut ctx = StepContext {
-            spec,
-            data: &data,
-            comm: &mut *comm,
-            mesh,
-            rank: job.rank,
-            device: ad.clone(),
-        };
+        let mut ctx = step_context!();
         let test_loss = model.evaluate(&mut ctx, Split::Test)?;
         let accuracy = model.test_accuracy(&mut ctx)?;
         if let Some(loss) = test_loss {

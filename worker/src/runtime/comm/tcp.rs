@@ -478,6 +478,18 @@ impl TcpComm {
 }
 
 impl TcpComm {
+    /// Small-message transfers with `peer`, bounded by this operation's timeout.
+    fn peer(&self, peer: u32, op: &'static str) -> Peer<'_> {
+        Peer {
+            stream: self.links[peer as usize].as_ref().expect("connected"),
+            peer,
+            op,
+            deadline: Instant::now() + self.timeout,
+            aborted: &self.aborted,
+            timeout: self.timeout,
+        }
+    }
+
     /// Swaps small buffers with one peer: ours goes out, theirs lands in `theirs`.
     fn exchange_with(
         &mut self,
@@ -486,53 +498,10 @@ impl TcpComm {
         buf: &[f32],
         theirs: &mut [f32],
     ) -> Result<(), CommError> {
-        let op = "all_reduce";
-        let stream = self.links[peer as usize].as_ref().expect("connected");
-        let deadline = Instant::now() + self.timeout;
-        write_fully(
-            stream,
-            &header,
-            deadline,
-            op,
-            peer,
-            &self.aborted,
-            self.timeout,
-        )?;
-        write_fully(
-            stream,
-            bytemuck::cast_slice(buf),
-            deadline,
-            op,
-            peer,
-            &self.aborted,
-            self.timeout,
-        )?;
-        let mut got = [0u8; 32];
-        read_fully(
-            stream,
-            &mut got,
-            deadline,
-            op,
-            peer,
-            &self.aborted,
-            self.timeout,
-        )?;
-        if got != header {
-            return Err(CommError::Mismatch {
-                op,
-                peer,
-                detail: describe(&got, &header),
-            });
-        }
-        read_fully(
-            stream,
-            bytemuck::cast_slice_mut(theirs),
-            deadline,
-            op,
-            peer,
-            &self.aborted,
-            self.timeout,
-        )
+        let p = self.peer(peer, "all_reduce");
+        p.send(&header)?;
+        p.send(bytemuck::cast_slice(buf))?;
+        p.recv_checked(&header, bytemuck::cast_slice_mut(theirs))
     }
 
     /// Sends `buf` to every other member and receives each member's buffer into `gathered`
@@ -544,152 +513,105 @@ impl TcpComm {
         buf: &[f32],
         gathered: &mut [f32],
     ) -> Result<(), CommError> {
-        let op = "all_reduce";
         let len = buf.len();
-        let me = self.rank;
-        let deadline = |start: Instant| start + self.timeout;
-        for &peer in members.iter().filter(|&&m| m != me) {
-            let stream = self.links[peer as usize].as_ref().expect("connected");
-            for part in [&header[..], bytemuck::cast_slice(buf)] {
-                write_fully(
-                    stream,
-                    part,
-                    deadline(Instant::now()),
-                    op,
-                    peer,
-                    &self.aborted,
-                    self.timeout,
-                )?;
-            }
+        for &peer in members.iter().filter(|&&m| m != self.rank) {
+            let p = self.peer(peer, "all_reduce");
+            p.send(&header)?;
+            p.send(bytemuck::cast_slice(buf))?;
         }
         for (i, &peer) in members.iter().enumerate() {
             let slot = &mut gathered[i * len..(i + 1) * len];
-            if peer == me {
+            if peer == self.rank {
                 slot.copy_from_slice(buf);
-                continue;
+            } else {
+                self.peer(peer, "all_reduce")
+                    .recv_checked(&header, bytemuck::cast_slice_mut(slot))?;
             }
-            let stream = self.links[peer as usize].as_ref().expect("connected");
-            let mut got = [0u8; 32];
-            read_fully(
-                stream,
-                &mut got,
-                deadline(Instant::now()),
-                op,
-                peer,
-                &self.aborted,
-                self.timeout,
-            )?;
-            if got != header {
-                return Err(CommError::Mismatch {
-                    op,
-                    peer,
-                    detail: describe(&got, &header),
-                });
-            }
-            read_fully(
-                stream,
-                bytemuck::cast_slice_mut(slot),
-                deadline(Instant::now()),
-                op,
-                peer,
-                &self.aborted,
-                self.timeout,
-            )?;
         }
         Ok(())
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_fully(
-    mut stream: &TcpStream,
-    mut bytes: &[u8],
-    deadline: Instant,
-    op: &'static str,
+/// Blocking-style sends and receives on a non-blocking socket, for messages small enough that
+/// every write fits the socket buffers: each waits (yielding, then polling) until done, the
+/// deadline passes or the communicator is aborted.
+struct Peer<'a> {
+    stream: &'a TcpStream,
     peer: u32,
-    aborted: &AtomicBool,
+    op: &'static str,
+    deadline: Instant,
+    aborted: &'a AtomicBool,
     timeout: Duration,
-) -> Result<(), CommError> {
-    let mut idle = 0;
-    while !bytes.is_empty() {
-        if aborted.load(Ordering::SeqCst) {
-            return Err(CommError::Aborted);
-        }
-        match stream.write(bytes) {
-            Ok(0) => return Err(CommError::Closed { op, peer }),
-            Ok(n) => {
-                bytes = &bytes[n..];
-                idle = 0;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                if wait.is_zero() {
-                    return Err(CommError::Timeout { op, peer, timeout });
-                }
-                wait_ready(
-                    Some(stream),
-                    None,
-                    wait.min(Duration::from_millis(200)),
-                    &mut idle,
-                );
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(CommError::Io {
-                    op,
-                    peer,
-                    source: e,
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn read_fully(
-    mut stream: &TcpStream,
-    mut bytes: &mut [u8],
-    deadline: Instant,
-    op: &'static str,
-    peer: u32,
-    aborted: &AtomicBool,
-    timeout: Duration,
-) -> Result<(), CommError> {
-    let mut idle = 0;
-    while !bytes.is_empty() {
-        if aborted.load(Ordering::SeqCst) {
-            return Err(CommError::Aborted);
-        }
-        match stream.read(bytes) {
-            Ok(0) => return Err(CommError::Closed { op, peer }),
-            Ok(n) => {
-                bytes = &mut bytes[n..];
-                idle = 0;
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                let wait = deadline.saturating_duration_since(Instant::now());
-                if wait.is_zero() {
-                    return Err(CommError::Timeout { op, peer, timeout });
-                }
-                wait_ready(
-                    None,
-                    Some(stream),
-                    wait.min(Duration::from_millis(200)),
-                    &mut idle,
-                );
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(CommError::Io {
-                    op,
-                    peer,
-                    source: e,
-                });
-            }
-        }
+impl Peer<'_> {
+    fn send(&self, bytes: &[u8]) -> Result<(), CommError> {
+        self.drive(bytes.len(), false, |mut s, done| s.write(&bytes[done..]))
     }
-    Ok(())
+
+    /// Receives the operation header, checks it matches ours, then the payload.
+    fn recv_checked(&self, header: &[u8; 32], payload: &mut [u8]) -> Result<(), CommError> {
+        let mut got = [0u8; 32];
+        self.drive(32, true, |mut s, done| s.read(&mut got[done..]))?;
+        if &got != header {
+            return Err(CommError::Mismatch {
+                op: self.op,
+                peer: self.peer,
+                detail: describe(&got, header),
+            });
+        }
+        self.drive(payload.len(), true, |mut s, done| {
+            s.read(&mut payload[done..])
+        })
+    }
+
+    /// Repeats `io` (given the bytes done so far) until `total` bytes have moved.
+    fn drive(
+        &self,
+        total: usize,
+        reading: bool,
+        mut io: impl FnMut(&TcpStream, usize) -> std::io::Result<usize>,
+    ) -> Result<(), CommError> {
+        let (op, peer) = (self.op, self.peer);
+        let (mut done, mut idle) = (0, 0);
+        while done < total {
+            if self.aborted.load(Ordering::SeqCst) {
+                return Err(CommError::Aborted);
+            }
+            match io(self.stream, done) {
+                Ok(0) => return Err(CommError::Closed { op, peer }),
+                Ok(n) => {
+                    done += n;
+                    idle = 0;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let wait = self.deadline.saturating_duration_since(Instant::now());
+                    if wait.is_zero() {
+                        return Err(CommError::Timeout {
+                            op,
+                            peer,
+                            timeout: self.timeout,
+                        });
+                    }
+                    let (w, r) = if reading {
+                        (None, Some(self.stream))
+                    } else {
+                        (Some(self.stream), None)
+                    };
+                    wait_ready(w, r, wait.min(Duration::from_millis(200)), &mut idle);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(CommError::Io {
+                        op,
+                        peer,
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn chunks(r: Range<usize>) -> impl Iterator<Item = Range<usize>> {
