@@ -39,15 +39,22 @@ struct Cluster {
     port: u16,
     coordinator: Option<Child>,
     workers: Vec<Child>,
+    /// Environment of the worker daemons (and so of their ranks), e.g. object-store settings.
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     fn start(workers: usize) -> Self {
+        Self::start_with_env(workers, Vec::new())
+    }
+
+    fn start_with_env(workers: usize, env: Vec<(String, String)>) -> Self {
         let mut cluster = Cluster {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             coordinator: None,
             workers: Vec::new(),
+            env,
         };
         cluster.start_coordinator();
         for _ in 0..workers {
@@ -80,6 +87,7 @@ impl Cluster {
             .args(["--coordinator", &self.url(), "--slots", "1"])
             .arg("--work-dir")
             .arg(self.dir.path().join(format!("worker-{i}")))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -587,5 +595,119 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     assert!(
         (a - b).abs() <= 1e-4 * a.abs(),
         "dp=1 after resume ends at {b}, dp=2 at {a}"
+    );
+}
+
+/// A real S3-protocol server (moto) on loopback, stopped on drop.
+struct Moto {
+    child: Child,
+    url: String,
+}
+
+impl Moto {
+    fn start(bucket: &str) -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with moto (scripts/test installs it)");
+        let moto = Moto {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto did not start (is it installed? scripts/test installs it)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let made = Command::new("curl")
+            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", moto.url)])
+            .status()
+            .unwrap();
+        assert!(made.success(), "could not create bucket {bucket}");
+        moto
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.url.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// The keys under `prefix` in `bucket`, from the server's own listing.
+    fn keys(&self, bucket: &str, prefix: &str) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                &format!("{}/{bucket}?list-type=2&prefix={prefix}", self.url),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn checkpoints_on_s3_resume_a_killed_rank_exactly() {
+    let moto = Moto::start("gantry-test");
+    let cluster = Cluster::start_with_env(3, moto.env());
+    let set = ["train.steps=1500", "checkpoint.every_steps=25"];
+    let reference = cluster.submit("mlp-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+
+    let on_s3 = [
+        &set[..],
+        &["checkpoint.url=\"s3://gantry-test/checkpoints\""],
+    ]
+    .concat();
+    let job = cluster.submit("mlp-dp2.toml", &on_s3);
+    cluster.wait_for(
+        |c| c.status(&job)["last_checkpoint"].is_object(),
+        "a first checkpoint",
+    );
+    kill9(cluster.rank_pids(&job)[0]);
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}");
+    assert!(end["restarts"].as_u64().unwrap() >= 1, "{end}");
+    assert!(logs.contains("resumed from checkpoint"), "{logs}");
+    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
+    let url = end["last_checkpoint"]["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("s3://gantry-test/checkpoints/{job}/step-")),
+        "{url}"
+    );
+    // The server itself holds the committed checkpoint.
+    let keys = moto.keys("gantry-test", &format!("checkpoints/{job}/step-00001500/"));
+    assert!(
+        keys.contains("manifest.json") && keys.contains("rank-1.optim.bpk"),
+        "{keys}"
     );
 }

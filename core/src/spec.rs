@@ -538,11 +538,11 @@ impl JobSpec {
         if !c.url.is_empty() {
             let url = url::Url::parse(&c.url)
                 .map_err(|e| SpecError::new("checkpoint.url", format!("{:?}: {e}", c.url)))?;
-            if url.scheme() != "file" {
+            if !matches!(url.scheme(), "file" | "s3") {
                 return err(
                     "checkpoint.url",
                     format!(
-                        "scheme {:?} is not supported yet; use file://",
+                        "scheme {:?} is not supported; use file:// or s3://",
                         url.scheme()
                     ),
                 );
@@ -661,6 +661,7 @@ mod tests {
             ("parallel.tp", "parallel.tp=2"),
             ("parallel.pp", "parallel.pp=4"),
             ("train.precision", "train.precision=\"bf16\""),
+            ("checkpoint.url", "checkpoint.url=\"gs://bucket/x\""),
             ("parallel.schedule", "parallel.schedule=\"zigzag\""),
             ("name", "name=\"a b\""),
             ("data.split", "data.split=[0.5, 0.5, 0.5]"),
@@ -678,6 +679,7 @@ mod tests {
         apply_override(&mut doc, "parallel.dp=1").unwrap();
         apply_override(&mut doc, "name=other").unwrap();
         apply_override(&mut doc, "data.split=[0.5, 0.25, 0.25]").unwrap();
+        apply_override(&mut doc, "checkpoint.url=\"s3://bucket/prefix\"").unwrap();
         let spec = JobSpec::from_value(doc).unwrap();
         assert_eq!(spec.train.lr, 3e-4);
         assert_eq!(spec.parallel.dp, 1);

@@ -84,18 +84,36 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl CheckpointStore {
+    /// Opens `{url}/{job_id}`. `file://` is the local filesystem; `s3://bucket/prefix` takes its
+    /// credentials, region and endpoint from the usual `AWS_*` environment variables (never from
+    /// the spec, so no secret reaches the coordinator's database or the logs).
     pub fn open(url: &str, job_id: &str) -> Result<Self, CheckpointError> {
-        let parsed =
-            url::Url::parse(url).map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
-        if parsed.scheme() == "file" {
-            // The local store needs its root to exist.
-            std::fs::create_dir_all(parsed.path())
-                .map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
-        }
-        let (store, prefix) = object_store::parse_url(&parsed)
-            .map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
+        let bad = |e: String| CheckpointError::Url(url.into(), e);
+        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
+            "file" => {
+                // The local store needs its root to exist.
+                std::fs::create_dir_all(parsed.path()).map_err(|e| bad(e.to_string()))?;
+                let (store, prefix) =
+                    object_store::parse_url(&parsed).map_err(|e| bad(e.to_string()))?;
+                (Arc::from(store), prefix)
+            }
+            "s3" => {
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
+                (Arc::new(store), prefix)
+            }
+            other => {
+                return Err(bad(format!(
+                    "scheme {other:?} is not supported; use file:// or s3://"
+                )));
+            }
+        };
         Ok(Self {
-            store: Arc::from(store),
+            store,
             root: prefix.join(job_id),
             url: url.trim_end_matches('/').to_string(),
         })
