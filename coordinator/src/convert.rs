@@ -63,19 +63,13 @@ pub fn worker_report(
                 .map(|e| rank_exit(e, "running.exited"))
                 .collect::<Result<_, _>>()?,
         },
-        Body::Progress(p) => {
-            if !p.loss.is_finite() && !p.loss.is_nan() {
-                return Err(CoordinatorError::InvalidArgument(
-                    "progress.loss: not finite".into(),
-                ));
-            }
-            WorkerReport::Progress {
-                key: rank_key(p.key, "progress.key")?,
-                step: p.step,
-                loss: p.loss,
-                eval_loss: p.eval_loss,
-            }
-        }
+        // A diverged loss (inf, NaN) is a training outcome to show, not malformed input.
+        Body::Progress(p) => WorkerReport::Progress {
+            key: rank_key(p.key, "progress.key")?,
+            step: p.step,
+            loss: p.loss,
+            eval_loss: p.eval_loss,
+        },
         Body::Exited(e) => WorkerReport::Exited(rank_exit(e, "exited")?),
         Body::Test(t) => WorkerReport::Test {
             key: rank_key(t.key, "test.key")?,

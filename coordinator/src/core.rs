@@ -304,6 +304,10 @@ impl Core {
             self.store.put_worker(&self.workers[worker])?;
             tracing::info!(worker = %worker, "lost worker is back");
         }
+        // Only a worker coming back, a reconnect report or a rank exit can free or add slots;
+        // heartbeats, progress and logs (the bulk of the traffic) leave placement alone.
+        let may_place =
+            was_lost || matches!(body, WorkerReport::Running { .. } | WorkerReport::Exited(_));
         match body {
             WorkerReport::Heartbeat => {}
             WorkerReport::Running { ranks, exited } => {
@@ -402,7 +406,10 @@ impl Core {
                 }
             }
         }
-        self.schedule(now_ms)
+        if may_place {
+            self.schedule(now_ms)?;
+        }
+        Ok(())
     }
 
     /// A rank reports its data-plane address (rank 0 also its NCCL unique id, if any).

@@ -16,10 +16,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state")]
 pub enum JobState {
-    /// Waiting for slots. `resume_step` pins the checkpoint of a manual resume.
+    /// Waiting for slots.
     Pending {
         reason: Option<String>,
-        resume_step: Option<u64>,
     },
     /// An attempt ended; waiting for slots to start the next one.
     Restarting {
@@ -94,7 +93,8 @@ pub struct Job {
     #[serde(default)]
     pub test_accuracy: Option<f64>,
     pub last_checkpoint: Option<CheckpointRecord>,
-    /// Checkpoint step the next attempt must resume from (manual `resume --from-step`).
+    /// Checkpoint step the attempts of a manual `resume --from-step` start from; cleared when an
+    /// attempt fails, so automatic restarts take the newest checkpoint.
     pub resume_step: Option<u64>,
     /// Ranks of the live attempt that exited successfully.
     pub finished_ranks: Vec<u32>,
@@ -116,10 +116,7 @@ impl Job {
         Self {
             id,
             spec,
-            state: JobState::Pending {
-                reason: None,
-                resume_step: None,
-            },
+            state: JobState::Pending { reason: None },
             attempt: 0,
             restarts: 0,
             restarts_since_resume: 0,
@@ -139,13 +136,6 @@ impl Job {
     /// Starts the next attempt on `placement`.
     pub fn to_scheduled(&mut self, placement: Vec<WorkerId>) {
         debug_assert!(self.state.wants_slots());
-        if let JobState::Pending {
-            resume_step: Some(step),
-            ..
-        } = self.state
-        {
-            self.resume_step = Some(step);
-        }
         self.attempt += 1;
         self.finished_ranks.clear();
         self.state = JobState::Scheduled { placement };
@@ -195,10 +185,8 @@ impl Job {
             JobState::Failed { .. } | JobState::Cancelled
         ));
         self.restarts_since_resume = 0;
-        self.state = JobState::Pending {
-            reason: None,
-            resume_step: from_step,
-        };
+        self.resume_step = from_step;
+        self.state = JobState::Pending { reason: None };
     }
 
     pub fn set_waiting_reason(&mut self, why: Option<String>) -> bool {

@@ -4,7 +4,7 @@
 
 use crate::state::{CheckpointRecord, Job, Worker};
 use gantry_core::{Attempt, JobId, WorkerId};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -242,14 +242,6 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    pub fn job_exists(&self, job: &JobId) -> Result<bool, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT 1 FROM jobs WHERE id = ?1", [&job.0], |_| Ok(()))
-            .optional()?
-            .is_some())
     }
 }
 

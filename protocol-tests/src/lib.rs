@@ -409,6 +409,15 @@ pub async fn job_lifecycle(t: &Target) -> anyhow::Result<()> {
         job(t, &key.job_id).await?.state == pb::JobState::Running as i32,
         "not Running"
     );
+    // A diverged loss is reported like any other: the session must survive it.
+    w.send(Body::Progress(pb::RankProgress {
+        key: Some(key.clone()),
+        step: 9,
+        loss: f64::INFINITY,
+        eval_loss: None,
+        samples_per_sec: 1.0,
+    }))
+    .await?;
     w.send(Body::Progress(pb::RankProgress {
         key: Some(key.clone()),
         step: 10,

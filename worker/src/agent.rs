@@ -76,7 +76,9 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
 
         // Fold in whatever happened while disconnected.
         while let Ok(body) = events.try_recv() {
-            note_event(&mut ranks, &mut undelivered, body);
+            if settle(&mut ranks, &body) {
+                undelivered.push(body);
+            }
         }
         let (out, out_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
         let message = |body: Body| pb::WorkerMessage {
@@ -156,12 +158,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                     }
                 },
                 Some(body) = events.recv() => {
-                    let keep = matches!(body, Body::Exited(_) | Body::Checkpoint(_));
-                    if let Body::Exited(e) = &body
-                        && let Some(k) = &e.key
-                    {
-                        ranks.remove(&key_of(k));
-                    }
+                    let keep = settle(&mut ranks, &body);
                     if let Err(failed) = out.send(message(body))
                         && keep
                     {
@@ -175,17 +172,15 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     Ok(())
 }
 
-fn note_event(ranks: &mut HashMap<Key, RankProcess>, undelivered: &mut Vec<Body>, body: Body) {
-    match &body {
-        Body::Exited(e) => {
-            if let Some(k) = &e.key {
-                ranks.remove(&key_of(k));
-            }
-            undelivered.push(body);
-        }
-        Body::Checkpoint(_) => undelivered.push(body),
-        _ => {}
+/// Forgets a rank that exited, and says whether `body` must reach a coordinator even across a
+/// lost session (exits and checkpoint commits must; progress and logs may be dropped).
+fn settle(ranks: &mut HashMap<Key, RankProcess>, body: &Body) -> bool {
+    if let Body::Exited(e) = body
+        && let Some(k) = &e.key
+    {
+        ranks.remove(&key_of(k));
     }
+    matches!(body, Body::Exited(_) | Body::Checkpoint(_))
 }
 
 fn kill_all(ranks: &mut HashMap<Key, RankProcess>) {

@@ -402,7 +402,21 @@ impl TrainModel for Gpt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::train::flat_parameters;
+
+    /// Copies all parameters into one flat vector, in visiting order.
+    fn flat_parameters<M: Module>(model: &M) -> Vec<f32> {
+        struct Collect(Vec<f32>);
+        impl burn::module::ModuleVisitor for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+                let data = param.val().into_data().convert::<f32>();
+                self.0
+                    .extend_from_slice(data.as_slice::<f32>().expect("f32 parameters"));
+            }
+        }
+        let mut c = Collect(Vec::new());
+        model.visit(&mut c);
+        c.0
+    }
 
     fn spec() -> JobSpec {
         JobSpec::from_json(

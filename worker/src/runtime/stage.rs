@@ -136,17 +136,16 @@ impl<M: TrainModel> Stage for M {
     }
 
     fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>> {
-        let chunks = answer_chunks(ctx);
+        if ctx.data.test_answers().next().is_none() {
+            return Ok(None);
+        }
         let mut counts = [0.0f32; 2];
-        for lines in &chunks {
+        for lines in &answer_chunks(ctx) {
             let Some(logits) = self.logits_for(&answer_batch(lines), &ctx.device) else {
                 return Ok(None);
             };
             counts[0] += exact_matches(logits, lines) as f32;
             counts[1] += lines.len() as f32;
-        }
-        if ctx.data.test_answers().next().is_none() {
-            return Ok(None);
         }
         mean_over_dp(ctx, counts).map(Some)
     }

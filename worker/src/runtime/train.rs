@@ -89,21 +89,6 @@ impl ModuleVisitor for Unflatten<'_> {
     }
 }
 
-/// Copies all parameters into one flat vector (tests compare replicas and runs with it).
-pub fn flat_parameters<M: Module>(model: &M) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl ModuleVisitor for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let data = param.val().into_data().convert::<f32>();
-            self.0
-                .extend_from_slice(data.as_slice::<f32>().expect("f32 parameters"));
-        }
-    }
-    let mut c = Collect(Vec::new());
-    model.visit(&mut c);
-    c.0
-}
-
 /// Adds the gradients of one backward pass into `flat`, parameter by parameter in visiting order.
 pub(crate) fn accumulate_gradients<M: Module>(
     grads: burn::tensor::Gradients,
@@ -118,19 +103,13 @@ pub(crate) fn accumulate_gradients<M: Module>(
     });
 }
 
-/// What a finished run leaves behind.
-pub struct TrainOutcome {
-    pub losses: Vec<(u64, f64)>,
-    pub final_parameters: Vec<f32>,
-}
-
 /// Trains this rank's stage `S` from the newest checkpoint (or from scratch) to the last step.
 pub fn train<S: Stage>(
     job: &RankJob,
     comm: &mut TcpComm,
     reporter: &Reporter,
     io: &tokio::runtime::Runtime,
-) -> anyhow::Result<TrainOutcome> {
+) -> anyhow::Result<()> {
     let spec = &job.spec;
     let t = &spec.train;
     let p = spec.parallel;
@@ -202,7 +181,6 @@ pub fn train<S: Stage>(
         };
     }
     let micro = t.micro_batches as usize;
-    let mut losses = Vec::new();
     let mut flat = Vec::new();
     for step in start..t.steps {
         let started = Instant::now();
@@ -251,7 +229,6 @@ pub fn train<S: Stage>(
         model = optimizer.step(lr, model, unflatten.grads);
 
         let done = step + 1;
-        losses.push((done, loss));
         let samples_per_sec = t.global_batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
         let last = done == t.steps;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
@@ -279,10 +256,7 @@ pub fn train<S: Stage>(
             reporter.test(loss, accuracy);
         }
     }
-    Ok(TrainOutcome {
-        losses,
-        final_parameters: flat_parameters(&model),
-    })
+    Ok(())
 }
 
 /// The rank whose shard this rank restores: itself when the layout is unchanged; the first
