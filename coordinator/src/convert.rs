@@ -42,6 +42,7 @@ fn rank_exit(e: pb::RankExited, field: &str) -> Result<RankExit, CoordinatorErro
         exit_code: e.exit_code,
         signal: e.signal,
         message: e.message,
+        stopped: e.stopped,
     })
 }
 

@@ -544,6 +544,23 @@ impl Core {
     fn on_rank_exit(&mut self, exit: RankExit, now_ms: i64) -> Result<(), CoordinatorError> {
         let key = &exit.key;
         if !self.is_live(key) {
+            // An attempt ends on the first failure reported, often a peer that saw a broken
+            // collective; the rank that really died may report after. Keep that in the history.
+            let failed_on_its_own = !exit.stopped && exit.exit_code != Some(0);
+            if failed_on_its_own
+                && self
+                    .jobs
+                    .get(&key.job)
+                    .is_some_and(|j| j.attempt > key.attempt)
+            {
+                let line = format!(
+                    "attempt {}: rank {} {} (reported after the attempt ended)",
+                    key.attempt,
+                    key.rank,
+                    describe_exit(&exit)
+                );
+                self.note(&key.job, now_ms, &line)?;
+            }
             return Ok(());
         }
         if exit.exit_code == Some(0) {
@@ -562,17 +579,8 @@ impl Core {
             }
             return Ok(());
         }
-        let how = match (exit.exit_code, exit.signal) {
-            (_, Some(signal)) => format!("was killed by signal {signal}"),
-            (Some(code), None) => format!("exited with code {code}"),
-            (None, None) => "exited".to_string(),
-        };
-        let detail = if exit.message.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", exit.message)
-        };
-        self.fail_attempt(&key.job, format!("rank {} {how}{detail}", key.rank), now_ms)
+        let cause = format!("rank {} {}", key.rank, describe_exit(&exit));
+        self.fail_attempt(&key.job, cause, now_ms)
     }
 
     /// Ends the live attempt because of `cause`; restarts the job if its budget allows.
@@ -856,6 +864,20 @@ pub struct PeerTable {
     pub nccl_unique_id: Option<Vec<u8>>,
 }
 
+/// How a rank ended, for people: "was killed by signal 9", "exited with code 1: …".
+fn describe_exit(exit: &RankExit) -> String {
+    let how = match (exit.exit_code, exit.signal) {
+        (_, Some(signal)) => format!("was killed by signal {signal}"),
+        (Some(code), None) => format!("exited with code {code}"),
+        (None, None) => "exited".to_string(),
+    };
+    if exit.message.is_empty() {
+        how
+    } else {
+        format!("{how}: {}", exit.message)
+    }
+}
+
 /// Identifies one rank of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankKey {
@@ -870,6 +892,8 @@ pub struct RankExit {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub message: String,
+    /// Stopped by the worker on the coordinator's order.
+    pub stopped: bool,
 }
 
 /// A worker session message, decoded and checked.

@@ -132,10 +132,17 @@ fn an_expired_lease_ends_the_attempt_and_the_job_restarts_elsewhere() {
             exit_code: Some(code),
             signal: None,
             message: String::new(),
+            stopped: false,
         })
     };
     core.on_worker_message(&b, exit(1, 1), 1100).unwrap();
     assert_eq!(core.job(&job).unwrap().attempt, 2);
+    // …but kept in the history, since it may be the real cause of attempt 1's end.
+    let history = core.events_after(&job, 0, 100).unwrap();
+    assert!(history.iter().any(|e| {
+        e.line
+            .contains("attempt 1: rank 0 exited with code 1 (reported after")
+    }));
     core.on_worker_message(&b, exit(2, 1), 1200).unwrap();
     match &core.job(&job).unwrap().state {
         JobState::Failed { error } => {

@@ -127,6 +127,7 @@ impl FakeWorker {
             exit_code: Some(code),
             signal: None,
             message: String::new(),
+            stopped: false,
         }))
         .await
     }

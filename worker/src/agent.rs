@@ -138,6 +138,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                                         exit_code: Some(127),
                                         signal: None,
                                         message: format!("launch failed: {e}"),
+                                        stopped: false,
                                     }));
                                 }
                             }
@@ -329,6 +330,7 @@ async fn supervise(
     let out = relay("stdout", child.stdout.take().map(|s| Box::new(s) as _));
     let err = relay("stderr", child.stderr.take().map(|s| Box::new(s) as _));
     let status = tokio::select! {
+        biased;
         status = child.wait() => status,
         _ = kill.cancelled() => {
             let _ = child.start_kill();
@@ -345,11 +347,13 @@ async fn supervise(
         Err(e) => (None, None, format!("wait failed: {e}")),
     };
     tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, ?exit_code, ?signal, "rank exited");
+    let stopped = kill.is_cancelled();
     let _ = events.send(Body::Exited(pb::RankExited {
         key: Some(key),
         exit_code,
         signal,
         message,
+        stopped,
     }));
 }
 
