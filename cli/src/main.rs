@@ -43,7 +43,8 @@ enum Command {
     Up {
         #[arg(long, default_value_t = 2)]
         workers: u32,
-        #[arg(long, default_value_t = 1)]
+        /// Ranks each worker runs at once (`--workers 4` then holds a dp × tp × pp = 8 job).
+        #[arg(long, default_value_t = 2)]
         slots_per_worker: u32,
         #[arg(long, default_value = ".gantry")]
         state_dir: PathBuf,
@@ -95,6 +96,16 @@ enum Command {
     Workers,
     /// List a job's checkpoints.
     Checkpoints { job: String },
+    /// Write a checkpoint's whole-model parameters (shards joined) to a safetensors file.
+    Export {
+        job: String,
+        /// The file to write, e.g. `model.safetensors`.
+        #[arg(long)]
+        out: PathBuf,
+        /// This checkpoint step instead of the newest verified one.
+        #[arg(long)]
+        step: Option<u64>,
+    },
     /// Run one rank (started by a worker daemon, not by hand).
     #[command(hide = true)]
     Rank {
@@ -152,6 +163,14 @@ fn main() {
         std::process::exit(gantry_worker::runtime::rank::run(assignment));
     }
     let quiet_daemons = !matches!(cli.command, Command::Up { .. });
+    if !matches!(cli.command, Command::Up { .. } | Command::Demo { .. }) {
+        // A client command piped into `head` ends quietly when the pipe closes, as Unix tools
+        // do. (Not for the commands that run servers: their sockets must not raise SIGPIPE.)
+        // SAFETY: restores the default disposition before any other thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -334,8 +353,56 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             render::checkpoints(&checkpoints, out);
             Ok(0)
         }
+        Command::Export { job, out, step } => {
+            let job = connect(&cli.coordinator)
+                .await?
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            export(&job, step, &out).await?;
+            Ok(0)
+        }
         Command::Rank { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// Reads a checkpoint of `job` straight from its object store and writes the whole model.
+async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
+    use gantry_worker::runtime::{checkpoint::CheckpointStore, export};
+    let spec = JobSpec::from_json(&job.spec_json)?;
+    let store = CheckpointStore::open(&spec.checkpoint.url, &job.id)?;
+    let manifest = match step {
+        Some(step) => store.verify(step).await?,
+        None => store
+            .newest_valid()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{} has no verified checkpoint", job.id))?,
+    };
+    let params = export::whole_model(&spec, &store, &manifest).await?;
+    let metadata = [
+        ("format", "pt".to_string()),
+        ("gantry.job", job.id.clone()),
+        ("gantry.step", manifest.step.to_string()),
+        ("gantry.model", serde_json::to_string(&spec.model)?),
+        (
+            "gantry.layout",
+            format!("dp={} tp={} pp={}", manifest.dp, manifest.tp, manifest.pp),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    export::write_safetensors(&params, metadata, out)?;
+    let bytes: usize = params.values().map(|t| t.values.len() * 4).sum();
+    println!(
+        "wrote {} tensors ({:.1} MiB) of {} at step {} to {}",
+        params.len(),
+        bytes as f64 / (1 << 20) as f64,
+        job.id,
+        manifest.step,
+        out.display()
+    );
+    Ok(())
 }
 
 /// Follows a job to its end with a progress bar; with `show_events`, prints its history lines

@@ -41,6 +41,8 @@ struct Cluster {
     workers: Vec<Child>,
     /// Environment of the worker daemons (and so of their ranks), e.g. object-store settings.
     env: Vec<(String, String)>,
+    /// Rank slots of each worker daemon.
+    slots: usize,
 }
 
 impl Cluster {
@@ -49,12 +51,17 @@ impl Cluster {
     }
 
     fn start_with_env(workers: usize, env: Vec<(String, String)>) -> Self {
+        Self::start_with(workers, 1, env)
+    }
+
+    fn start_with(workers: usize, slots: usize, env: Vec<(String, String)>) -> Self {
         let mut cluster = Cluster {
             dir: tempfile::tempdir().unwrap(),
             port: free_port(),
             coordinator: None,
             workers: Vec::new(),
             env,
+            slots,
         };
         cluster.start_coordinator();
         for _ in 0..workers {
@@ -84,7 +91,8 @@ impl Cluster {
     fn add_worker(&mut self) {
         let i = self.workers.len();
         let child = Command::new(bin("gantry-worker"))
-            .args(["--coordinator", &self.url(), "--slots", "1"])
+            .args(["--coordinator", &self.url()])
+            .args(["--slots", &self.slots.to_string()])
             .arg("--work-dir")
             .arg(self.dir.path().join(format!("worker-{i}")))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -170,6 +178,11 @@ impl Cluster {
 
     /// Every step's training loss, from the job's logs.
     fn losses(&self, job: &str) -> Vec<(u64, f64)> {
+        self.step_values(job, "loss=")
+    }
+
+    /// Every step's value of `key` (`loss=`, `grad_norm=`), from the job's logs.
+    fn step_values(&self, job: &str, key: &str) -> Vec<(u64, f64)> {
         let out = self.gantry(&["logs", job]);
         assert!(out.status.success());
         let mut losses: Vec<(u64, f64)> = String::from_utf8(out.stdout)
@@ -179,9 +192,7 @@ impl Cluster {
                 let line = l.split_once("] ")?.1;
                 let rest = line.strip_prefix("step ")?;
                 let (step, rest) = rest.split_once('/')?;
-                let loss = rest
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("loss="))?;
+                let loss = rest.split_whitespace().find_map(|w| w.strip_prefix(key))?;
                 Some((step.parse().ok()?, loss.parse().ok()?))
             })
             .collect();
@@ -466,6 +477,15 @@ fn pipeline_layouts_train_like_one_process() {
         &["parallel.pp=2", "parallel.dp=2"],
     ];
     assert_layouts_match(&cluster, "mlp-dp1.toml", &base, &layouts);
+}
+
+#[test]
+fn every_3d_layout_of_the_gpt_trains_like_one_process() {
+    // 4 workers with 2 slots each: room for the 8 ranks of dp = tp = pp = 2.
+    let cluster = Cluster::start_with(4, 2, Vec::new());
+    // grad_clip 0.05 clips every step of this run (its gradient norm starts near 1), so the
+    // layouts only agree if the norm covers the whole model: tensor-parallel shards summed,
+    // replicated parameters counted once, pipeline stages summed.
     let gpt = [
         "model.layers=2",
         "model.d_model=32",
@@ -475,16 +495,40 @@ fn pipeline_layouts_train_like_one_process() {
         "train.micro_batches=2",
         "train.steps=8",
         "train.warmup_steps=2",
+        "train.grad_clip=0.05",
         "checkpoint.every_steps=4",
     ];
-    let layouts: [&[&str]; 5] = [
-        &["parallel.pp=1"],
-        &["parallel.pp=2", "parallel.schedule=\"1f1b\""],
-        &["parallel.pp=2", "parallel.schedule=\"gpipe\""],
-        &["parallel.pp=2", "parallel.dp=2"],
-        // Recomputing activations in backward must not change the training.
-        &["parallel.pp=1", "train.activation_checkpointing=true"],
-    ];
+    let mut layouts: Vec<Vec<String>> = Vec::new();
+    for pp in [1, 2] {
+        for tp in [1, 2] {
+            for dp in [1, 2] {
+                let layout = vec![
+                    format!("parallel.dp={dp}"),
+                    format!("parallel.tp={tp}"),
+                    format!("parallel.pp={pp}"),
+                ];
+                if pp == 2 {
+                    for schedule in ["1f1b", "gpipe"] {
+                        let mut l = layout.clone();
+                        l.push(format!("parallel.schedule=\"{schedule}\""));
+                        layouts.push(l);
+                    }
+                } else {
+                    layouts.push(layout);
+                }
+            }
+        }
+    }
+    // Recomputing activations in backward must not change the training either.
+    layouts.push(vec![
+        "parallel.tp=2".into(),
+        "train.activation_checkpointing=true".into(),
+    ]);
+    let layouts: Vec<Vec<&str>> = layouts
+        .iter()
+        .map(|l| l.iter().map(String::as_str).collect())
+        .collect();
+    let layouts: Vec<&[&str]> = layouts.iter().map(Vec::as_slice).collect();
     assert_layouts_match(&cluster, "gpt-dp1.toml", &gpt, &layouts);
 }
 
@@ -509,6 +553,18 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
             assert!(
                 close(*a, *b),
                 "{example} {layout:?} step {step}: {b} vs one process {a}"
+            );
+        }
+    }
+    // Clipping uses the global gradient norm: under every layout it must be the one process's
+    // (whole model) norm, step by step.
+    let norms = cluster.step_values(&jobs[0], "grad_norm=");
+    assert_eq!(norms.len(), reference.len(), "{example}: a norm every step");
+    for (job, layout) in jobs.iter().zip(layouts).skip(1) {
+        for ((step, a), (_, b)) in norms.iter().zip(&cluster.step_values(job, "grad_norm=")) {
+            assert!(
+                close(*a, *b),
+                "{example} {layout:?} step {step}: gradient norm {b} vs one process {a}"
             );
         }
     }
@@ -546,6 +602,61 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
             "gpt jobs report answer accuracy"
         );
     }
+    // The final parameters, every layout's shards joined into the whole model by
+    // `gantry export`, match the one-process run's: each tensor within a relative 1e-4.
+    let whole = |job: &str| {
+        let path = cluster.dir.path().join(format!("{job}.safetensors"));
+        let out = cluster.gantry(&["export", job, "--out", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "export {job}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read_safetensors(&path)
+    };
+    let reference = whole(&jobs[0]);
+    assert!(
+        reference.len() > 4,
+        "{example}: {} tensors",
+        reference.len()
+    );
+    for (job, layout) in jobs.iter().zip(layouts).skip(1) {
+        let params = whole(job);
+        assert_eq!(
+            params.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>(),
+            "{example} {layout:?}"
+        );
+        for (name, (shape, a)) in &reference {
+            let (other_shape, b) = &params[name];
+            assert_eq!(shape, other_shape, "{example} {layout:?} {name}");
+            let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+            let diff = norm(&mut a.iter().zip(b).map(|(x, y)| f64::from(x - y)));
+            let size = norm(&mut a.iter().map(|x| f64::from(*x)));
+            assert!(
+                diff <= 1e-4 * size,
+                "{example} {layout:?} {name}: |difference| {diff:e} vs |parameter| {size:e}"
+            );
+        }
+    }
+}
+
+/// Every tensor of a safetensors file of f32 tensors: name to (shape, values).
+fn read_safetensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
 }
 
 #[test]

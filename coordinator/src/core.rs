@@ -525,7 +525,8 @@ impl Core {
                     format!(
                         "each rank needs about {:.1} GiB but a worker slot has {:.1} GiB; lower \
                      train.global_batch or raise train.micro_batches, set \
-                     train.activation_checkpointing = true, or raise parallel.pp",
+                     train.activation_checkpointing = true, or raise parallel.tp or \
+                     parallel.pp",
                         need as f64 / f64::from(1u32 << 30),
                         have as f64 / f64::from(1u32 << 30)
                     ),

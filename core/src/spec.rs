@@ -388,8 +388,12 @@ impl JobSpec {
                 let per_layer = if self.train.activation_checkpointing {
                     micro_batch * seq * d * 4
                 } else {
-                    // s·b·h·(34 + 5·a·s/h) bytes at 16 bits, doubled for f32.
-                    2 * micro_batch * seq * (34 * d + 5 * u64::from(m.heads) * seq)
+                    // s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes at 16 bits (Megatron, tensor
+                    // parallel without sequence parallelism), doubled for f32.
+                    let tp = u64::from(p.tp);
+                    2 * micro_batch
+                        * seq
+                        * (10 * d + 24 * d / tp + 5 * u64::from(m.heads) * seq / tp)
                 };
                 (params, per_layer)
             }
@@ -497,10 +501,21 @@ impl JobSpec {
                 format!("{} must be a positive number", p.bucket_mb),
             );
         }
-        if p.tp > 1 {
+        if p.tp > 1 && m.kind == ModelKind::Mlp {
             return err(
                 "parallel.tp",
-                "tensor parallelism is not available yet; use tp = 1".into(),
+                "the mlp has no tensor-parallel split (its layers are too narrow to shard); \
+                 use tp = 1, or pp to split it"
+                    .into(),
+            );
+        }
+        if m.kind == ModelKind::Gpt && !m.heads.is_multiple_of(p.tp) {
+            return err(
+                "parallel.tp",
+                format!(
+                    "{} attention heads (model.heads) do not split evenly over tp = {}",
+                    m.heads, p.tp
+                ),
             );
         }
         if m.kind == ModelKind::Gpt && p.pp > m.layers {
@@ -670,6 +685,44 @@ mod tests {
             let err = check(|doc| apply_override(doc, assignment).unwrap()).unwrap_err();
             assert_eq!(err.field, field, "{assignment}: {err}");
         }
+    }
+
+    #[test]
+    fn tensor_parallelism_needs_heads_that_split_evenly() {
+        let gpt = |tp: &str| {
+            check(|doc| {
+                for a in ["model.kind=\"gpt\"", "model.heads=4", "parallel.dp=1", tp] {
+                    apply_override(doc, a).unwrap();
+                }
+            })
+        };
+        assert!(gpt("parallel.tp=2").is_ok());
+        assert!(gpt("parallel.tp=4").is_ok());
+        let err = gpt("parallel.tp=3").unwrap_err();
+        assert_eq!(err.field, "parallel.tp");
+        assert!(err.to_string().contains("4 attention heads"), "{err}");
+    }
+
+    #[test]
+    fn tensor_and_pipeline_parallelism_lower_the_memory_per_rank() {
+        let gpt = |layout: &[&str]| {
+            check(|doc| {
+                for a in ["model.kind=\"gpt\"", "model.layers=4", "model.d_model=256"] {
+                    apply_override(doc, a).unwrap();
+                }
+                for a in layout {
+                    apply_override(doc, a).unwrap();
+                }
+            })
+            .unwrap()
+            .memory_per_rank()
+        };
+        let one = gpt(&["parallel.dp=1"]);
+        let tp = gpt(&["parallel.dp=1", "parallel.tp=2"]);
+        let pp = gpt(&["parallel.dp=1", "parallel.pp=2"]);
+        let both = gpt(&["parallel.dp=1", "parallel.tp=2", "parallel.pp=2"]);
+        assert!(tp < one && pp < one, "{one} {tp} {pp}");
+        assert!(both < tp && both < pp, "{tp} {pp} {both}");
     }
 
     #[test]

@@ -329,12 +329,14 @@ async fn supervise(
     };
     let out = relay("stdout", child.stdout.take().map(|s| Box::new(s) as _));
     let err = relay("stderr", child.stderr.take().map(|s| Box::new(s) as _));
-    let status = tokio::select! {
+    // `stopped` only when this daemon ended the rank: a stop order that comes in after the
+    // rank died by itself (or by someone's kill -9) must not hide the real cause.
+    let (status, stopped) = tokio::select! {
         biased;
-        status = child.wait() => status,
+        status = child.wait() => (status, false),
         _ = kill.cancelled() => {
             let _ = child.start_kill();
-            child.wait().await
+            (child.wait().await, true)
         }
     };
     let _ = tokio::join!(out, err);
@@ -347,7 +349,6 @@ async fn supervise(
         Err(e) => (None, None, format!("wait failed: {e}")),
     };
     tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, ?exit_code, ?signal, "rank exited");
-    let stopped = kill.is_cancelled();
     let _ = events.send(Body::Exited(pb::RankExited {
         key: Some(key),
         exit_code,

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod comm;
 pub mod data;
+pub mod export;
 pub mod model;
 pub mod rank;
 pub mod report;

@@ -2,12 +2,12 @@
 //! scalar loss (mean over the batch), which is all the training loop needs.
 
 use crate::runtime::data::{Batch, REGRESSION_IN, REGRESSION_OUT, VOCAB};
-use burn::module::Module;
+use burn::module::{Module, Param, ParamId};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, softmax};
-use gantry_core::JobSpec;
+use gantry_core::{Coords, JobSpec, Mesh};
 
 /// A model the runtime can train.
 pub trait TrainModel: Module + Clone + Send + Sized + 'static {
@@ -138,11 +138,23 @@ impl MlpStage {
 /// A part of a model that runs as one pipeline stage. Activations between stages are 3-D:
 /// `[n, 1, width]` for the mlp, `[n, seq_len, d_model]` for the gpt.
 pub trait PipelineModel: Module + Clone + Send + Sized + 'static {
-    /// Stage `stage` of `stages`, initialised exactly as the same layers of one process are.
-    fn new_stage(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self;
-    /// This stage's output for a micro-batch: computed from the batch itself on the first stage
-    /// (`input` is None), from the previous stage's activation otherwise.
-    fn forward_stage(&self, input: Option<Tensor<3>>, batch: &Batch, device: &Device) -> Tensor<3>;
+    /// The part of the model that the rank at `at` holds, initialised exactly as the same
+    /// layers of one process are.
+    fn new_stage(spec: &JobSpec, mesh: Mesh, at: Coords, device: &Device) -> Self;
+    /// This stage's forward pass of a micro-batch, as segments whose last output is the stage's
+    /// output: computed from the batch itself on the first stage (`input` is None), from the
+    /// previous stage's activation (a leaf that requires a gradient) otherwise.
+    fn forward_stage(
+        &self,
+        input: Option<Tensor<3>>,
+        batch: &Batch,
+        tp: &mut dyn TpSum,
+        device: &Device,
+    ) -> anyhow::Result<Vec<Segment>>;
+    /// Parameters split over the tensor-parallel group (the others are replicated on it).
+    fn tp_sharded(&self) -> Vec<ParamId> {
+        Vec::new()
+    }
     /// The last stage's loss (mean over the batch) from its output.
     fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1>;
     /// The shape of the activation a stage passes on for `batch`.
@@ -150,12 +162,18 @@ pub trait PipelineModel: Module + Clone + Send + Sized + 'static {
 }
 
 impl PipelineModel for MlpStage {
-    fn new_stage(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self {
-        Self::new(spec, stage, stages, device)
+    fn new_stage(spec: &JobSpec, mesh: Mesh, at: Coords, device: &Device) -> Self {
+        Self::new(spec, at.pp as usize, mesh.pp as usize, device)
     }
 
-    fn forward_stage(&self, input: Option<Tensor<3>>, batch: &Batch, device: &Device) -> Tensor<3> {
-        let x = input.unwrap_or_else(|| {
+    fn forward_stage(
+        &self,
+        input: Option<Tensor<3>>,
+        batch: &Batch,
+        _tp: &mut dyn TpSum,
+        device: &Device,
+    ) -> anyhow::Result<Vec<Segment>> {
+        let x = input.clone().unwrap_or_else(|| {
             let Batch::Regression { x, n, .. } = batch else {
                 panic!("the mlp trains on regression batches");
             };
@@ -165,10 +183,14 @@ impl PipelineModel for MlpStage {
             .layers
             .iter()
             .fold(x, |h, layer| relu(layer.forward(h)));
-        match &self.output {
+        let output = match &self.output {
             Some(output) => output.forward(hidden),
             None => hidden,
-        }
+        };
+        Ok(vec![Segment {
+            inputs: input.map(|x| (x, false)).into_iter().collect(),
+            outputs: vec![output],
+        }])
     }
 
     fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1> {
@@ -213,28 +235,191 @@ impl Block {
 
     /// `x` is `[batch, time, d_model]`; `mask` is `[1, 1, time, time]`, -inf above the diagonal.
     fn forward(&self, x: Tensor<3>, mask: &Tensor<4>) -> Tensor<3> {
-        let [b, t, d] = x.dims();
-        let h = self.heads;
-        let dh = d / h;
         let qkv = self.qkv.forward(self.ln1.forward(x.clone()));
-        let split = |i: usize| {
-            qkv.clone()
-                .narrow(2, i * d, d)
-                .reshape([b, t, h, dh])
-                .swap_dims(1, 2)
-        };
-        let (q, k, v) = (split(0), split(1), split(2));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt()) + mask.clone();
-        let attended = softmax(scores, 3)
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, t, d]);
-        let x = x + self.proj.forward(attended);
+        let x = x + self.proj.forward(attention(qkv, self.heads, mask));
         let mlp = self
             .fc_out
             .forward(gelu(self.fc.forward(self.ln2.forward(x.clone()))));
         x + mlp
     }
+}
+
+/// Causal self-attention of `heads` heads from their queries, keys and values side by side
+/// (`[batch, time, 3 · heads · head_dim]`, all queries first); returns `[batch, time, heads ·
+/// head_dim]`.
+fn attention(qkv: Tensor<3>, heads: usize, mask: &Tensor<4>) -> Tensor<3> {
+    let [b, t, width] = qkv.dims();
+    let d = width / 3;
+    let dh = d / heads;
+    let split = |i: usize| {
+        qkv.clone()
+            .narrow(2, i * d, d)
+            .reshape([b, t, heads, dh])
+            .swap_dims(1, 2)
+    };
+    let (q, k, v) = (split(0), split(1), split(2));
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt()) + mask.clone();
+    softmax(scores, 3)
+        .matmul(v)
+        .swap_dims(1, 2)
+        .reshape([b, t, d])
+}
+
+/// A transformer block's share on one tensor-parallel rank, Megatron-style: this rank's
+/// attention heads (the column-parallel QKV projection, the row-parallel output projection)
+/// and its slice of the MLP (column-parallel `fc`, row-parallel `fc_out`). The layer norms and
+/// the row-parallel layers' biases are replicated: they are added once, after the sum.
+#[derive(Module, Debug)]
+pub struct ShardedBlock {
+    ln1: LayerNorm,
+    qkv: Linear,
+    proj: Linear,
+    proj_bias: Param<Tensor<1>>,
+    ln2: LayerNorm,
+    fc: Linear,
+    fc_out: Linear,
+    fc_out_bias: Param<Tensor<1>>,
+    /// This rank's attention heads.
+    heads: usize,
+}
+
+/// A fresh trainable copy of (part of) an initialised parameter.
+fn param<const D: usize>(value: Tensor<D>) -> Param<Tensor<D>> {
+    Param::from_tensor(value.detach())
+}
+
+/// `parts` equal parts of `t` along `dim`, each cut into `tp` slices; slice `rank` of each,
+/// side by side: one rank's columns of a fused QKV weight (`parts` = 3) or of a plain one.
+fn shard<const D: usize>(
+    t: Tensor<D>,
+    dim: usize,
+    parts: usize,
+    rank: usize,
+    tp: usize,
+) -> Tensor<D> {
+    let part = t.dims()[dim] / parts;
+    let slice = part / tp;
+    let pieces = (0..parts)
+        .map(|p| t.clone().narrow(dim, p * part + rank * slice, slice))
+        .collect();
+    Tensor::cat(pieces, dim)
+}
+
+impl ShardedBlock {
+    /// Rank `rank` of `tp`'s share of an initialised block.
+    fn from_block(b: Block, rank: usize, tp: usize) -> Self {
+        let bias = |l: &Linear| l.bias.as_ref().expect("linear layers have biases").val();
+        let column = |l: &Linear, parts: usize| Linear {
+            weight: param(shard(l.weight.val(), 1, parts, rank, tp)),
+            bias: Some(param(shard(bias(l), 0, parts, rank, tp))),
+        };
+        let row = |l: &Linear| Linear {
+            weight: param(shard(l.weight.val(), 0, 1, rank, tp)),
+            bias: None,
+        };
+        Self {
+            qkv: column(&b.qkv, 3),
+            proj: row(&b.proj),
+            proj_bias: param(bias(&b.proj)),
+            fc: column(&b.fc, 1),
+            fc_out: row(&b.fc_out),
+            fc_out_bias: param(bias(&b.fc_out)),
+            ln1: b.ln1,
+            ln2: b.ln2,
+            heads: b.heads / tp,
+        }
+    }
+}
+
+/// A piece of a stage's forward pass that ends where a gradient has to leave the autodiff graph:
+/// at the stage's output, or at the input of a column-parallel layer, whose gradient is summed
+/// over the tensor-parallel group (Megatron's f) before the previous piece's backward pass.
+pub struct Segment {
+    /// The leaves this piece starts from, each flagged when its gradient is summed over tp.
+    pub inputs: Vec<(Tensor<3>, bool)>,
+    pub outputs: Vec<Tensor<3>>,
+}
+
+/// Sums a tensor over this rank's tensor-parallel group.
+pub trait TpSum {
+    /// The group's size; 1 means no tensor parallelism (and no communication).
+    fn size(&self) -> usize;
+    fn sum(&mut self, t: Tensor<3>) -> anyhow::Result<Tensor<3>>;
+}
+
+/// Records a stage's forward pass as [`Segment`]s. Without tensor parallelism there is nothing
+/// to cut and the whole stage is one segment.
+struct Tape<'a> {
+    tp: &'a mut dyn TpSum,
+    done: Vec<Segment>,
+    open: Vec<(Tensor<3>, bool)>,
+}
+
+impl<'a> Tape<'a> {
+    fn new(tp: &'a mut dyn TpSum, inputs: Vec<(Tensor<3>, bool)>) -> Self {
+        Self {
+            tp,
+            done: Vec::new(),
+            open: inputs,
+        }
+    }
+
+    /// Ends the open segment at `(residual, normed)`, the input of a column-parallel layer, and
+    /// opens the next from fresh leaves of both; the normed leaf's gradient is summed over tp.
+    fn cut(&mut self, residual: Tensor<3>, normed: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        if self.tp.size() == 1 {
+            return (residual, normed);
+        }
+        let leaf = |t: &Tensor<3>| t.clone().detach().require_grad();
+        let (r, n) = (leaf(&residual), leaf(&normed));
+        self.done.push(Segment {
+            inputs: std::mem::replace(&mut self.open, vec![(r.clone(), false), (n.clone(), true)]),
+            outputs: vec![residual, normed],
+        });
+        (r, n)
+    }
+
+    /// Megatron's g: the sum of a row-parallel layer's partial outputs over tp in the forward
+    /// pass; the identity in the backward pass (every rank already has the whole gradient).
+    fn sum(&mut self, partial: Tensor<3>) -> anyhow::Result<Tensor<3>> {
+        if self.tp.size() == 1 {
+            return Ok(partial);
+        }
+        let total = self.tp.sum(partial.clone().detach())?;
+        Ok(total + (partial.clone() - partial.detach()))
+    }
+
+    fn finish(mut self, output: Tensor<3>) -> Vec<Segment> {
+        self.done.push(Segment {
+            inputs: self.open,
+            outputs: vec![output],
+        });
+        self.done
+    }
+}
+
+impl ShardedBlock {
+    fn forward(
+        &self,
+        x: Tensor<3>,
+        mask: &Tensor<4>,
+        tape: &mut Tape<'_>,
+    ) -> anyhow::Result<Tensor<3>> {
+        let normed = self.ln1.forward(x.clone());
+        let (x, normed) = tape.cut(x, normed);
+        let attended = attention(self.qkv.forward(normed), self.heads, mask);
+        let x = x + (tape.sum(self.proj.forward(attended))? + bias3(&self.proj_bias));
+        let normed = self.ln2.forward(x.clone());
+        let (x, normed) = tape.cut(x, normed);
+        let mlp = self.fc_out.forward(gelu(self.fc.forward(normed)));
+        Ok(x + (tape.sum(mlp)? + bias3(&self.fc_out_bias)))
+    }
+}
+
+/// A bias vector shaped to broadcast over `[batch, time, width]`.
+fn bias3(b: &Param<Tensor<1>>) -> Tensor<3> {
+    let [width] = b.val().dims();
+    b.val().reshape([1, 1, width])
 }
 
 /// A character-level decoder-only transformer language model.
@@ -284,23 +469,24 @@ impl Gpt {
     }
 }
 
-/// The part of the gpt one pipeline stage holds: the embeddings (first stage), a run of
-/// transformer blocks, and the final norm and output head (last stage).
+/// The part of the gpt one rank holds: for its pipeline stage, the embeddings (first stage), a
+/// run of transformer blocks (its tensor-parallel share of each), and the final norm and output
+/// head (last stage). Embeddings, norms and the head are replicated over the tp group.
 #[derive(Module, Debug)]
 pub struct GptStage {
     tokens: Option<Embedding>,
     positions: Option<Embedding>,
-    blocks: Vec<Block>,
+    blocks: Vec<ShardedBlock>,
     ln_f: Option<LayerNorm>,
     head: Option<Linear>,
 }
 
 impl PipelineModel for GptStage {
-    fn new_stage(spec: &JobSpec, stage: usize, stages: usize, device: &Device) -> Self {
+    fn new_stage(spec: &JobSpec, mesh: Mesh, at: Coords, device: &Device) -> Self {
         let full = Gpt::init(spec, device);
         materialize(&full);
-        let mine = stage_blocks(full.blocks.len(), stage, stages);
-        let (first, last) = (stage == 0, stage + 1 == stages);
+        let mine = stage_blocks(full.blocks.len(), at.pp as usize, mesh.pp as usize);
+        let (first, last) = (at.pp == 0, at.pp + 1 == mesh.pp);
         Self {
             tokens: first.then_some(full.tokens),
             positions: first.then_some(full.positions),
@@ -309,20 +495,27 @@ impl PipelineModel for GptStage {
                 .into_iter()
                 .enumerate()
                 .filter(|(i, _)| mine.contains(i))
-                .map(|(_, b)| b)
+                .map(|(_, b)| ShardedBlock::from_block(b, at.tp as usize, mesh.tp as usize))
                 .collect(),
             ln_f: last.then_some(full.ln_f),
             head: last.then_some(full.head),
         }
     }
 
-    fn forward_stage(&self, input: Option<Tensor<3>>, batch: &Batch, device: &Device) -> Tensor<3> {
+    fn forward_stage(
+        &self,
+        input: Option<Tensor<3>>,
+        batch: &Batch,
+        tp: &mut dyn TpSum,
+        device: &Device,
+    ) -> anyhow::Result<Vec<Segment>> {
         let Batch::Tokens {
             inputs, n, seq_len, ..
         } = batch
         else {
             panic!("the gpt trains on token batches");
         };
+        let mut tape = Tape::new(tp, input.clone().map(|x| (x, false)).into_iter().collect());
         let mut x = match (input, &self.tokens, &self.positions) {
             (Some(x), _, _) => x,
             (None, Some(t), Some(p)) => embed(t, p, inputs, *n, *seq_len, device),
@@ -330,12 +523,26 @@ impl PipelineModel for GptStage {
         };
         let mask = causal_mask(*seq_len, device);
         for block in &self.blocks {
-            x = block.forward(x, &mask);
+            x = block.forward(x, &mask, &mut tape)?;
         }
-        match (&self.ln_f, &self.head) {
+        let output = match (&self.ln_f, &self.head) {
             (Some(ln_f), Some(head)) => head.forward(ln_f.forward(x)),
             _ => x,
-        }
+        };
+        Ok(tape.finish(output))
+    }
+
+    fn tp_sharded(&self) -> Vec<ParamId> {
+        let linear = |l: &Linear| std::iter::once(l.weight.id).chain(l.bias.as_ref().map(|b| b.id));
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                linear(&b.qkv)
+                    .chain(linear(&b.proj))
+                    .chain(linear(&b.fc))
+                    .chain(linear(&b.fc_out))
+            })
+            .collect()
     }
 
     fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1> {

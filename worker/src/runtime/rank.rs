@@ -85,11 +85,14 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         "rank {}/{} of {} attempt {} connected",
         a.rank, a.world_size, a.job_id, a.attempt
     ));
-    match (job.spec.model.kind, job.spec.parallel.pp) {
-        (ModelKind::Mlp, 1) => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Mlp, _) => train::<MlpStage>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Gpt, 1) => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Gpt, _) => train::<GptStage>(&job, &mut comm, &reporter, &io)?,
+    // A whole model per rank when only data parallelism is used; the stage (and shard) types
+    // otherwise.
+    let split = job.spec.parallel.pp > 1 || job.spec.parallel.tp > 1;
+    match (job.spec.model.kind, split) {
+        (ModelKind::Mlp, false) => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Mlp, true) => train::<MlpStage>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Gpt, false) => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Gpt, true) => train::<GptStage>(&job, &mut comm, &reporter, &io)?,
     };
     Ok(())
 }

@@ -30,6 +30,18 @@ pub enum RankEvent {
     },
 }
 
+/// What a rank reports after a training step.
+pub struct StepReport {
+    pub step: u64,
+    pub total: u64,
+    pub loss: f64,
+    pub eval_loss: Option<f64>,
+    /// The global norm of the step's gradient, before clipping.
+    pub grad_norm: Option<f64>,
+    pub lr: f64,
+    pub samples_per_sec: f64,
+}
+
 impl RankEvent {
     /// Parses a stdout line; `None` for an ordinary log line.
     pub fn parse(line: &str) -> Option<Self> {
@@ -64,28 +76,26 @@ impl Reporter {
         let _ = out.flush();
     }
 
-    pub fn progress(
-        &self,
-        step: u64,
-        total: u64,
-        loss: f64,
-        eval_loss: Option<f64>,
-        lr: f64,
-        samples_per_sec: f64,
-    ) {
+    pub fn progress(&self, p: &StepReport) {
         if !self.reports_progress {
             return;
         }
         // Full precision: runs are compared step by step from these lines.
-        let eval = eval_loss.map_or(String::new(), |e| format!(" eval_loss={e}"));
+        let eval = p
+            .eval_loss
+            .map_or(String::new(), |e| format!(" eval_loss={e}"));
+        let norm = p
+            .grad_norm
+            .map_or(String::new(), |n| format!(" grad_norm={n}"));
         self.log(&format!(
-            "step {step}/{total} loss={loss}{eval} lr={lr:.3e} samples/s={samples_per_sec:.1}"
+            "step {}/{} loss={}{eval}{norm} lr={:.3e} samples/s={:.1}",
+            p.step, p.total, p.loss, p.lr, p.samples_per_sec
         ));
         self.emit(&RankEvent::Progress {
-            step,
-            loss,
-            eval_loss,
-            samples_per_sec,
+            step: p.step,
+            loss: p.loss,
+            eval_loss: p.eval_loss,
+            samples_per_sec: p.samples_per_sec,
         });
     }
 

@@ -11,10 +11,11 @@ use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Batch, Dataset, Split};
 use crate::runtime::model::{
-    GptStage, MlpStage, PipelineModel, TrainModel, answer_batch, exact_matches, materialize,
+    GptStage, MlpStage, PipelineModel, Segment, TpSum, TrainModel, answer_batch, exact_matches,
+    materialize,
 };
 use crate::runtime::train::accumulate_gradients;
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::prelude::*;
 use gantry_core::{Coords, JobSpec, Mesh, PipelineSchedule};
 
@@ -66,6 +67,11 @@ pub trait Stage: Module + Clone + Send + Sized + 'static {
     /// Exact-match accuracy of the test split's arithmetic answers (up to 512), on the ranks
     /// that see the model's output; None for data without answers.
     fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>>;
+
+    /// Parameters split over the tensor-parallel group; the others are replicated on it.
+    fn tp_sharded(&self) -> Vec<ParamId> {
+        Vec::new()
+    }
 }
 
 /// This dp rank's share of the test answers, in chunks of 64 lines.
@@ -151,11 +157,20 @@ impl<M: TrainModel> Stage for M {
     }
 }
 
-/// Activations in flight for one micro-batch: the stage's input leaf (absent on the first
-/// stage) and its output (the loss, shaped `[1, 1, 1]`, on the last stage).
+/// A micro-batch's forward pass, kept for its backward pass: the stage's segments, whose last
+/// output is the loss (shaped `[1, 1, 1]`) on the last stage.
 struct InFlight {
-    input: Option<Tensor<3>>,
-    output: Tensor<3>,
+    segments: Vec<Segment>,
+}
+
+impl InFlight {
+    fn output(&self) -> Tensor<3> {
+        self.segments
+            .last()
+            .and_then(|s| s.outputs.last())
+            .expect("a stage has an output")
+            .clone()
+    }
 }
 
 fn neighbours(ctx: &StepContext<'_>) -> (Option<u32>, Option<u32>) {
@@ -185,6 +200,41 @@ fn send(ctx: &mut StepContext<'_>, peer: u32, tensor: Tensor<3>) -> anyhow::Resu
     Ok(())
 }
 
+/// This rank's tensor-parallel group, as the models see it.
+struct TpGroup<'c> {
+    comm: &'c mut TcpComm,
+    members: Vec<u32>,
+    device: Device,
+}
+
+impl TpSum for TpGroup<'_> {
+    fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    fn sum(&mut self, t: Tensor<3>) -> anyhow::Result<Tensor<3>> {
+        let shape = t.dims();
+        let mut values = t.into_data().convert::<f32>().try_into_vec::<f32>()?;
+        self.comm
+            .group(&self.members)?
+            .all_reduce(&mut values, ReduceOp::Sum)?;
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            &self.device,
+        ))
+    }
+}
+
+impl StepContext<'_> {
+    fn tp(&mut self) -> TpGroup<'_> {
+        TpGroup {
+            members: self.mesh.tp_group(self.rank),
+            device: self.device.clone(),
+            comm: &mut *self.comm,
+        }
+    }
+}
+
 /// Runs a stage's forward pass of one micro-batch. The last stage's output is the loss, or with
 /// `raw_output` the model's output itself (logits).
 fn forward_micro<P: PipelineModel>(
@@ -199,19 +249,26 @@ fn forward_micro<P: PipelineModel>(
         None => None,
         Some(p) => Some(receive(ctx, p, shape)?.require_grad()),
     };
-    let out = stage.forward_stage(input.clone(), batch, &ctx.device);
+    let device = ctx.device.clone();
+    let mut segments = stage.forward_stage(input, batch, &mut ctx.tp(), &device)?;
+    let last = segments.last_mut().expect("a stage has a segment");
+    let out = last.outputs.pop().expect("a segment has an output");
     let output = match next {
         Some(n) => {
             send(ctx, n, out.clone().detach())?;
             out
         }
         None if raw_output => out,
-        None => P::stage_loss(out, batch, &ctx.device).reshape([1, 1, 1]),
+        None => P::stage_loss(out, batch, &device).reshape([1, 1, 1]),
     };
-    Ok(InFlight { input, output })
+    last.outputs.push(output);
+    Ok(InFlight { segments })
 }
 
-/// Runs a stage's backward pass of one micro-batch; returns its loss on the last stage.
+/// Runs a stage's backward pass of one micro-batch, segment by segment from the last, and
+/// returns its loss on the last stage. Each segment's backward starts from its outputs times
+/// their gradients (the loss itself on the last stage), and hands its inputs' gradients, summed
+/// over tp where flagged, to the segment before; the first segment's go to the previous stage.
 fn backward_micro<P: PipelineModel>(
     stage: &P,
     ctx: &mut StepContext<'_>,
@@ -220,23 +277,42 @@ fn backward_micro<P: PipelineModel>(
     flat: &mut Vec<f32>,
 ) -> anyhow::Result<f32> {
     let (prev, next) = neighbours(ctx);
-    let (grads, loss) = match next {
-        None => {
-            let loss = f.output.clone().into_scalar::<f32>();
-            (f.output.sum().backward(), loss)
-        }
+    let (loss, mut upstream) = match next {
+        None => (f.output().into_scalar::<f32>(), vec![None]),
         Some(n) => {
-            let upstream = receive(ctx, n, P::activation_shape(ctx.spec, batch))?;
-            ((f.output * upstream).sum().backward(), 0.0)
+            let grad = receive(ctx, n, P::activation_shape(ctx.spec, batch))?;
+            (0.0, vec![Some(grad)])
         }
     };
-    if let (Some(p), Some(input)) = (prev, &f.input) {
-        let grad = input
-            .grad(&grads)
-            .expect("the stage input requires a gradient");
+    for segment in f.segments.into_iter().rev() {
+        let objective = segment
+            .outputs
+            .into_iter()
+            .zip(upstream)
+            .map(|(output, grad)| match grad {
+                Some(g) => (output * g).sum(),
+                None => output.sum(),
+            })
+            .reduce(|a, b| a + b)
+            .expect("a segment has outputs");
+        let grads = objective.backward();
+        upstream = Vec::with_capacity(segment.inputs.len());
+        for (input, summed) in &segment.inputs {
+            let grad = input
+                .grad(&grads)
+                .map(|g| Tensor::<3>::from_data(g.into_data(), &ctx.device))
+                .unwrap_or_else(|| input.zeros_like().detach());
+            upstream.push(Some(if *summed { ctx.tp().sum(grad)? } else { grad }));
+        }
+        accumulate_gradients(grads, stage, flat);
+    }
+    if let Some(p) = prev {
+        let grad = upstream
+            .pop()
+            .flatten()
+            .expect("a later stage starts from its input activation");
         send(ctx, p, grad)?;
     }
-    accumulate_gradients(grads, stage, flat);
     Ok(loss)
 }
 
@@ -288,7 +364,7 @@ fn pipeline_evaluate<P: PipelineModel>(
         let batch = ctx.data.batch(split, &chunk);
         let f = forward_micro(stage, ctx, &batch, false)?;
         if ctx.is_last_stage() {
-            sums[0] += f.output.into_scalar::<f32>() * chunk.len() as f32;
+            sums[0] += f.output().into_scalar::<f32>() * chunk.len() as f32;
             sums[1] += chunk.len() as f32;
         }
     }
@@ -310,7 +386,7 @@ fn pipeline_test_accuracy<P: PipelineModel>(
     for lines in answer_chunks(ctx) {
         let f = forward_micro(stage, ctx, &answer_batch(&lines), true)?;
         if ctx.is_last_stage() {
-            counts[0] += exact_matches(f.output, &lines) as f32;
+            counts[0] += exact_matches(f.output(), &lines) as f32;
             counts[1] += lines.len() as f32;
         }
     }
@@ -326,12 +402,7 @@ macro_rules! pipeline_stage {
     ($stage:ty) => {
         impl Stage for $stage {
             fn init(spec: &JobSpec, mesh: Mesh, rank: u32, device: &Device) -> Self {
-                <$stage as PipelineModel>::new_stage(
-                    spec,
-                    mesh.coords(rank).pp as usize,
-                    mesh.pp as usize,
-                    device,
-                )
+                <$stage as PipelineModel>::new_stage(spec, mesh, mesh.coords(rank), device)
             }
 
             fn accumulate(
@@ -353,6 +424,10 @@ macro_rules! pipeline_stage {
 
             fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>> {
                 pipeline_test_accuracy(self, ctx)
+            }
+
+            fn tp_sharded(&self) -> Vec<ParamId> {
+                <$stage as PipelineModel>::tp_sharded(self)
             }
         }
     };

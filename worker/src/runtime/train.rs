@@ -11,14 +11,15 @@ use crate::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
-use crate::runtime::report::Reporter;
+use crate::runtime::report::{Reporter, StepReport};
 use crate::runtime::stage::{Stage, StepContext};
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::tensor::Bytes;
 use gantry_core::{Coords, JobSpec, Mesh};
+use std::collections::HashSet;
 use std::time::Instant;
 
 /// Everything a rank needs to train.
@@ -89,6 +90,44 @@ impl ModuleVisitor for Unflatten<'_> {
     }
 }
 
+/// The squared norm of this rank's gradients in `flat` (in visiting order): of the parameters in
+/// `sharded`, and of the others (replicated over the tp group) only with `count_replicated`.
+fn squared_norm<M: Module>(
+    model: &M,
+    flat: &[f32],
+    sharded: &HashSet<ParamId>,
+    count_replicated: bool,
+) -> f32 {
+    struct Norm<'a> {
+        flat: &'a [f32],
+        sharded: &'a HashSet<ParamId>,
+        count_replicated: bool,
+        offset: usize,
+        sum: f64,
+    }
+    impl ModuleVisitor for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.val().shape().num_elements();
+            if self.count_replicated || self.sharded.contains(&param.id) {
+                self.sum += self.flat[self.offset..self.offset + n]
+                    .iter()
+                    .map(|g| f64::from(*g) * f64::from(*g))
+                    .sum::<f64>();
+            }
+            self.offset += n;
+        }
+    }
+    let mut norm = Norm {
+        flat,
+        sharded,
+        count_replicated,
+        offset: 0,
+        sum: 0.0,
+    };
+    model.visit(&mut norm);
+    norm.sum as f32
+}
+
 /// Adds the gradients of one backward pass into `flat`, parameter by parameter in visiting order.
 pub(crate) fn accumulate_gradients<M: Module>(
     grads: burn::tensor::Gradients,
@@ -117,6 +156,7 @@ pub fn train<S: Stage>(
     let coords = mesh.coords(job.rank);
     let dp_members = mesh.dp_group(job.rank);
     let pp_members = mesh.pp_group(job.rank);
+    let tp_members = mesh.tp_group(job.rank);
     let dp = dp_members.len();
     let dp_rank = coords.dp as usize;
     let bucket = ((p.bucket_mb * (1 << 20) as f64 / 4.0) as usize).max(1);
@@ -155,14 +195,15 @@ pub fn train<S: Stage>(
             manifest.step, manifest.attempt, manifest.world_size
         ));
         if let Some(loss) = shard.loss {
-            reporter.progress(
-                start,
-                t.steps,
+            reporter.progress(&StepReport {
+                step: start,
+                total: t.steps,
                 loss,
-                shard.eval_loss,
-                learning_rate(spec, start.saturating_sub(1)),
-                0.0,
-            );
+                eval_loss: shard.eval_loss,
+                grad_norm: None,
+                lr: learning_rate(spec, start.saturating_sub(1)),
+                samples_per_sec: 0.0,
+            });
         }
         last_eval = shard.eval_loss;
     }
@@ -181,6 +222,7 @@ pub fn train<S: Stage>(
         };
     }
     let micro = t.micro_batches as usize;
+    let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
     let mut flat = Vec::new();
     for step in start..t.steps {
         let started = Instant::now();
@@ -204,19 +246,17 @@ pub fn train<S: Stage>(
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
 
-        if t.grad_clip > 0.0 {
-            // The global norm: every stage's share, summed over the pipeline.
-            let mut square = [flat
-                .iter()
-                .map(|g| f64::from(*g) * f64::from(*g))
-                .sum::<f64>() as f32];
-            comm.group(&pp_members)?
-                .all_reduce(&mut square, ReduceOp::Sum)?;
-            let norm = f64::from(square[0]).sqrt();
-            if norm > t.grad_clip {
-                let factor = (t.grad_clip / (norm + 1e-6)) as f32;
-                flat.iter_mut().for_each(|g| *g *= factor);
-            }
+        // The global norm of the whole model's gradient: tensor-parallel shards summed over the
+        // tp group, replicated parameters counted once, stages summed over the pipeline.
+        let mut square = [squared_norm(&model, &flat, &sharded, coords.tp == 0)];
+        comm.group(&tp_members)?
+            .all_reduce(&mut square, ReduceOp::Sum)?;
+        comm.group(&pp_members)?
+            .all_reduce(&mut square, ReduceOp::Sum)?;
+        let norm = f64::from(square[0]).sqrt();
+        if t.grad_clip > 0.0 && norm > t.grad_clip {
+            let factor = (t.grad_clip / (norm + 1e-6)) as f32;
+            flat.iter_mut().for_each(|g| *g *= factor);
         }
         let mut unflatten = Unflatten {
             flat: &flat,
@@ -237,7 +277,15 @@ pub fn train<S: Stage>(
         } else {
             None
         };
-        reporter.progress(done, t.steps, loss, eval_loss, lr, samples_per_sec);
+        reporter.progress(&StepReport {
+            step: done,
+            total: t.steps,
+            loss,
+            eval_loss,
+            grad_norm: Some(norm),
+            lr,
+            samples_per_sec,
+        });
         last_eval = eval_loss.or(last_eval);
 
         let every = spec.checkpoint.every_steps;
