@@ -205,6 +205,15 @@ impl Cluster {
     }
 
     fn rank_pids(&self, job: &str) -> Vec<u32> {
+        self.rank_pids_matching(job)
+    }
+
+    /// The rank processes of one attempt of a job.
+    fn attempt_pids(&self, job: &str, attempt: u64) -> Vec<u32> {
+        self.rank_pids_matching(&format!("{job}/attempt-{attempt}/"))
+    }
+
+    fn rank_pids_matching(&self, job: &str) -> Vec<u32> {
         let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -296,7 +305,7 @@ fn submit_wait_status_and_invalid_specs() {
     assert_eq!(steps, [80, 100], "{checkpoints}");
 
     // Invalid input: exit 2, the field named, nothing stored.
-    let bad = |set: &str, field: &str| {
+    let bad_for = |spec: &Path, set: &str, field: &str| {
         let out = cluster.gantry(&["submit", spec.to_str().unwrap(), "--set", set]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
@@ -305,10 +314,17 @@ fn submit_wait_status_and_invalid_specs() {
             "{set}: {stderr:?} should name {field}"
         );
     };
+    let bad = |set: &str, field: &str| bad_for(&spec, set, field);
     bad("model.colour=red", "model.colour");
     bad("parallel.dp=0", "parallel.dp");
     bad("train.lr=-0.1", "train.lr");
     bad("train.steps=-3", "train.steps");
+    // Layouts the model cannot take.
+    bad("parallel.tp=2", "parallel.tp");
+    let gpt_3d = examples().join("gpt-3d.toml");
+    bad_for(&gpt_3d, "parallel.tp=3", "parallel.tp");
+    bad_for(&gpt_3d, "parallel.pp=5", "parallel.pp");
+    bad_for(&gpt_3d, "train.global_batch=36", "train.global_batch");
     let out = cluster.gantry(&["submit", "/nonexistent/spec.toml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/spec.toml"));
@@ -821,4 +837,178 @@ fn checkpoints_on_s3_resume_a_killed_rank_exactly() {
         keys.contains("manifest.json") && keys.contains("rank-1.optim.bpk"),
         "{keys}"
     );
+}
+
+/// A small xorshift generator: the chaos test's moments and victims, reproducible from the seed
+/// it prints (set `GANTRY_CHAOS_SEED` to replay one).
+struct Chaos(u64);
+
+impl Chaos {
+    fn from_env() -> Self {
+        let seed = std::env::var("GANTRY_CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("chaos seed {seed} (GANTRY_CHAOS_SEED={seed} replays it)");
+        Self(seed | 1)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// `kill -9` of one rank process.
+    KillRank,
+    /// `kill -9` of a worker daemon that runs ranks (its lease expires; a new worker joins).
+    KillWorker,
+    /// `kill -STOP` of one rank: it hangs, and its peers' collectives time out.
+    StopRank,
+    /// `kill -9` of the coordinator, restarted on the same state.
+    KillCoordinator,
+}
+
+#[test]
+fn chaos_faults_leave_a_3d_job_bit_identical() {
+    // 6 workers × 2 slots for an 8-rank job: room to re-plan while a killed worker's lease runs
+    // out; each killed worker is replaced, so the layout never shrinks.
+    let mut cluster = Cluster::start_with(6, 2, Vec::new());
+    let set = [
+        "model.layers=2",
+        "model.d_model=32",
+        "data.seq_len=16",
+        "data.examples=2000",
+        "train.global_batch=16",
+        "train.micro_batches=2",
+        "train.steps=1200",
+        "train.warmup_steps=10",
+        "train.eval_every=400",
+        "checkpoint.every_steps=10",
+        "fault_tolerance.max_restarts=20",
+        "fault_tolerance.collective_timeout_secs=4",
+    ];
+    let reference = cluster.submit("gpt-3d.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded", "{reference_end}");
+
+    let mut chaos = Chaos::from_env();
+    let mut faults = vec![
+        Fault::KillRank,
+        Fault::KillRank,
+        Fault::KillWorker,
+        Fault::KillWorker,
+        Fault::StopRank,
+        Fault::KillCoordinator,
+    ];
+    for i in (1..faults.len()).rev() {
+        faults.swap(i, chaos.below(i as u64 + 1) as usize);
+    }
+    let job = cluster.submit("gpt-3d.toml", &set);
+    let (mut attempt, mut step, mut ended) = (0, 0, true);
+    for fault in &faults {
+        // Each fault lands at a random moment in a running attempt with all 8 ranks up that has
+        // trained past the previous fault (a new attempt, unless the coordinator was killed).
+        cluster.wait_for(
+            |c| {
+                let s = c.status(&job);
+                let a = s["attempt"].as_u64().unwrap_or(0);
+                s["state"] == "Running"
+                    && (a > attempt || !ended)
+                    && s["step"].as_u64().unwrap_or(0) >= step + 3
+                    && c.attempt_pids(&job, a).len() == 8
+            },
+            "the job to train again",
+        );
+        std::thread::sleep(Duration::from_millis(chaos.below(1000)));
+        let s = cluster.status(&job);
+        (attempt, step) = (s["attempt"].as_u64().unwrap(), s["step"].as_u64().unwrap());
+        ended = !matches!(fault, Fault::KillCoordinator);
+        let pids = cluster.attempt_pids(&job, attempt);
+        assert!(
+            !pids.is_empty(),
+            "{fault:?}: no rank of {job} attempt {attempt} is running\n{}",
+            String::from_utf8_lossy(&cluster.gantry(&["logs", &job]).stdout)
+        );
+        eprintln!("step {step}: {fault:?}");
+        match fault {
+            Fault::KillRank => kill9(pids[chaos.below(pids.len() as u64) as usize]),
+            Fault::StopRank => {
+                let pid = pids[chaos.below(pids.len() as u64) as usize];
+                let ok = Command::new("kill")
+                    .args(["-STOP", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(ok.success());
+            }
+            Fault::KillWorker => {
+                let hosts: Vec<usize> = (0..cluster.workers.len())
+                    .filter(|&w| {
+                        let pid = cluster.workers[w].id();
+                        pids.iter().any(|rank| {
+                            std::fs::read_to_string(format!("/proc/{rank}/status"))
+                                .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
+                        })
+                    })
+                    .collect();
+                assert!(!hosts.is_empty(), "a worker runs a rank of {job}");
+                let victim = hosts[chaos.below(hosts.len() as u64) as usize];
+                let mut dead = cluster.workers.remove(victim);
+                dead.kill().unwrap();
+                dead.wait().unwrap();
+                cluster.add_worker();
+            }
+            Fault::KillCoordinator => {
+                let coordinator = cluster.coordinator.as_mut().unwrap();
+                coordinator.kill().unwrap();
+                coordinator.wait().unwrap();
+                std::thread::sleep(Duration::from_millis(chaos.below(2000)));
+                cluster.start_coordinator();
+                cluster.wait_for(
+                    |c| c.alive_workers() == c.workers.len(),
+                    "workers to reconnect",
+                );
+            }
+        }
+    }
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    // Every fault but the coordinator's ends an attempt; two may land in one attempt's end.
+    assert!(end["restarts"].as_u64().unwrap() >= 3, "{end}\n{logs}");
+    assert!(logs.contains("killed by signal 9"), "{logs}");
+    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
+    assert_eq!(end["test_loss"], reference_end["test_loss"], "{logs}");
+
+    // Bit-identical final parameters: nothing torn or stale was resumed from.
+    let export = |job: &str| {
+        let path = cluster.dir.path().join(format!("{job}.safetensors"));
+        let out = cluster.gantry(&["export", job, "--out", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read_safetensors(&path)
+    };
+    let (a, b) = (export(&reference), export(&job));
+    assert_eq!(a.len(), b.len());
+    for (name, (shape, values)) in &a {
+        let (other_shape, other) = &b[name];
+        assert_eq!(shape, other_shape, "{name}");
+        let same = values
+            .iter()
+            .zip(other)
+            .all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{name} differs after {faults:?}\n{logs}");
+    }
 }

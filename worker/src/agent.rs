@@ -77,7 +77,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         // Fold in whatever happened while disconnected.
         while let Ok(body) = events.try_recv() {
             if settle(&mut ranks, &body) {
-                undelivered.push(body);
+                keep_undelivered(&mut undelivered, body);
             }
         }
         let (out, out_rx) = mpsc::unbounded_channel::<pb::WorkerMessage>();
@@ -103,12 +103,14 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 })
                 .collect(),
         };
-        let _ = out.send(message(Body::Running(running)));
+        // Results first, while their attempt is still live on the coordinator; then the report
+        // of what runs and what exited, which may end the attempt.
         for body in undelivered.drain(..) {
             if !matches!(body, Body::Exited(_)) {
                 let _ = out.send(message(body));
             }
         }
+        let _ = out.send(message(Body::Running(running)));
         let mut inbound = match client.session(UnboundedReceiverStream::new(out_rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
@@ -162,8 +164,9 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                     let keep = settle(&mut ranks, &body);
                     if let Err(failed) = out.send(message(body))
                         && keep
+                        && let Some(body) = failed.0.body
                     {
-                        undelivered.extend(failed.0.body);
+                        keep_undelivered(&mut undelivered, body);
                     }
                 }
             }
@@ -174,14 +177,24 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
 }
 
 /// Forgets a rank that exited, and says whether `body` must reach a coordinator even across a
-/// lost session (exits and checkpoint commits must; progress and logs may be dropped).
+/// lost session: exits, checkpoint commits, test results and the latest progress must (a job
+/// that finishes while the coordinator is down still ends with its final step, loss and
+/// checkpoint); logs may be dropped.
 fn settle(ranks: &mut HashMap<Key, RankProcess>, body: &Body) -> bool {
     if let Body::Exited(e) = body
         && let Some(k) = &e.key
     {
         ranks.remove(&key_of(k));
     }
-    matches!(body, Body::Exited(_) | Body::Checkpoint(_))
+    !matches!(body, Body::Logs(_) | Body::Heartbeat(_))
+}
+
+/// Buffers `body` for the next session; a rank's newer progress replaces its older one.
+fn keep_undelivered(undelivered: &mut Vec<Body>, body: Body) {
+    if let Body::Progress(p) = &body {
+        undelivered.retain(|b| !matches!(b, Body::Progress(old) if old.key == p.key));
+    }
+    undelivered.push(body);
 }
 
 fn kill_all(ranks: &mut HashMap<Key, RankProcess>) {

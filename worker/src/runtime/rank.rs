@@ -9,7 +9,7 @@ use gantry_core::{JobSpec, ModelKind};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -56,7 +56,9 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         let mut sink = [0u8; 64];
         let mut stdin = std::io::stdin();
         while matches!(stdin.read(&mut sink), Ok(n) if n > 0) {}
-        eprintln!("worker daemon went away; exiting");
+        // Not eprintln!: stderr went with the daemon, and a panic here would only end this
+        // thread, leaving the rank running.
+        let _ = writeln!(std::io::stderr(), "worker daemon went away; exiting");
         std::process::exit(EXIT_ORPHANED);
     });
     let io = tokio::runtime::Builder::new_current_thread()

@@ -1,11 +1,15 @@
 //! What one rank computes in a training step, given the shared loop in `train`: a data-parallel
-//! replica runs its micro-batches through the whole model; a pipeline stage runs its part of
-//! the model on every micro-batch, exchanging activations (forward) and their gradients
-//! (backward) with the neighbouring stages under the GPipe or 1F1B schedule.
+//! replica runs its micro-batches through the whole model; a pipeline stage (with tensor
+//! parallelism, its share of each layer) runs its part of the model on every micro-batch,
+//! exchanging activations (forward) and their gradients (backward) with the neighbouring stages
+//! under the GPipe or 1F1B schedule.
 //!
-//! Pipeline stage boundaries: a stage receives its input activation as a fresh leaf that requires
-//! a gradient; after its backward pass it sends that leaf's gradient to the previous stage, which
-//! continues its own backward with `(output · upstream_gradient).sum()`.
+//! Gradients leave the autodiff graph at two kinds of boundary: between pipeline stages, and at
+//! the inputs of column-parallel layers, whose gradients are summed over the tensor-parallel
+//! group. A stage's forward pass is recorded as [`Segment`]s split at those points, each starting
+//! from fresh leaves that require a gradient. Backward runs segment by segment from the last:
+//! each continues from `(output · upstream_gradient).sum()` and hands its leaves' gradients
+//! (summed over tp where flagged) to the segment before, or to the previous stage.
 
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
