@@ -27,12 +27,7 @@ impl LocalCluster {
             "--slots-per-worker: must be at least 1"
         );
         let coordinator = Coordinator::start(
-            Options {
-                listen,
-                state_dir: state_dir.to_path_buf(),
-                heartbeat_interval_ms: 1_000,
-                lease_ttl_ms: 10_000,
-            },
+            Options::new(listen, state_dir.to_path_buf()),
             shutdown.clone(),
         )
         .await?;
@@ -48,6 +43,7 @@ impl LocalCluster {
                     hostname: format!("{host}-w{i}"),
                     advertise_host: "127.0.0.1".into(),
                     rank_command: vec![exe.clone(), "rank".into()],
+                    metrics_listen: None,
                 };
                 tokio::spawn(agent::run(options, shutdown.clone()))
             })

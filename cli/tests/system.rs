@@ -43,6 +43,8 @@ struct Cluster {
     env: Vec<(String, String)>,
     /// Rank slots of each worker daemon.
     slots: usize,
+    /// The metrics ports of the coordinator and of each worker, when asked for.
+    metrics: Option<(u16, Vec<u16>)>,
 }
 
 impl Cluster {
@@ -62,6 +64,7 @@ impl Cluster {
             workers: Vec::new(),
             env,
             slots,
+            metrics: None,
         };
         cluster.start_coordinator();
         for _ in 0..workers {
@@ -81,6 +84,12 @@ impl Cluster {
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .args(["--lease-ttl-ms", "3000", "--heartbeat-interval-ms", "300"])
+            .args(
+                self.metrics
+                    .as_ref()
+                    .map(|(port, _)| vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")])
+                    .unwrap_or_default(),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -93,6 +102,13 @@ impl Cluster {
         let child = Command::new(bin("gantry-worker"))
             .args(["--coordinator", &self.url()])
             .args(["--slots", &self.slots.to_string()])
+            .args(
+                self.metrics
+                    .as_ref()
+                    .and_then(|(_, ports)| ports.get(i))
+                    .map(|port| vec!["--metrics-listen".into(), format!("127.0.0.1:{port}")])
+                    .unwrap_or_default(),
+            )
             .arg("--work-dir")
             .arg(self.dir.path().join(format!("worker-{i}")))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
@@ -1011,4 +1027,101 @@ fn chaos_faults_leave_a_3d_job_bit_identical() {
             .all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same, "{name} differs after {faults:?}\n{logs}");
     }
+}
+
+/// A `GET` of `path` on a local HTTP port, with curl.
+fn http_get(port: u16, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}{path}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "GET :{port}{path} failed");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn metrics_and_health_endpoints_show_live_values() {
+    let mut cluster = Cluster {
+        dir: tempfile::tempdir().unwrap(),
+        port: free_port(),
+        coordinator: None,
+        workers: Vec::new(),
+        env: Vec::new(),
+        slots: 1,
+        metrics: Some((free_port(), vec![free_port(), free_port()])),
+    };
+    cluster.start_coordinator();
+    cluster.add_worker();
+    cluster.add_worker();
+    cluster.wait_for(|c| c.alive_workers() == 2, "workers to register");
+    let (coordinator, workers) = cluster.metrics.clone().unwrap();
+    assert_eq!(http_get(coordinator, "/healthz"), "ok\n");
+    assert_eq!(http_get(workers[0], "/readyz"), "ready\n");
+
+    let job = cluster.submit(
+        "mlp-dp2.toml",
+        &["train.steps=100000", "checkpoint.every_steps=200"],
+    );
+    cluster.wait_for(
+        |c| c.status(&job)["last_checkpoint"].is_object(),
+        "a checkpoint",
+    );
+    let text = http_get(coordinator, "/metrics");
+    assert_eq!(
+        sample(&text, "gantry_jobs{state=\"Running\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "gantry_workers{state=\"alive\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "gantry_worker_slots{state=\"used\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    let step = sample(&text, &format!("gantry_job_step{{job=\"{job}\"}}")).unwrap();
+    assert!(step > 0.0, "{text}");
+    assert!(
+        text.contains(
+            "gantry_rpc_duration_seconds_count{method=\"/gantry.v1.JobService/SubmitJob\"} 1"
+        ),
+        "{text}"
+    );
+    // Workers: the ranks they run now; the reporting rank's step, throughput, step time and
+    // all-reduce bandwidth, and the checkpoints it committed.
+    let scraped: Vec<String> = workers.iter().map(|p| http_get(*p, "/metrics")).collect();
+    for text in &scraped {
+        assert_eq!(sample(text, "gantry_worker_ranks{}"), Some(1.0), "{text}");
+    }
+    let reporting = scraped
+        .iter()
+        .find(|t| t.contains("gantry_rank_step{"))
+        .expect("one worker hosts the reporting rank");
+    let job_series = |name: &str| sample(reporting, &format!("{name}{{job=\"{job}\"}}"));
+    for name in [
+        "gantry_rank_step",
+        "gantry_rank_samples_per_second",
+        "gantry_rank_step_seconds",
+        "gantry_rank_allreduce_busbw_gbps",
+    ] {
+        assert!(
+            job_series(name).is_some_and(|v| v > 0.0),
+            "{name}: {reporting}"
+        );
+    }
+    assert!(
+        sample(reporting, "gantry_worker_checkpoint_seconds_count").is_some_and(|n| n >= 1.0),
+        "{reporting}"
+    );
+    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
 }

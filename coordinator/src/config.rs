@@ -1,8 +1,10 @@
 //! The coordinator's settings in layers: defaults, then a config file, then `GANTRY_*`
-//! environment variables and flags (flags win). Unknown keys in the file are an error.
+//! environment variables, then flags (each layer wins over the ones before). Unknown keys in
+//! the file are an error.
 
 use crate::Options;
 use clap::Parser;
+use gantry_ops::LogFormat;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,22 +16,35 @@ use std::path::PathBuf;
     about = "Gantry's coordinator daemon"
 )]
 pub struct Args {
-    /// A TOML, YAML or JSON file with any of the keys below.
+    /// A TOML, YAML or JSON file with any of the keys below (in snake_case).
     #[arg(long, env = "GANTRY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to serve gRPC on.
+    /// Address to serve gRPC on (default 127.0.0.1:7070).
     #[arg(long, env = "GANTRY_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Directory of the state database and the default checkpoint store.
+    /// Directory of the state database and the default checkpoint store (default .gantry).
     #[arg(long, env = "GANTRY_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// A worker that sends nothing for this long is declared lost.
+    /// A worker that sends nothing for this long is declared lost (default 10000).
     #[arg(long, env = "GANTRY_LEASE_TTL_MS")]
     pub lease_ttl_ms: Option<u64>,
-    /// How often workers are asked to send a heartbeat.
+    /// How often workers are asked to send a heartbeat (default 1000).
     #[arg(long, env = "GANTRY_HEARTBEAT_INTERVAL_MS")]
     pub heartbeat_interval_ms: Option<u64>,
-    /// Print the effective configuration and exit.
+    /// Where checkpoints of jobs that name no `checkpoint.url` go, e.g. s3://bucket/prefix
+    /// (default file://<state_dir>/checkpoints).
+    #[arg(long, env = "GANTRY_CHECKPOINT_URL")]
+    pub checkpoint_url: Option<String>,
+    /// Address of the HTTP endpoint with /metrics, /healthz and /readyz (default: none).
+    #[arg(long, env = "GANTRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM, report NOT_SERVING for this long before stopping (default 0).
+    #[arg(long, env = "GANTRY_DRAIN_MS")]
+    pub drain_ms: Option<u64>,
+    /// Log lines as text or as JSON objects (default text).
+    #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Print the effective configuration (JSON) and exit.
     #[arg(long)]
     pub print_config: bool,
 }
@@ -41,27 +56,46 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     lease_ttl_ms: Option<u64>,
     heartbeat_interval_ms: Option<u64>,
+    checkpoint_url: Option<String>,
+    metrics_listen: Option<SocketAddr>,
+    drain_ms: Option<u64>,
+    log_format: Option<LogFormat>,
+}
+
+/// Everything the coordinator binary runs with.
+#[derive(Debug, serde::Serialize)]
+pub struct Settings {
+    #[serde(flatten)]
+    pub options: Options,
+    pub log_format: LogFormat,
 }
 
 impl Args {
-    pub fn options(&self) -> anyhow::Result<Options> {
+    pub fn settings(&self) -> anyhow::Result<Settings> {
         let file: FileConfig =
             gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
+        let defaults = Options::new(
+            "127.0.0.1:7070".parse().expect("valid"),
+            PathBuf::from(".gantry"),
+        );
         let options = Options {
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:7070".parse().expect("valid")),
+            listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
             state_dir: self
                 .state_dir
                 .clone()
                 .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(".gantry")),
-            lease_ttl_ms: self.lease_ttl_ms.or(file.lease_ttl_ms).unwrap_or(10_000),
+                .unwrap_or(defaults.state_dir),
+            lease_ttl_ms: self
+                .lease_ttl_ms
+                .or(file.lease_ttl_ms)
+                .unwrap_or(defaults.lease_ttl_ms),
             heartbeat_interval_ms: self
                 .heartbeat_interval_ms
                 .or(file.heartbeat_interval_ms)
-                .unwrap_or(1_000),
+                .unwrap_or(defaults.heartbeat_interval_ms),
+            checkpoint_url: self.checkpoint_url.clone().or(file.checkpoint_url),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            drain_ms: self.drain_ms.or(file.drain_ms).unwrap_or(defaults.drain_ms),
         };
         anyhow::ensure!(
             options.heartbeat_interval_ms > 0
@@ -70,6 +104,15 @@ impl Args {
             options.heartbeat_interval_ms,
             options.lease_ttl_ms
         );
-        Ok(options)
+        if let Some(url) = &options.checkpoint_url {
+            anyhow::ensure!(
+                url.starts_with("file://") || url.starts_with("s3://"),
+                "checkpoint_url: {url:?} is neither file:// nor s3://"
+            );
+        }
+        Ok(Settings {
+            options,
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+        })
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod core;
 pub mod error;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod state;
@@ -30,12 +31,34 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 /// What a coordinator needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Options {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub heartbeat_interval_ms: u64,
     pub lease_ttl_ms: u64,
+    /// Where checkpoints go when a job spec names no `checkpoint.url`; by default
+    /// `file://<state_dir>/checkpoints` (which workers on other machines cannot reach).
+    pub checkpoint_url: Option<String>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` over HTTP; none when unset.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long the gRPC health service reports NOT_SERVING before the server stops.
+    pub drain_ms: u64,
+}
+
+impl Options {
+    /// The defaults for a coordinator on `listen` with its state in `state_dir`.
+    pub fn new(listen: SocketAddr, state_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            state_dir,
+            heartbeat_interval_ms: 1_000,
+            lease_ttl_ms: 10_000,
+            checkpoint_url: None,
+            metrics_listen: None,
+            drain_ms: 0,
+        }
+    }
 }
 
 /// A started coordinator: its bound address and a handle on its state.
@@ -63,6 +86,9 @@ impl Coordinator {
         let mut core_options = CoreOptions::for_state_dir(&state_dir);
         core_options.heartbeat_interval_ms = options.heartbeat_interval_ms;
         core_options.lease_ttl_ms = options.lease_ttl_ms;
+        if let Some(url) = &options.checkpoint_url {
+            core_options.default_checkpoint_url = url.clone();
+        }
         let core = Core::load(store, core_options, clock.now_ms())?;
         let handle = Handle::new(core, clock);
         let listener = TcpListener::bind(options.listen).await?;
@@ -86,15 +112,51 @@ impl Coordinator {
             }
         });
 
+        let rpc = metrics::RpcMetrics::default();
+        if let Some(listen) = options.metrics_listen {
+            let collect = metrics::collector(handle.clone(), rpc.clone());
+            gantry_ops::serve_http(
+                listen,
+                collect,
+                gantry_ops::Readiness::ready(),
+                shutdown.clone(),
+            )
+            .await?;
+        }
+        // The standard gRPC health service: SERVING while up, NOT_SERVING once shutdown starts,
+        // for `drain_ms` before the server stops (so load balancers and probes move away).
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<JobServiceServer<JobApi>>().await;
+        health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let stop = CancellationToken::new();
+        let drain = Duration::from_millis(options.drain_ms);
+        let stop_server = stop.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            health.set_not_serving::<JobServiceServer<JobApi>>().await;
+            health
+                .set_not_serving::<WorkerServiceServer<WorkerApi>>()
+                .await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            tokio::time::sleep(drain).await;
+            stop_server.cancel();
+        });
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .layer(tower::layer::layer_fn(move |inner| rpc.layer(inner)))
+            .add_service(health_service)
             .add_service(JobServiceServer::new(JobApi(handle.clone())))
             .add_service(WorkerServiceServer::new(WorkerApi(handle.clone())));
         let task = tokio::spawn(async move {
             server
                 .serve_with_incoming_shutdown(
                     TcpListenerStream::new(listener),
-                    shutdown.cancelled_owned(),
+                    stop.cancelled_owned(),
                 )
                 .await?;
             Ok(())

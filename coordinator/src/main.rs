@@ -4,19 +4,15 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let args = Args::parse();
-    let options = args.options()?;
+    let settings = args.settings()?;
     if args.print_config {
-        println!("{options:#?}");
+        println!("{}", serde_json::to_string_pretty(&settings)?);
         return Ok(());
     }
+    gantry_ops::init_logging(settings.log_format, "info");
     let shutdown = CancellationToken::new();
-    let coordinator = Coordinator::start(options, shutdown.clone()).await?;
+    let coordinator = Coordinator::start(settings.options, shutdown.clone()).await?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
         result = terminate() => result?,

@@ -9,10 +9,9 @@ async fn coordinator() -> (Target, CancellationToken, tempfile::TempDir) {
     let shutdown = CancellationToken::new();
     let c = Coordinator::start(
         Options {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: dir.path().to_path_buf(),
             heartbeat_interval_ms: 100,
             lease_ttl_ms: 1_000,
+            ..Options::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
         },
         shutdown.clone(),
     )

@@ -3,6 +3,7 @@
 //! them when told. When the coordinator goes away the ranks keep running; the daemon reconnects
 //! with backoff and reports what it is running and what exited meanwhile.
 
+use crate::metrics::WorkerMetrics;
 use crate::runtime::rank::RankAssignment;
 use crate::runtime::report::RankEvent;
 use backon::{ExponentialBuilder, Retryable};
@@ -20,7 +21,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct AgentOptions {
     pub coordinator: String,
     pub slots: u32,
@@ -30,6 +31,8 @@ pub struct AgentOptions {
     pub advertise_host: String,
     /// The program (and leading arguments) that runs a rank: `PROGRAM ARGS… --assignment FILE`.
     pub rank_command: Vec<String>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` over HTTP; none when unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 type Key = (String, u64, u32);
@@ -51,6 +54,16 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
     // Ranks run in their own directories: every path handed to them must be absolute.
     let mut options = options;
     options.work_dir = std::fs::canonicalize(&options.work_dir)?;
+    let metrics = WorkerMetrics::default();
+    if let Some(listen) = options.metrics_listen {
+        gantry_ops::serve_http(
+            listen,
+            metrics.collector(options.slots),
+            gantry_ops::Readiness::ready(),
+            shutdown.clone(),
+        )
+        .await?;
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel::<Body>();
     let mut ranks: HashMap<Key, RankProcess> = HashMap::new();
     let mut worker_id = String::new();
@@ -132,7 +145,7 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => match msg.body {
                         Some(pb::coordinator_message::Body::Assign(a)) => {
-                            if let Err(e) = launch(&options, &a, &mut ranks, &events_tx) {
+                            if let Err(e) = launch(&options, &a, &mut ranks, &events_tx, &metrics) {
                                 tracing::error!(error = %e, "cannot launch rank");
                                 if let Some(key) = a.key {
                                     let _ = events_tx.send(Body::Exited(pb::RankExited {
@@ -240,6 +253,7 @@ fn launch(
     a: &pb::Assignment,
     ranks: &mut HashMap<Key, RankProcess>,
     events: &mpsc::UnboundedSender<Body>,
+    metrics: &WorkerMetrics,
 ) -> anyhow::Result<()> {
     let key = a
         .key
@@ -278,7 +292,14 @@ fn launch(
         .spawn()?;
     tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "rank started");
     let kill = CancellationToken::new();
-    tokio::spawn(supervise(key, child, kill.clone(), events.clone()));
+    metrics.rank_started();
+    tokio::spawn(supervise(
+        key,
+        child,
+        kill.clone(),
+        events.clone(),
+        metrics.clone(),
+    ));
     ranks.insert(k, RankProcess { kill });
     Ok(())
 }
@@ -289,6 +310,7 @@ async fn supervise(
     mut child: Child,
     kill: CancellationToken,
     events: mpsc::UnboundedSender<Body>,
+    metrics: WorkerMetrics,
 ) {
     // Held until the rank exits: the rank treats EOF on stdin as "the daemon died".
     let stdin = child.stdin.take();
@@ -296,6 +318,7 @@ async fn supervise(
                  reader: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>| {
         let events = events.clone();
         let key = key.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let Some(reader) = reader else { return };
             let mut lines = BufReader::new(reader).lines();
@@ -306,25 +329,41 @@ async fn supervise(
                         loss,
                         eval_loss,
                         samples_per_sec,
-                    }) => Body::Progress(pb::RankProgress {
-                        key: Some(key.clone()),
-                        step,
-                        loss,
-                        eval_loss,
-                        samples_per_sec,
-                    }),
+                        step_seconds,
+                        allreduce_gbps,
+                    }) => {
+                        metrics.progress(
+                            &key.job_id,
+                            step,
+                            loss,
+                            samples_per_sec,
+                            step_seconds,
+                            allreduce_gbps,
+                        );
+                        Body::Progress(pb::RankProgress {
+                            key: Some(key.clone()),
+                            step,
+                            loss,
+                            eval_loss,
+                            samples_per_sec,
+                        })
+                    }
                     Some(RankEvent::Checkpoint {
                         step,
                         url,
                         size_bytes,
                         deleted_steps,
-                    }) => Body::Checkpoint(pb::CheckpointCommitted {
-                        key: Some(key.clone()),
-                        step,
-                        url,
-                        size_bytes,
-                        deleted_steps,
-                    }),
+                        seconds,
+                    }) => {
+                        metrics.checkpoint(seconds, size_bytes);
+                        Body::Checkpoint(pb::CheckpointCommitted {
+                            key: Some(key.clone()),
+                            step,
+                            url,
+                            size_bytes,
+                            deleted_steps,
+                        })
+                    }
                     Some(RankEvent::Test { loss, accuracy }) => Body::Test(pb::TestResult {
                         key: Some(key.clone()),
                         loss,
@@ -362,6 +401,11 @@ async fn supervise(
         Err(e) => (None, None, format!("wait failed: {e}")),
     };
     tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, ?exit_code, ?signal, "rank exited");
+    metrics.rank_exited(match (stopped, exit_code) {
+        (true, _) => "stopped",
+        (false, Some(0)) => "succeeded",
+        _ => "failed",
+    });
     let _ = events.send(Body::Exited(pb::RankExited {
         key: Some(key),
         exit_code,

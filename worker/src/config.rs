@@ -44,7 +44,13 @@ pub struct DaemonArgs {
     /// The address other ranks reach this worker's ranks on.
     #[arg(long, env = "GANTRY_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
-    /// Print the effective configuration and exit.
+    /// Address of the HTTP endpoint with /metrics, /healthz and /readyz (default: none).
+    #[arg(long, env = "GANTRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or as JSON objects (default text).
+    #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<gantry_ops::LogFormat>,
+    /// Print the effective configuration (JSON) and exit.
     #[arg(long)]
     pub print_config: bool,
 }
@@ -56,6 +62,8 @@ struct FileConfig {
     slots: Option<u32>,
     work_dir: Option<PathBuf>,
     advertise_host: Option<String>,
+    metrics_listen: Option<std::net::SocketAddr>,
+    log_format: Option<gantry_ops::LogFormat>,
 }
 
 pub fn hostname() -> String {
@@ -96,6 +104,34 @@ impl DaemonArgs {
                 std::env::current_exe()?.display().to_string(),
                 "rank".into(),
             ],
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
         })
     }
+
+    /// The log format: flag or variable, then the file, then text.
+    pub fn log_format(&self) -> anyhow::Result<gantry_ops::LogFormat> {
+        let file: FileConfig =
+            gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
+        Ok(self.log_format.or(file.log_format).unwrap_or_default())
+    }
+}
+
+/// Object-store credentials the usual variables name, which may instead come from files (as a
+/// mounted Kubernetes Secret): `AWS_SECRET_ACCESS_KEY_FILE=/path` sets `AWS_SECRET_ACCESS_KEY`
+/// from that file, for this daemon and the ranks it starts. Call before any thread starts.
+pub fn load_secret_files() -> anyhow::Result<()> {
+    const SECRETS: [&str; 3] = [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ];
+    for name in SECRETS {
+        if let Ok(path) = std::env::var(format!("{name}_FILE")) {
+            let value = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("{name}_FILE={path}: {e}"))?;
+            // SAFETY: called at startup, before the runtime or any other thread exists.
+            unsafe { std::env::set_var(name, value.trim_end()) };
+        }
+    }
+    Ok(())
 }

@@ -7,16 +7,16 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Rank(args)) = cli.command {
         std::process::exit(gantry_worker::runtime::rank::run(&args.assignment));
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let options = cli.daemon.options()?;
+    let log_format = cli.daemon.log_format()?;
     if cli.daemon.print_config {
-        println!("{options:#?}");
+        let mut shown = serde_json::to_value(&options)?;
+        shown["log_format"] = serde_json::to_value(log_format)?;
+        println!("{}", serde_json::to_string_pretty(&shown)?);
         return Ok(());
     }
+    gantry_worker::config::load_secret_files()?;
+    gantry_ops::init_logging(log_format, "info");
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();

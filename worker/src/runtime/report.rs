@@ -15,6 +15,12 @@ pub enum RankEvent {
         loss: f64,
         eval_loss: Option<f64>,
         samples_per_sec: f64,
+        /// Wall time of the step.
+        #[serde(default)]
+        step_seconds: f64,
+        /// Bus bandwidth of the step's gradient all-reduce (GB/s), where there is one.
+        #[serde(default)]
+        allreduce_gbps: Option<f64>,
     },
     Test {
         loss: f64,
@@ -27,6 +33,9 @@ pub enum RankEvent {
         /// Older checkpoints retention deleted after this commit.
         #[serde(default)]
         deleted_steps: Vec<u64>,
+        /// From the start of this rank's save to the commit.
+        #[serde(default)]
+        seconds: f64,
     },
 }
 
@@ -40,6 +49,8 @@ pub struct StepReport {
     pub grad_norm: Option<f64>,
     pub lr: f64,
     pub samples_per_sec: f64,
+    pub step_seconds: f64,
+    pub allreduce_gbps: Option<f64>,
 }
 
 impl RankEvent {
@@ -96,6 +107,8 @@ impl Reporter {
             loss: p.loss,
             eval_loss: p.eval_loss,
             samples_per_sec: p.samples_per_sec,
+            step_seconds: p.step_seconds,
+            allreduce_gbps: p.allreduce_gbps,
         });
     }
 
@@ -114,7 +127,14 @@ impl Reporter {
         self.emit(&RankEvent::Test { loss, accuracy });
     }
 
-    pub fn checkpoint(&self, step: u64, url: &str, size_bytes: u64, deleted_steps: Vec<u64>) {
+    pub fn checkpoint(
+        &self,
+        step: u64,
+        url: &str,
+        size_bytes: u64,
+        deleted_steps: Vec<u64>,
+        seconds: f64,
+    ) {
         self.log(&format!(
             "checkpoint committed at step {step}: {url} ({size_bytes} bytes)"
         ));
@@ -123,6 +143,7 @@ impl Reporter {
             url: url.to_string(),
             size_bytes,
             deleted_steps,
+            seconds,
         });
     }
 }

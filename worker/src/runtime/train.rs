@@ -203,6 +203,8 @@ pub fn train<S: Stage>(
                 grad_norm: None,
                 lr: learning_rate(spec, start.saturating_sub(1)),
                 samples_per_sec: 0.0,
+                step_seconds: 0.0,
+                allreduce_gbps: None,
             });
         }
         last_eval = shard.eval_loss;
@@ -239,10 +241,16 @@ pub fn train<S: Stage>(
         let scale = 1.0 / (micro * dp) as f32;
         flat.iter_mut().for_each(|v| *v *= scale);
         // DDP-style buckets, each all-reduced as one buffer.
+        let reduce_started = Instant::now();
         let mut dp_group = comm.group(&dp_members)?;
         for chunk in flat.chunks_mut(bucket) {
             dp_group.all_reduce(chunk, ReduceOp::Sum)?;
         }
+        // Bus bandwidth as nccl-tests defines it: bytes · 2(n-1)/n per second.
+        let allreduce_gbps = (dp > 1).then(|| {
+            let bytes = (flat.len() * 4) as f64 * 2.0 * (dp - 1) as f64 / dp as f64;
+            bytes / reduce_started.elapsed().as_secs_f64().max(1e-9) / 1e9
+        });
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
 
@@ -269,7 +277,8 @@ pub fn train<S: Stage>(
         model = optimizer.step(lr, model, unflatten.grads);
 
         let done = step + 1;
-        let samples_per_sec = t.global_batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        let step_seconds = started.elapsed().as_secs_f64();
+        let samples_per_sec = t.global_batch as f64 / step_seconds.max(1e-9);
         let last = done == t.steps;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
             let mut ctx = step_context!();
@@ -285,6 +294,8 @@ pub fn train<S: Stage>(
             grad_norm: Some(norm),
             lr,
             samples_per_sec,
+            step_seconds,
+            allreduce_gbps,
         });
         last_eval = eval_loss.or(last_eval);
 
@@ -339,6 +350,7 @@ fn save<M: Module>(
     reporter: &Reporter,
     io: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let shard = Shard {
         model: model
             .clone()
@@ -372,7 +384,8 @@ fn save<M: Module>(
             total_bytes: 0,
         };
         let (size, deleted) = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
-        reporter.checkpoint(step, &store.step_url(step), size, deleted);
+        let seconds = started.elapsed().as_secs_f64();
+        reporter.checkpoint(step, &store.step_url(step), size, deleted, seconds);
     }
     // Nobody moves on (and possibly dies) before the commit is known.
     comm.world().barrier()?;
