@@ -1,0 +1,225 @@
+"""Strict checks of Gantry's Helm chart, without a cluster.
+
+For the default values and each scenario in scenarios/: Helm's strict lint for Kubernetes 1.29
+and 1.33, the values schema, an offline render through the Helm SDK, every rendered object
+validated against the Kubernetes 1.29 and 1.33 schemas in strict mode (unknown fields and kinds
+are errors), and a checkov security scan with zero failed checks. Then what the rendered objects
+must say (GPUs, DNS names, hardening), and invalid values refused with a clear message.
+
+Run: python -m unittest discover -s helm/tests  (scripts/test installs the tools: helm-python-sdk,
+kubernetes-validate, PyYAML; checkov from the CHECKOV variable, its own virtualenv).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import tempfile
+import unittest
+
+import helm_python
+import kubernetes_validate
+import yaml
+from helm_python.chart import Chart, lint
+
+HERE = pathlib.Path(__file__).resolve().parent
+CHART = HERE.parent / "gantry"
+NAMESPACE = "training"
+RELEASE = "gantry"
+KUBE_VERSIONS = ["1.29.0", "1.33.0"]
+
+
+def scenarios():
+    yield "default", {}
+    for path in sorted((HERE / "scenarios").glob("*.yaml")):
+        yield path.stem, yaml.safe_load(path.read_text())
+
+
+def render(values):
+    with Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for template, text in sorted(manifests.items()):
+        if template.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.append(doc)
+    return manifests, objects
+
+
+def find(objects, kind, component=None):
+    found = [
+        o
+        for o in objects
+        if o["kind"] == kind
+        and (
+            component is None
+            or o["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component
+        )
+    ]
+    assert found, f"no {kind} {component or ''}"
+    return found
+
+
+def env_of(container):
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+class ChartTest(unittest.TestCase):
+    def test_lint_render_validate_and_scan_every_scenario(self):
+        checkov = os.environ.get("CHECKOV")
+        for name, values in scenarios():
+            with self.subTest(scenario=name):
+                for version in KUBE_VERSIONS:
+                    report = lint(
+                        CHART,
+                        values,
+                        strict=True,
+                        namespace=NAMESPACE,
+                        kube_version=f"v{version}",
+                    )
+                    problems = [m for m in report["messages"] if m["severity"] >= 2]
+                    problems += report.get("errors") or []
+                    self.assertEqual(problems, [], f"helm lint ({version})")
+                manifests, objects = render(values)
+                self.assertTrue(any(t.endswith("NOTES.txt") for t in manifests))
+                kinds = {o["kind"] for o in objects}
+                self.assertTrue(
+                    {"StatefulSet", "Service", "ConfigMap", "ServiceAccount",
+                     "NetworkPolicy", "PodDisruptionBudget"} <= kinds,
+                    kinds,
+                )
+                for obj in objects:
+                    self.assertEqual(obj["metadata"].get("namespace"), NAMESPACE, obj["kind"])
+                    for version in KUBE_VERSIONS:
+                        # Raises on unknown fields (strict) and on unknown kinds.
+                        kubernetes_validate.validate(obj, version, strict=True)
+                if checkov:
+                    self.assert_security_scan_passes(checkov, objects)
+
+    def assert_security_scan_passes(self, checkov, objects):
+        with tempfile.TemporaryDirectory() as out:
+            for i, obj in enumerate(objects):
+                path = pathlib.Path(out, f"{i:02}-{obj['kind']}.yaml")
+                path.write_text(yaml.safe_dump(obj))
+            run = subprocess.run(
+                [checkov, "-d", out, "--framework", "kubernetes", "--skip-download",
+                 "--quiet", "-o", "json"],
+                capture_output=True,
+                text=True,
+            )
+            report = json.loads(run.stdout) if run.stdout.strip() else {}
+            reports = report if isinstance(report, list) else [report]
+            failed = [
+                (c["check_id"], c["resource"])
+                for r in reports
+                for c in r.get("results", {}).get("failed_checks", [])
+            ]
+            passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
+            self.assertEqual(failed, [], "checkov findings")
+            self.assertGreater(passed, 50, f"checkov ran no checks: {run.stderr[-2000:]}")
+
+    def test_gpu_workers_ask_for_gpus_and_cpu_workers_do_not(self):
+        scenario = dict(scenarios())
+        for name, gpus in [("gpu", 8), ("cpu", None), ("default", None)]:
+            _, objects = render(scenario[name])
+            (workers,) = find(objects, "StatefulSet", "worker")
+            (container,) = workers["spec"]["template"]["spec"]["containers"]
+            limits = container["resources"]["limits"]
+            self.assertEqual(limits.get("nvidia.com/gpu"), gpus, name)
+            if gpus:
+                self.assertTrue(container["image"].endswith(scenario["gpu"]["image"]["digest"]))
+                tolerations = workers["spec"]["template"]["spec"]["tolerations"]
+                self.assertIn("nvidia.com/gpu", [t["key"] for t in tolerations])
+            else:
+                self.assertNotIn("-cuda", container["image"])
+
+    def test_ranks_advertise_stable_names_of_the_headless_service(self):
+        _, objects = render({})
+        (workers,) = find(objects, "StatefulSet", "worker")
+        headless = [s for s in find(objects, "Service", "worker") if s["spec"].get("clusterIP") == "None"]
+        self.assertEqual(len(headless), 1)
+        service = headless[0]
+        self.assertEqual(workers["spec"]["serviceName"], service["metadata"]["name"])
+        pod_labels = workers["spec"]["template"]["metadata"]["labels"]
+        self.assertTrue(service["spec"]["selector"].items() <= pod_labels.items())
+        # A rank's peer-table entry is its worker's advertised host and a port; for pod
+        # gantry-worker-0 that is gantry-worker-0.gantry-worker.training.svc.cluster.local,
+        # the DNS name the headless Service gives the pod.
+        (container,) = workers["spec"]["template"]["spec"]["containers"]
+        env = env_of(container)
+        self.assertEqual(
+            env["GANTRY_ADVERTISE_HOST"],
+            f"$(POD_NAME).{service['metadata']['name']}.$(POD_NAMESPACE).svc.cluster.local",
+        )
+        names = [e["name"] for e in container["env"]]
+        self.assertLess(names.index("POD_NAME"), names.index("GANTRY_ADVERTISE_HOST"))
+        self.assertLess(names.index("POD_NAMESPACE"), names.index("GANTRY_ADVERTISE_HOST"))
+        # Workers reach the coordinator's Service by name.
+        (config,) = find(objects, "ConfigMap")
+        (coordinator_service,) = find(objects, "Service", "coordinator")
+        self.assertIn(
+            f'coordinator = "http://{coordinator_service["metadata"]["name"]}.{NAMESPACE}.svc:7070"',
+            config["data"]["worker.toml"],
+        )
+
+    def test_s3_credentials_come_from_a_secret_as_files(self):
+        _, objects = render(dict(scenarios())["s3"])
+        (workers,) = find(objects, "StatefulSet", "worker")
+        spec = workers["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = env_of(container)
+        self.assertNotIn("AWS_SECRET_ACCESS_KEY", env)
+        self.assertEqual(
+            env["AWS_SECRET_ACCESS_KEY_FILE"], "/var/run/secrets/gantry/s3/AWS_SECRET_ACCESS_KEY"
+        )
+        secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+        self.assertEqual(secrets, ["gantry-s3-credentials"])
+        (config,) = find(objects, "ConfigMap")
+        self.assertIn('checkpoint_url = "s3://training-checkpoints/gantry"', config["data"]["coordinator.toml"])
+        self.assertFalse([o for o in objects if o["kind"] == "PersistentVolumeClaim"])
+
+    def test_pods_are_hardened(self):
+        _, objects = render({})
+        for sts in find(objects, "StatefulSet"):
+            pod = sts["spec"]["template"]["spec"]
+            self.assertTrue(pod["securityContext"]["runAsNonRoot"])
+            self.assertEqual(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault")
+            self.assertFalse(pod["automountServiceAccountToken"])
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                self.assertTrue(sc["readOnlyRootFilesystem"])
+                self.assertFalse(sc["allowPrivilegeEscalation"])
+                self.assertEqual(sc["capabilities"]["drop"], ["ALL"])
+                self.assertIn("livenessProbe", c)
+                self.assertIn("readinessProbe", c)
+                self.assertIn("/tmp", [m["mountPath"] for m in c["volumeMounts"]])
+        (coordinator,) = find(objects, "StatefulSet", "coordinator")
+        (container,) = coordinator["spec"]["template"]["spec"]["containers"]
+        self.assertEqual(container["livenessProbe"]["grpc"]["port"], 7070)
+
+    def test_invalid_values_are_refused_with_a_clear_message(self):
+        cases = [
+            ({"workers": {"replicas": "two"}}, "replicas"),
+            ({"workers": {"slots": 0}}, "slots"),
+            ({"image": {"repository": ""}}, "repository"),
+            ({"image": {"digest": "latest"}}, "digest"),
+            ({"coordinator": {"logFormat": "xml"}}, "logFormat"),
+            ({"workers": {"gpu": {"enabled": True, "perWorker": 0}}}, "perWorker"),
+            ({"workers": {"replicsa": 3}}, "replicsa"),
+            # An S3 store without the Secret holding its credentials.
+            ({"checkpoints": {"url": "s3://bucket/x", "s3": {"region": "eu-west-1"}}}, "credentialsSecret"),
+            ({"checkpoints": {"url": "gs://bucket/x"}}, "url"),
+        ]
+        with Chart.load(CHART) as chart:
+            for values, field in cases:
+                with self.subTest(values=values):
+                    with self.assertRaises(helm_python.errors.HelmValuesError) as refused:
+                        chart.validate_schema(values)
+                    self.assertIn(field, str(refused.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
