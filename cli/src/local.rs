@@ -44,8 +44,13 @@ impl LocalCluster {
                     advertise_host: "127.0.0.1".into(),
                     rank_command: vec![exe.clone(), "rank".into()],
                     metrics_listen: None,
+                    drain_timeout_secs: 60,
                 };
-                tokio::spawn(agent::run(options, shutdown.clone()))
+                tokio::spawn(agent::run(
+                    options,
+                    shutdown.clone(),
+                    CancellationToken::new(),
+                ))
             })
             .collect();
         Ok(Self {

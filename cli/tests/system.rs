@@ -912,6 +912,7 @@ fn chaos_faults_leave_a_3d_job_bit_identical() {
         "checkpoint.every_steps=10",
         "fault_tolerance.max_restarts=20",
         "fault_tolerance.collective_timeout_secs=4",
+        "fault_tolerance.restart_backoff_secs=0.1",
     ];
     let reference = cluster.submit("gpt-3d.toml", &set);
     let reference_end = cluster.wait_until_ended(&reference);
@@ -1124,4 +1125,71 @@ fn metrics_and_health_endpoints_show_live_values() {
         "{reporting}"
     );
     assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+}
+
+#[test]
+fn sigterm_drains_a_worker_without_losing_a_step() {
+    // Three single-slot workers for a dp=2 job: one spare to move to.
+    let mut cluster = Cluster::start(3);
+    // Periodic checkpoints are far apart: the resume point can only be the drain's own.
+    let set = ["train.steps=4000", "checkpoint.every_steps=3000"];
+    let reference = cluster.submit("mlp-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+
+    let job = cluster.submit("mlp-dp2.toml", &set);
+    cluster.wait_for(
+        |c| c.status(&job)["step"].as_u64().unwrap_or(0) > 100,
+        "training to start",
+    );
+    let pids = cluster.rank_pids(&job);
+    let host = (0..cluster.workers.len())
+        .find(|&w| {
+            let pid = cluster.workers[w].id();
+            pids.iter().any(|rank| {
+                std::fs::read_to_string(format!("/proc/{rank}/status"))
+                    .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
+            })
+        })
+        .expect("a worker runs a rank");
+    let mut drained = cluster.workers.remove(host);
+    let ok = Command::new("kill")
+        .args(["-TERM", &drained.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // The worker stops once its ranks have checkpointed, well within its 60 s drain timeout.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = drained.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the drained worker did not exit");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "drained worker exit: {status}");
+
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert_eq!(end["restarts"], 0, "a drain uses no restart: {logs}");
+    assert!(logs.contains("a worker is draining"), "{logs}");
+    // The next attempt resumed exactly where the drain checkpointed: no step was lost.
+    let drain_step = logs
+        .lines()
+        .find_map(|l| {
+            l.split("checkpointed at step ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("a drain checkpoint");
+    assert!(drain_step > 100 && drain_step % 3000 != 0, "{logs}");
+    assert!(
+        logs.contains(&format!("resumed from checkpoint at step {drain_step} ")),
+        "{logs}"
+    );
+    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
 }

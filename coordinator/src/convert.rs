@@ -52,6 +52,7 @@ pub fn worker_report(
     use pb::worker_message::Body;
     Ok(match body.ok_or_else(|| missing("body"))? {
         Body::Heartbeat(_) => WorkerReport::Heartbeat,
+        Body::Draining(_) => WorkerReport::Draining,
         Body::Running(r) => WorkerReport::Running {
             ranks: r
                 .ranks

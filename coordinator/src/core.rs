@@ -10,7 +10,7 @@ use crate::state::{CheckpointRecord, Job, JobState, Worker, WorkerState};
 use crate::store::{AttemptRow, EventRow, Store};
 use gantry_core::{Attempt, JobId, JobSpec, Mesh, Rank, WorkerId};
 use gantry_proto::v1 as pb;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use tokio::sync::{broadcast, mpsc};
 
@@ -62,7 +62,24 @@ pub struct Core {
     /// What the ranks of live attempts reported at rendezvous.
     rendezvous: HashMap<(JobId, Attempt), RendezvousTable>,
     updates: broadcast::Sender<Update>,
+    /// Workers shutting down: they get no new ranks.
+    draining: HashSet<WorkerId>,
+    /// When each placed job last showed life (placement or a reported step), for hang detection.
+    last_progress_ms: HashMap<JobId, i64>,
+    /// Recent failures that were a worker's own (its lease expired, its rank was killed).
+    worker_failures: HashMap<WorkerId, Vec<i64>>,
 }
+
+/// A worker with this many failures of its own within [`FLAKY_WINDOW_MS`] is avoided for as
+/// long, when the job fits elsewhere.
+const FLAKY_FAILURES: usize = 2;
+const FLAKY_WINDOW_MS: i64 = 10 * 60 * 1000;
+
+/// Exit code of a rank that saved a checkpoint and stopped because its worker is draining
+/// (`gantry_worker::runtime::rank::EXIT_DRAINED`).
+const EXIT_DRAINED: i32 = 76;
+/// Exit code of a rank whose worker daemon went away (`gantry_worker::runtime::rank`).
+const EXIT_ORPHANED: i32 = 70;
 
 impl Core {
     /// Rebuilds the coordinator's view from the store. Workers get a fresh lease so they have
@@ -91,6 +108,9 @@ impl Core {
             next_session: 0,
             rendezvous: HashMap::new(),
             updates,
+            draining: HashSet::new(),
+            last_progress_ms: HashMap::new(),
+            worker_failures: HashMap::new(),
         })
     }
 
@@ -310,6 +330,11 @@ impl Core {
             was_lost || matches!(body, WorkerReport::Running { .. } | WorkerReport::Exited(_));
         match body {
             WorkerReport::Heartbeat => {}
+            WorkerReport::Draining => {
+                if self.draining.insert(worker.clone()) {
+                    tracing::info!(worker = %worker, "worker is draining");
+                }
+            }
             WorkerReport::Running { ranks, exited } => {
                 for exit in exited {
                     self.on_rank_exit(exit, now_ms)?;
@@ -323,6 +348,7 @@ impl Core {
                 eval_loss,
             } => {
                 if self.is_live(&key) && key.rank == self.jobs[&key.job].spec.progress_rank() {
+                    self.last_progress_ms.insert(key.job.clone(), now_ms);
                     self.update_job(&key.job, now_ms, |job| {
                         job.to_running();
                         job.step = step;
@@ -499,9 +525,30 @@ impl Core {
                 .filter(|j| j.state.placement().is_some_and(|p| p.contains(&id)))
                 .map(|j| j.id.clone())
                 .collect();
+            self.record_worker_failure(&id, now_ms);
             for job in affected {
                 self.fail_attempt(&job, format!("worker {id} lost (lease expired)"), now_ms)?;
             }
+        }
+        // A placed attempt that has shown no life for its hang timeout is stuck somewhere
+        // collectives' timeouts do not see (a rank spinning, a deadlock outside a collective).
+        let hung: Vec<(JobId, u64)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state.placement().is_some())
+            .filter_map(|j| {
+                let limit = j.spec.fault_tolerance.hang_timeout_secs;
+                let since = *self.last_progress_ms.get(&j.id)?;
+                (limit > 0 && now_ms - since > limit as i64 * 1000).then(|| (j.id.clone(), limit))
+            })
+            .collect();
+        for (job, limit) in hung {
+            self.last_progress_ms.remove(&job);
+            self.fail_attempt(
+                &job,
+                format!("no step reported for {limit} s (hung)"),
+                now_ms,
+            )?;
         }
         self.schedule(now_ms)
     }
@@ -547,7 +594,8 @@ impl Core {
         if !self.is_live(key) {
             // An attempt ends on the first failure reported, often a peer that saw a broken
             // collective; the rank that really died may report after. Keep that in the history.
-            let failed_on_its_own = !exit.stopped && exit.exit_code != Some(0);
+            let failed_on_its_own =
+                !exit.stopped && exit.exit_code != Some(0) && exit.exit_code != Some(EXIT_DRAINED);
             if failed_on_its_own
                 && self
                     .jobs
@@ -580,8 +628,57 @@ impl Core {
             }
             return Ok(());
         }
+        let job = &self.jobs[&key.job];
+        let host = job
+            .state
+            .placement()
+            .and_then(|p| p.get(key.rank as usize))
+            .cloned();
+        if exit.exit_code == Some(EXIT_DRAINED) {
+            let cause = if exit.message.is_empty() {
+                format!(
+                    "a worker is draining; rank {} checkpointed and stopped",
+                    key.rank
+                )
+            } else {
+                format!("a worker is draining; rank {}: {}", key.rank, exit.message)
+            };
+            let attempt = job.attempt;
+            self.end_live_attempt(&key.job, &format!("drained: {cause}"), now_ms)?;
+            self.update_job(&key.job, now_ms, |job| job.requeue(cause.clone()))?;
+            return self.note(
+                &key.job,
+                now_ms,
+                &format!(
+                    "attempt {attempt} ended: {cause}; restarting elsewhere from that checkpoint"
+                ),
+            );
+        }
+        // A rank killed by a signal, or orphaned by its daemon, says something about its worker;
+        // a peer's broken collective does not.
+        if let Some(host) = host
+            && (exit.signal.is_some() || exit.exit_code == Some(EXIT_ORPHANED))
+        {
+            self.record_worker_failure(&host, now_ms);
+        }
         let cause = format!("rank {} {}", key.rank, describe_exit(&exit));
         self.fail_attempt(&key.job, cause, now_ms)
+    }
+
+    fn record_worker_failure(&mut self, worker: &WorkerId, now_ms: i64) {
+        let failures = self.worker_failures.entry(worker.clone()).or_default();
+        failures.retain(|t| now_ms - t < FLAKY_WINDOW_MS);
+        failures.push(now_ms);
+        if failures.len() == FLAKY_FAILURES {
+            tracing::warn!(worker = %worker, "worker failed {FLAKY_FAILURES} times recently; avoiding it where possible");
+        }
+    }
+
+    /// Whether recent failures of its own make `worker` a last resort for placement.
+    fn is_flaky(&self, worker: &WorkerId, now_ms: i64) -> bool {
+        self.worker_failures.get(worker).is_some_and(|f| {
+            f.iter().filter(|t| now_ms - **t < FLAKY_WINDOW_MS).count() >= FLAKY_FAILURES
+        })
     }
 
     /// Ends the live attempt because of `cause`; restarts the job if its budget allows.
@@ -595,7 +692,7 @@ impl Core {
         self.end_live_attempt(id, &format!("failed: {cause}"), now_ms)?;
         let mut restarting = false;
         self.update_job(id, now_ms, |job| {
-            restarting = job.end_attempt_with_error(cause.clone())
+            restarting = job.end_attempt_with_error(cause.clone(), now_ms)
         })?;
         let job = &self.jobs[id];
         let line = if restarting {
@@ -719,7 +816,9 @@ impl Core {
         let mut free: Vec<FreeSlots> = self
             .workers
             .values()
-            .filter(|w| w.is_alive() && self.sessions.contains_key(&w.id))
+            .filter(|w| {
+                w.is_alive() && self.sessions.contains_key(&w.id) && !self.draining.contains(&w.id)
+            })
             .map(|w| FreeSlots {
                 worker: w.id.clone(),
                 free: w
@@ -733,15 +832,32 @@ impl Core {
             .filter(|id| self.jobs[*id].state.wants_slots())
             .cloned()
             .collect();
+        let flaky: HashSet<WorkerId> = free
+            .iter()
+            .filter(|f| self.is_flaky(&f.worker, now_ms))
+            .map(|f| f.worker.clone())
+            .collect();
         for id in waiting {
+            if self.jobs[&id].not_before_ms > now_ms {
+                continue; // restart backoff; a later tick places it
+            }
             let p = self.jobs[&id].spec.parallel;
-            match scheduler::plan(&free, Mesh::new(p.dp, p.tp, p.pp)) {
+            let mesh = Mesh::new(p.dp, p.tp, p.pp);
+            let reliable: Vec<FreeSlots> = free
+                .iter()
+                .filter(|f| !flaky.contains(&f.worker))
+                .cloned()
+                .collect();
+            let planned =
+                scheduler::plan(&reliable, mesh).or_else(|_| scheduler::plan(&free, mesh));
+            match planned {
                 Ok(placement) => {
                     for w in &placement {
                         let slot = free.iter_mut().find(|f| &f.worker == w).expect("planned");
                         slot.free -= 1;
                     }
                     self.update_job(&id, now_ms, |job| job.to_scheduled(placement.clone()))?;
+                    self.last_progress_ms.insert(id.clone(), now_ms);
                     let attempt = self.jobs[&id].attempt;
                     self.store.start_attempt(&id, attempt, &placement, now_ms)?;
                     let mut hosts: Vec<&str> = placement.iter().map(|w| w.0.as_str()).collect();
@@ -901,6 +1017,8 @@ pub struct RankExit {
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerReport {
     Heartbeat,
+    /// The worker is shutting down: place nothing more on it.
+    Draining,
     Running {
         ranks: Vec<RankKey>,
         exited: Vec<RankExit>,

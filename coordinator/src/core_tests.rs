@@ -19,7 +19,7 @@ fn options() -> CoreOptions {
 
 fn spec(dp: u32) -> String {
     format!(
-        r#"{{"name":"j","model":{{"kind":"mlp"}},"train":{{"steps":10,"global_batch":8,"lr":0.1}},"parallel":{{"dp":{dp}}},"fault_tolerance":{{"max_restarts":1}}}}"#
+        r#"{{"name":"j","model":{{"kind":"mlp"}},"train":{{"steps":10,"global_batch":8,"lr":0.1}},"parallel":{{"dp":{dp}}},"fault_tolerance":{{"max_restarts":1,"restart_backoff_secs":0}}}}"#
     )
 }
 
@@ -218,4 +218,142 @@ fn a_job_too_big_for_the_workers_memory_is_refused_with_the_knobs_to_turn() {
     assert_eq!(core.jobs().len(), 1, "nothing stored");
     // The small default job fits.
     assert!(core.submit(&spec(1), 3).is_ok());
+}
+
+fn spec_with(dp: u32, fault_tolerance: &str) -> String {
+    format!(
+        r#"{{"name":"j","model":{{"kind":"mlp"}},"train":{{"steps":10,"global_batch":8,"lr":0.1}},"parallel":{{"dp":{dp}}},"fault_tolerance":{fault_tolerance}}}"#
+    )
+}
+
+fn killed(job: &JobId, attempt: u64, rank: u32) -> WorkerReport {
+    WorkerReport::Exited(RankExit {
+        key: key(job, attempt, rank),
+        exit_code: None,
+        signal: Some(9),
+        message: String::new(),
+        stopped: false,
+    })
+}
+
+#[test]
+fn restarts_back_off_and_a_hung_attempt_is_restarted() {
+    let mut core = Core::load(Store::in_memory().unwrap(), options(), 0).unwrap();
+    let (a, _inbox) = join(&mut core, "a", 0);
+    let job = core
+        .submit(
+            &spec_with(
+                1,
+                r#"{"max_restarts":5,"restart_backoff_secs":1.0,"hang_timeout_secs":3}"#,
+            ),
+            0,
+        )
+        .unwrap()
+        .id;
+    core.tick(10).unwrap();
+    assert_eq!(core.job(&job).unwrap().attempt, 1);
+
+    // The first restart waits 1 s, the second 2 s.
+    core.on_worker_message(&a, killed(&job, 1, 0), 100).unwrap();
+    core.tick(1099).unwrap();
+    assert!(core.job(&job).unwrap().state.wants_slots(), "backing off");
+    core.on_worker_message(&a, WorkerReport::Heartbeat, 1100)
+        .unwrap();
+    core.tick(1100).unwrap();
+    assert_eq!(core.job(&job).unwrap().attempt, 2);
+    core.on_worker_message(&a, killed(&job, 2, 0), 1200)
+        .unwrap();
+    core.on_worker_message(&a, WorkerReport::Heartbeat, 3100)
+        .unwrap();
+    core.tick(3100).unwrap();
+    assert!(core.job(&job).unwrap().state.wants_slots(), "2 s now");
+    core.on_worker_message(&a, WorkerReport::Heartbeat, 3200)
+        .unwrap();
+    core.tick(3200).unwrap();
+    assert_eq!(core.job(&job).unwrap().attempt, 3);
+
+    // Attempt 3 reports a step, then nothing for longer than the 3 s hang timeout.
+    let progress = WorkerReport::Progress {
+        key: key(&job, 3, 0),
+        step: 1,
+        loss: 1.0,
+        eval_loss: None,
+    };
+    core.on_worker_message(&a, progress, 3300).unwrap();
+    for t in [4000, 5000, 6000, 6300] {
+        core.on_worker_message(&a, WorkerReport::Heartbeat, t)
+            .unwrap();
+        core.tick(t).unwrap();
+    }
+    assert_eq!(core.job(&job).unwrap().attempt, 3, "not hung yet");
+    core.on_worker_message(&a, WorkerReport::Heartbeat, 6301)
+        .unwrap();
+    core.tick(6301).unwrap();
+    let history = core.events_after(&job, 0, 100).unwrap();
+    assert!(
+        history.iter().any(|e| e
+            .line
+            .contains("attempt 3 failed: no step reported for 3 s (hung)")),
+        "{history:?}"
+    );
+}
+
+#[test]
+fn a_worker_that_keeps_failing_is_avoided_while_others_have_room() {
+    let mut core = Core::load(Store::in_memory().unwrap(), options(), 0).unwrap();
+    let (a, _ia) = join(&mut core, "a", 0);
+    let (b, _ib) = join(&mut core, "b", 0);
+    let ft = r#"{"max_restarts":5,"restart_backoff_secs":0.0}"#;
+    // Two jobs of one rank each; "a" sorts first, so it gets the first one.
+    let job = core.submit(&spec_with(1, ft), 0).unwrap().id;
+    core.tick(1).unwrap();
+    let on = |core: &Core| core.job(&job).unwrap().state.placement().unwrap()[0].clone();
+    assert_eq!(on(&core), a);
+    // Its rank is killed twice on "a"; after the first, "a" is still preferred.
+    core.on_worker_message(&a, killed(&job, 1, 0), 10).unwrap();
+    core.tick(11).unwrap();
+    assert_eq!(on(&core), a);
+    core.on_worker_message(&a, killed(&job, 2, 0), 20).unwrap();
+    core.tick(21).unwrap();
+    assert_eq!(on(&core), b, "a failed twice: avoided while b has room");
+    // With b busy, a is still used rather than leaving a job waiting.
+    let other = core.submit(&spec_with(1, ft), 30).unwrap().id;
+    core.on_worker_message(&b, WorkerReport::Heartbeat, 31)
+        .unwrap();
+    core.tick(31).unwrap();
+    assert_eq!(core.job(&other).unwrap().state.placement().unwrap()[0], a);
+}
+
+#[test]
+fn a_draining_worker_gets_no_ranks_and_a_drained_attempt_costs_no_restart() {
+    let mut core = Core::load(Store::in_memory().unwrap(), options(), 0).unwrap();
+    let (a, _ia) = join(&mut core, "a", 0);
+    let (b, _ib) = join(&mut core, "b", 0);
+    let job = core
+        .submit(&spec_with(1, r#"{"max_restarts":0}"#), 0)
+        .unwrap()
+        .id;
+    core.tick(1).unwrap();
+    assert_eq!(core.job(&job).unwrap().state.placement().unwrap()[0], a);
+    core.on_worker_message(&a, WorkerReport::Draining, 10)
+        .unwrap();
+    let drained = WorkerReport::Exited(RankExit {
+        key: key(&job, 1, 0),
+        exit_code: Some(76),
+        signal: None,
+        message: String::new(),
+        stopped: false,
+    });
+    core.on_worker_message(&a, drained, 20).unwrap();
+    core.on_worker_message(&b, WorkerReport::Heartbeat, 21)
+        .unwrap();
+    core.tick(21).unwrap();
+    let j = core.job(&job).unwrap();
+    assert_eq!(j.attempt, 2, "restarted although max_restarts is 0");
+    assert_eq!(j.restarts, 0);
+    assert_eq!(
+        j.state.placement().unwrap()[0],
+        b,
+        "not on the draining worker"
+    );
 }

@@ -98,6 +98,9 @@ pub struct Job {
     pub resume_step: Option<u64>,
     /// Ranks of the live attempt that exited successfully.
     pub finished_ranks: Vec<u32>,
+    /// A restarting job is not placed before this time (restart backoff).
+    #[serde(default)]
+    pub not_before_ms: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
 }
@@ -128,6 +131,7 @@ impl Job {
             last_checkpoint: None,
             resume_step: None,
             finished_ranks: Vec::new(),
+            not_before_ms: 0,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
         }
@@ -149,12 +153,16 @@ impl Job {
         }
     }
 
-    /// The live attempt ended with an error: restart if the budget allows, otherwise fail.
-    /// Returns whether the job will restart.
-    pub fn end_attempt_with_error(&mut self, cause: String) -> bool {
+    /// The live attempt ended with an error: restart if the budget allows (after the backoff
+    /// of this many restarts), otherwise fail. Returns whether the job will restart.
+    pub fn end_attempt_with_error(&mut self, cause: String, now_ms: i64) -> bool {
         if self.restarts_since_resume < self.spec.fault_tolerance.max_restarts {
             self.restarts += 1;
             self.restarts_since_resume += 1;
+            let base = self.spec.fault_tolerance.restart_backoff_secs * 1000.0;
+            let doublings = self.restarts_since_resume.saturating_sub(1).min(16);
+            let delay = (base * f64::from(1u32 << doublings)).min(60_000.0);
+            self.not_before_ms = now_ms + delay as i64;
             // A restart resumes from the newest checkpoint, not a pinned one.
             self.resume_step = None;
             self.state = JobState::Restarting {
@@ -168,6 +176,16 @@ impl Job {
             };
             false
         }
+    }
+
+    /// The live attempt ended because a worker it ran on is shutting down (its ranks saved a
+    /// checkpoint first): start again at once, without using the restart budget.
+    pub fn requeue(&mut self, cause: String) {
+        self.resume_step = None;
+        self.state = JobState::Restarting {
+            cause,
+            reason: None,
+        };
     }
 
     pub fn to_succeeded(&mut self) {

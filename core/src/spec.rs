@@ -173,6 +173,22 @@ pub struct FaultToleranceSpec {
     /// Seconds a collective may wait for a peer before the attempt is declared failed.
     #[serde(default = "default_collective_timeout")]
     pub collective_timeout_secs: u64,
+    /// A running attempt that reports no step for this long is declared hung and restarted;
+    /// 0 turns the check off.
+    #[serde(default = "default_hang_timeout")]
+    pub hang_timeout_secs: u64,
+    /// The wait before the first automatic restart; it doubles with each further restart, up
+    /// to 60 s.
+    #[serde(default = "default_restart_backoff")]
+    pub restart_backoff_secs: f64,
+}
+
+fn default_hang_timeout() -> u64 {
+    900
+}
+
+fn default_restart_backoff() -> f64 {
+    1.0
 }
 
 fn one() -> u32 {
@@ -263,6 +279,8 @@ impl Default for FaultToleranceSpec {
         Self {
             max_restarts: default_max_restarts(),
             collective_timeout_secs: default_collective_timeout(),
+            hang_timeout_secs: default_hang_timeout(),
+            restart_backoff_secs: default_restart_backoff(),
         }
     }
 }
@@ -578,10 +596,17 @@ impl JobSpec {
                 ),
             );
         }
-        if self.fault_tolerance.collective_timeout_secs == 0 {
+        let f = &self.fault_tolerance;
+        if f.collective_timeout_secs == 0 {
             return err(
                 "fault_tolerance.collective_timeout_secs",
                 "must be at least 1".into(),
+            );
+        }
+        if !f.restart_backoff_secs.is_finite() || f.restart_backoff_secs < 0.0 {
+            return err(
+                "fault_tolerance.restart_backoff_secs",
+                format!("{} must be 0 or more seconds", f.restart_backoff_secs),
             );
         }
         Ok(())

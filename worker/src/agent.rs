@@ -33,6 +33,8 @@ pub struct AgentOptions {
     pub rank_command: Vec<String>,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` over HTTP; none when unset.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long a drain (SIGTERM) waits for ranks to checkpoint and stop.
+    pub drain_timeout_secs: u64,
 }
 
 type Key = (String, u64, u32);
@@ -43,27 +45,38 @@ fn key_of(k: &pb::RankKey) -> Key {
 
 struct RankProcess {
     kill: CancellationToken,
+    pid: Option<u32>,
 }
 
 type WorkerClient = pb::worker_service_client::WorkerServiceClient<Channel>;
 
-/// Runs the daemon until `shutdown`, then kills its ranks.
-pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs the daemon until `shutdown`, then kills its ranks. `drain` starts a graceful stop:
+/// the coordinator is told to place nothing more here, every rank is asked (SIGTERM) to save a
+/// checkpoint and stop at its next step, and the daemon returns once they have exited and
+/// their exits are reported, or after `drain_timeout`, killing what is left.
+pub async fn run(
+    options: AgentOptions,
+    shutdown: CancellationToken,
+    drain: CancellationToken,
+) -> anyhow::Result<()> {
     anyhow::ensure!(!options.rank_command.is_empty(), "rank command is empty");
     std::fs::create_dir_all(&options.work_dir)?;
     // Ranks run in their own directories: every path handed to them must be absolute.
     let mut options = options;
     options.work_dir = std::fs::canonicalize(&options.work_dir)?;
     let metrics = WorkerMetrics::default();
+    let readiness = gantry_ops::Readiness::ready();
     if let Some(listen) = options.metrics_listen {
         gantry_ops::serve_http(
             listen,
             metrics.collector(options.slots),
-            gantry_ops::Readiness::ready(),
+            readiness.clone(),
             shutdown.clone(),
         )
         .await?;
     }
+    // Set once `drain` fires: the deadline after which remaining ranks are killed.
+    let mut drain_deadline: Option<tokio::time::Instant> = None;
     let (events_tx, mut events) = mpsc::unbounded_channel::<Body>();
     let mut ranks: HashMap<Key, RankProcess> = HashMap::new();
     let mut worker_id = String::new();
@@ -124,6 +137,9 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
             }
         }
         let _ = out.send(message(Body::Running(running)));
+        if drain_deadline.is_some() {
+            let _ = out.send(message(Body::Draining(pb::Draining {})));
+        }
         let mut inbound = match client.session(UnboundedReceiverStream::new(out_rx)).await {
             Ok(r) => r.into_inner(),
             Err(status) => {
@@ -135,8 +151,34 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50)));
         loop {
+            if drain_deadline.is_some() && ranks.is_empty() && undelivered.is_empty() {
+                tracing::info!("drained: every rank has stopped");
+                // Give the session a moment to carry the last exits out.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                break 'connect;
+            }
+            let deadline = drain_deadline
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled() => break 'connect,
+                _ = drain.cancelled(), if drain_deadline.is_none() => {
+                    tracing::info!(ranks = ranks.len(), "draining: ranks checkpoint and stop");
+                    readiness.set(false);
+                    drain_deadline = Some(
+                        tokio::time::Instant::now() + Duration::from_secs(options.drain_timeout_secs),
+                    );
+                    let _ = out.send(message(Body::Draining(pb::Draining {})));
+                    for proc in ranks.values() {
+                        if let Some(pid) = proc.pid {
+                            // SAFETY: a plain kill(2) of a child this daemon started.
+                            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
+                    tracing::warn!(ranks = ranks.len(), "drain timed out; killing the ranks left");
+                    break 'connect;
+                }
                 _ = heartbeat.tick() => {
                     if out.send(message(Body::Heartbeat(pb::Heartbeat {}))).is_err() {
                         continue 'connect;
@@ -144,6 +186,18 @@ pub async fn run(options: AgentOptions, shutdown: CancellationToken) -> anyhow::
                 }
                 msg = inbound.message() => match msg {
                     Ok(Some(msg)) => match msg.body {
+                        Some(pb::coordinator_message::Body::Assign(a)) if drain_deadline.is_some() => {
+                            // Placed before the coordinator heard of the drain: hand it back.
+                            if let Some(key) = a.key {
+                                let _ = events_tx.send(Body::Exited(pb::RankExited {
+                                    key: Some(key),
+                                    exit_code: Some(crate::runtime::rank::EXIT_DRAINED),
+                                    signal: None,
+                                    message: "not started: the worker is draining".into(),
+                                    stopped: false,
+                                }));
+                            }
+                        }
                         Some(pb::coordinator_message::Body::Assign(a)) => {
                             if let Err(e) = launch(&options, &a, &mut ranks, &events_tx, &metrics) {
                                 tracing::error!(error = %e, "cannot launch rank");
@@ -290,7 +344,8 @@ fn launch(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
-    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid = child.id(), "rank started");
+    let pid = child.id();
+    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid, "rank started");
     let kill = CancellationToken::new();
     metrics.rank_started();
     tokio::spawn(supervise(
@@ -300,7 +355,7 @@ fn launch(
         events.clone(),
         metrics.clone(),
     ));
-    ranks.insert(k, RankProcess { kill });
+    ranks.insert(k, RankProcess { kill, pid });
     Ok(())
 }
 

@@ -50,6 +50,9 @@ pub struct DaemonArgs {
     /// Log lines as text or as JSON objects (default text).
     #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum)]
     pub log_format: Option<gantry_ops::LogFormat>,
+    /// On SIGTERM, how long ranks get to checkpoint and stop before they are killed (default 60).
+    #[arg(long, env = "GANTRY_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
     /// Print the effective configuration (JSON) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -64,6 +67,7 @@ struct FileConfig {
     advertise_host: Option<String>,
     metrics_listen: Option<std::net::SocketAddr>,
     log_format: Option<gantry_ops::LogFormat>,
+    drain_timeout_secs: Option<u64>,
 }
 
 pub fn hostname() -> String {
@@ -105,6 +109,10 @@ impl DaemonArgs {
                 "rank".into(),
             ],
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            drain_timeout_secs: self
+                .drain_timeout_secs
+                .or(file.drain_timeout_secs)
+                .unwrap_or(60),
         })
     }
 

@@ -20,14 +20,25 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let agent = tokio::spawn(gantry_worker::agent::run(options, shutdown.clone()));
+        let drain = CancellationToken::new();
+        let mut agent = tokio::spawn(gantry_worker::agent::run(
+            options,
+            shutdown.clone(),
+            drain.clone(),
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            // Ctrl-C: stop now. SIGTERM (Kubernetes, systemd): drain, so ranks checkpoint first.
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted: stopping ranks");
+                shutdown.cancel();
+            }
+            _ = term.recv() => {
+                tracing::info!("terminated: draining");
+                drain.cancel();
+            }
+            done = &mut agent => return done?,
         }
-        tracing::info!("shutting down: stopping ranks");
-        shutdown.cancel();
         agent.await??;
         Ok(())
     })

@@ -32,10 +32,33 @@ pub struct RankAssignment {
 pub const EXIT_STALE: i32 = 75;
 /// Exit code of a rank whose worker daemon went away.
 pub const EXIT_ORPHANED: i32 = 70;
+/// Exit code of a rank that saved a checkpoint and stopped because a worker of its attempt is
+/// draining (SIGTERM): the coordinator restarts the job elsewhere without using its budget.
+pub const EXIT_DRAINED: i32 = 76;
+
+static DRAIN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this rank was asked (SIGTERM) to checkpoint and stop at the next step.
+pub fn drain_requested() -> bool {
+    DRAIN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    DRAIN.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The error a rank ends with after a drain checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpointed at step {0} and stopped: a worker is draining")]
+pub struct Drained(pub u64);
 
 pub fn run(assignment_path: &Path) -> i32 {
     match run_inner(assignment_path) {
         Ok(()) => 0,
+        Err(e) if e.downcast_ref::<Drained>().is_some() => {
+            eprintln!("{e}");
+            EXIT_DRAINED
+        }
         Err(e) => {
             eprintln!("rank failed: {e:#}");
             e.downcast_ref::<Stale>().map_or(1, |_| EXIT_STALE)
@@ -51,6 +74,14 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(assignment_path)?;
     let a: RankAssignment = serde_json::from_str(&text)?;
     let spec = JobSpec::from_json(&a.spec_json)?;
+    // SIGTERM (from a draining worker) asks for a checkpoint and a clean stop at the next step.
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
     // The daemon holds our stdin; when it dies, so do we (no orphaned ranks).
     std::thread::spawn(|| {
         let mut sink = [0u8; 64];

@@ -11,6 +11,7 @@ use crate::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
+use crate::runtime::rank::{Drained, drain_requested};
 use crate::runtime::report::{Reporter, StepReport};
 use crate::runtime::stage::{Stage, StepContext};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -235,9 +236,12 @@ pub fn train<S: Stage>(
         flat.iter_mut().for_each(|v| *v = 0.0);
         let mut ctx = step_context!();
         let loss_sum = model.accumulate(&mut ctx, &micro_batches, &mut flat)?;
-        // Average over micro-batches and replicas; the loss rides along in the last slot.
+        // Average over micro-batches and replicas; the loss and the drain flag (SIGTERM seen by
+        // any rank) ride along in the last slots. The flag then travels with the norm over tp
+        // and pp, so every rank of the job learns it in the same step.
         let n_params = flat.len();
         flat.push(loss_sum);
+        flat.push(if drain_requested() { 1.0 } else { 0.0 });
         let scale = 1.0 / (micro * dp) as f32;
         flat.iter_mut().for_each(|v| *v *= scale);
         // DDP-style buckets, each all-reduced as one buffer.
@@ -251,17 +255,19 @@ pub fn train<S: Stage>(
             let bytes = (flat.len() * 4) as f64 * 2.0 * (dp - 1) as f64 / dp as f64;
             bytes / reduce_started.elapsed().as_secs_f64().max(1e-9) / 1e9
         });
+        let drain = flat.pop().expect("drain slot");
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
 
         // The global norm of the whole model's gradient: tensor-parallel shards summed over the
         // tp group, replicated parameters counted once, stages summed over the pipeline.
-        let mut square = [squared_norm(&model, &flat, &sharded, coords.tp == 0)];
+        let mut square = [squared_norm(&model, &flat, &sharded, coords.tp == 0), drain];
         comm.group(&tp_members)?
             .all_reduce(&mut square, ReduceOp::Sum)?;
         comm.group(&pp_members)?
             .all_reduce(&mut square, ReduceOp::Sum)?;
         let norm = f64::from(square[0]).sqrt();
+        let draining = square[1] > 0.0;
         if t.grad_clip > 0.0 && norm > t.grad_clip {
             let factor = (t.grad_clip / (norm + 1e-6)) as f32;
             flat.iter_mut().for_each(|g| *g *= factor);
@@ -300,11 +306,14 @@ pub fn train<S: Stage>(
         last_eval = eval_loss.or(last_eval);
 
         let every = spec.checkpoint.every_steps;
-        if (every > 0 && done % every == 0) || last {
+        if (every > 0 && done % every == 0) || last || draining {
             let reported = (loss, last_eval);
             save(
                 job, &store, comm, &model, &optimizer, done, reported, reporter, io,
             )?;
+        }
+        if draining && !last {
+            return Err(Drained(done).into());
         }
     }
     if start < t.steps {
