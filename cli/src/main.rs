@@ -344,12 +344,27 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Checkpoints { job } => {
-            let checkpoints = connect(&cli.coordinator)
-                .await?
-                .list_checkpoints(pb::ListCheckpointsRequest { job_id: job })
+            let mut client = connect(&cli.coordinator).await?;
+            let recorded = client
+                .list_checkpoints(pb::ListCheckpointsRequest {
+                    job_id: job.clone(),
+                })
                 .await?
                 .into_inner()
                 .checkpoints;
+            let job = client
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            // What the store holds, verified: committed, partial or corrupt. Without access to
+            // the store (no credentials here), the coordinator's record of commits.
+            let checkpoints = match stored_checkpoints(&job, &recorded).await {
+                Ok(listed) => listed,
+                Err(e) => {
+                    eprintln!("showing the coordinator's records; cannot read the store: {e:#}");
+                    recorded
+                }
+            };
             render::checkpoints(&checkpoints, out);
             Ok(0)
         }
@@ -364,6 +379,39 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Rank { .. } => unreachable!("handled before the runtime starts"),
     }
+}
+
+/// Every step directory in `job`'s checkpoint store, oldest first, verified.
+async fn stored_checkpoints(
+    job: &pb::Job,
+    recorded: &[pb::Checkpoint],
+) -> anyhow::Result<Vec<pb::Checkpoint>> {
+    use gantry_worker::runtime::checkpoint::CheckpointStore;
+    let spec = JobSpec::from_json(&job.spec_json)?;
+    let store = CheckpointStore::open(&spec.checkpoint.url, &job.id)?;
+    let mut listed: Vec<pb::Checkpoint> = store
+        .list()
+        .await?
+        .into_iter()
+        .map(|l| {
+            let record = recorded.iter().find(|r| r.step == l.step);
+            let state = match l.state {
+                "committed" => pb::CheckpointState::Committed,
+                "partial" => pb::CheckpointState::Partial,
+                _ => pb::CheckpointState::Corrupt,
+            };
+            pb::Checkpoint {
+                step: l.step,
+                url: store.step_url(l.step),
+                attempt: l.attempt.or(record.map(|r| r.attempt)).unwrap_or(0),
+                size_bytes: l.bytes,
+                committed_at_ms: record.map_or(0, |r| r.committed_at_ms),
+                state: state as i32,
+            }
+        })
+        .collect();
+    listed.sort_by_key(|c| c.step);
+    Ok(listed)
 }
 
 /// Reads a checkpoint of `job` straight from its object store and writes the whole model.

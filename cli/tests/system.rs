@@ -319,6 +319,24 @@ fn submit_wait_status_and_invalid_specs() {
         .map(|c| c["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, [80, 100], "{checkpoints}");
+    // The listing reads the store itself: a torn step and a damaged shard show as such.
+    let id = job["id"].as_str().unwrap();
+    let store = cluster.dir.path().join("state/checkpoints").join(id);
+    std::fs::create_dir_all(store.join("step-00000120")).unwrap();
+    std::fs::write(store.join("step-00000120/rank-0.model.bpk"), b"torn").unwrap();
+    std::fs::write(store.join("step-00000080/rank-1.model.bpk"), b"bit rot").unwrap();
+    let listed = cluster.json(&["checkpoints", id]);
+    let states: Vec<(u64, &str)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["step"].as_u64().unwrap(), c["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [(80, "corrupt"), (100, "committed"), (120, "partial")],
+        "{listed}"
+    );
 
     // Invalid input: exit 2, the field named, nothing stored.
     let bad_for = |spec: &Path, set: &str, field: &str| {
@@ -652,6 +670,10 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
         "{example}: {} tensors",
         reference.len()
     );
+    assert_python_reads(
+        &cluster.dir.path().join(format!("{}.safetensors", jobs[0])),
+        &reference,
+    );
     for (job, layout) in jobs.iter().zip(layouts).skip(1) {
         let params = whole(job);
         assert_eq!(
@@ -670,6 +692,54 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
                 "{example} {layout:?} {name}: |difference| {diff:e} vs |parameter| {size:e}"
             );
         }
+    }
+}
+
+/// Python's `safetensors` package opens an exported file and sees the same tensors: names,
+/// shapes, dtype, and values (a middle element exactly, the sum to float64 rounding).
+fn assert_python_reads(
+    path: &Path,
+    expected: &std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+) {
+    let script = r#"
+import json, sys
+from safetensors.numpy import load_file
+tensors = load_file(sys.argv[1])
+print(json.dumps({
+    name: {"dtype": str(t.dtype), "shape": list(t.shape), "sum": float(t.astype("float64").sum()),
+           "middle": float(t.flat[t.size // 2])}
+    for name, t in tensors.items()
+}))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python could not read {}: {} (scripts/test installs safetensors and numpy)",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen.as_object().unwrap().len(), expected.len());
+    for (name, (shape, values)) in expected {
+        let t = &seen[name];
+        assert_eq!(t["dtype"], "float32", "{name}");
+        let py_shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap();
+        assert_eq!(&py_shape, shape, "{name}");
+        assert_eq!(
+            t["middle"].as_f64().unwrap(),
+            f64::from(values[values.len() / 2]),
+            "{name}"
+        );
+        let sum: f64 = values.iter().map(|v| f64::from(*v)).sum();
+        let py_sum = t["sum"].as_f64().unwrap();
+        assert!(
+            (sum - py_sum).abs() <= 1e-9 * values.len() as f64,
+            "{name}: {sum} vs {py_sum}"
+        );
     }
 }
 

@@ -5,7 +5,8 @@
 //!   `rank-{r}.state.json` (step, data cursor, checksums of the rank's other files);
 //! - `step-{N:08}/manifest.json`, written last by rank 0 with a conditional put (`Create`):
 //!   a step directory without a manifest is partial and never resumed from;
-//! - `latest`: the newest committed step; it never moves backwards.
+//! - `latest`: the newest committed step; it never moves backwards;
+//! - `fence`: the newest attempt that started; a commit from an older attempt is refused.
 
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
@@ -23,6 +24,20 @@ pub enum CheckpointError {
     Invalid { step: u64, message: String },
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("attempt {attempt} may not commit step {step}: attempt {fence} has started since")]
+    Stale { attempt: u64, fence: u64, step: u64 },
+}
+
+/// What a step directory holds, as `gantry checkpoints` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepListing {
+    pub step: u64,
+    pub bytes: u64,
+    /// "committed" (manifest and every checksum verify), "partial" (no manifest: torn or still
+    /// being written) or "corrupt" (a file is missing or fails its checksum).
+    pub state: &'static str,
+    pub attempt: Option<u64>,
+    pub detail: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,15 +192,50 @@ impl CheckpointStore {
         Ok(())
     }
 
+    async fn read_number(&self, name: &str) -> Result<Option<u64>, CheckpointError> {
+        match self.store.get(&self.root.clone().join(name)).await {
+            Ok(r) => Ok(String::from_utf8_lossy(&r.bytes().await?)
+                .trim()
+                .parse::<u64>()
+                .ok()),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records that `attempt` has started: from now on, older attempts may not commit. Called
+    /// by rank 0 of every attempt before it trains; the fence only moves forwards.
+    pub async fn fence(&self, attempt: u64) -> Result<(), CheckpointError> {
+        if self.read_number("fence").await?.is_none_or(|f| f < attempt) {
+            self.store
+                .put(
+                    &self.root.clone().join("fence"),
+                    PutPayload::from(format!("{attempt}\n").into_bytes()),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Commits `step` once every rank's shard is written (the caller has passed a barrier):
     /// the manifest with every file's checksum, then the `latest` pointer, then retention.
-    /// Returns the checkpoint's total size and the steps retention deleted.
+    /// Returns the checkpoint's total size and the steps retention deleted. An attempt older
+    /// than the fence is refused ([`CheckpointError::Stale`]).
     pub async fn commit(
         &self,
         manifest_base: Manifest,
         keep_last: u32,
     ) -> Result<(u64, Vec<u64>), CheckpointError> {
         let step = manifest_base.step;
+        if let Some(fence) = self.read_number("fence").await?
+            && fence > manifest_base.attempt
+        {
+            return Err(CheckpointError::Stale {
+                attempt: manifest_base.attempt,
+                fence,
+                step,
+            });
+        }
         let dir = self.step_dir(step);
         let mut files = Vec::new();
         for rank in 0..manifest_base.world_size {
@@ -231,17 +281,14 @@ impl CheckpointStore {
         Ok((total_bytes, deleted))
     }
 
+    /// The step `latest` points at.
+    pub async fn latest(&self) -> Result<Option<u64>, CheckpointError> {
+        self.read_number("latest").await
+    }
+
     async fn advance_latest(&self, step: u64) -> Result<(), CheckpointError> {
         let latest = self.root.clone().join("latest");
-        let current = match self.store.get(&latest).await {
-            Ok(r) => String::from_utf8_lossy(&r.bytes().await?)
-                .trim()
-                .parse::<u64>()
-                .ok(),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => return Err(e.into()),
-        };
-        if current.is_none_or(|c| c < step) {
+        if self.latest().await?.is_none_or(|c| c < step) {
             self.store
                 .put(&latest, PutPayload::from(format!("{step}\n").into_bytes()))
                 .await?;
@@ -293,6 +340,38 @@ impl CheckpointStore {
             }
         }
         Ok(manifest)
+    }
+
+    /// Every step directory, newest first, with its size and state.
+    pub async fn list(&self) -> Result<Vec<StepListing>, CheckpointError> {
+        use futures_util::TryStreamExt;
+        let mut out = Vec::new();
+        for step in self.steps().await? {
+            let objects: Vec<_> = self
+                .store
+                .list(Some(&self.step_dir(step)))
+                .try_collect()
+                .await?;
+            let bytes = objects.iter().map(|o| o.size).sum();
+            let (state, attempt, detail) = match self.verify(step).await {
+                Ok(m) => ("committed", Some(m.attempt), None),
+                Err(CheckpointError::Invalid { message, .. })
+                    if message.starts_with("no manifest") =>
+                {
+                    ("partial", None, Some(message))
+                }
+                Err(CheckpointError::Invalid { message, .. }) => ("corrupt", None, Some(message)),
+                Err(e) => return Err(e),
+            };
+            out.push(StepListing {
+                step,
+                bytes,
+                state,
+                attempt,
+                detail,
+            });
+        }
+        Ok(out)
     }
 
     /// The newest checkpoint that verifies; torn or corrupt ones are skipped with a warning.
@@ -445,5 +524,76 @@ mod tests {
         store.advance_latest(5).await.unwrap();
         let latest = std::fs::read_to_string(dir.path().join("j/latest")).unwrap();
         assert_eq!(latest.trim(), "30");
+
+        // The listing tells the three apart.
+        let states: Vec<(u64, &str)> = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| (l.step, l.state))
+            .collect();
+        assert_eq!(
+            states,
+            [(40, "partial"), (30, "corrupt"), (20, "committed")]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_attempt_cannot_commit_and_latest_never_moves_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = CheckpointStore::open(&url, "j").unwrap();
+        store.fence(1).await.unwrap();
+        save(&store, 20).await;
+        // Attempt 1 wrote the shards of step 30, then attempt 2 started (and fenced) before
+        // attempt 1 committed: attempt 1's commit is refused, nothing moves.
+        for rank in 0..2 {
+            let shard = Shard {
+                model: vec![9; 4],
+                optimizer: vec![9; 4],
+                data_cursor: 30,
+                loss: None,
+                eval_loss: None,
+            };
+            store.write_shard(30, rank, shard).await.unwrap();
+        }
+        store.fence(2).await.unwrap();
+        store.fence(1).await.unwrap(); // a late fence from attempt 1 does not lower it
+        let refused = store.commit(manifest(30), 2).await.unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                CheckpointError::Stale {
+                    attempt: 1,
+                    fence: 2,
+                    step: 30
+                }
+            ),
+            "{refused}"
+        );
+        assert_eq!(store.latest().await.unwrap(), Some(20));
+        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
+
+        // Attempt 2 commits 30; a commit of an older step later leaves `latest` at 30.
+        let mut m = manifest(30);
+        m.attempt = 2;
+        store.commit(m, 5).await.unwrap();
+        assert_eq!(store.latest().await.unwrap(), Some(30));
+        for rank in 0..2 {
+            let shard = Shard {
+                model: vec![1; 4],
+                optimizer: vec![1; 4],
+                data_cursor: 25,
+                loss: None,
+                eval_loss: None,
+            };
+            store.write_shard(25, rank, shard).await.unwrap();
+        }
+        let mut m = manifest(25);
+        m.attempt = 2;
+        store.commit(m, 5).await.unwrap();
+        assert_eq!(store.latest().await.unwrap(), Some(30));
+        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 30);
     }
 }

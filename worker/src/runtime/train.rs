@@ -173,6 +173,10 @@ pub fn train<S: Stage>(
     let data = Dataset::for_spec(spec);
     let store = CheckpointStore::open(&spec.checkpoint.url, &job.job_id)?;
 
+    if job.rank == 0 {
+        // From now on, no older attempt of this job may commit a checkpoint.
+        io.block_on(store.fence(job.attempt))?;
+    }
     let restored = io.block_on(async {
         match job.resume_step {
             Some(step) => Ok::<_, anyhow::Error>(Some(store.verify(step).await?)),
