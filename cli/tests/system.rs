@@ -729,9 +729,10 @@ print(json.dumps({
         assert_eq!(t["dtype"], "float32", "{name}");
         let py_shape: Vec<usize> = serde_json::from_value(t["shape"].clone()).unwrap();
         assert_eq!(&py_shape, shape, "{name}");
+        // Exactly the same f32 (JSON carries it as a decimal double).
         assert_eq!(
-            t["middle"].as_f64().unwrap(),
-            f64::from(values[values.len() / 2]),
+            t["middle"].as_f64().unwrap() as f32,
+            values[values.len() / 2],
             "{name}"
         );
         let sum: f64 = values.iter().map(|v| f64::from(*v)).sum();
@@ -1262,4 +1263,43 @@ fn sigterm_drains_a_worker_without_losing_a_step() {
         "{logs}"
     );
     assert_eq!(end["loss"], reference_end["loss"], "{logs}");
+}
+
+#[test]
+fn a_failed_checkpoint_upload_is_retried_reported_and_never_committed() {
+    let cluster = Cluster::start(2);
+    // Periodic checkpoints upload in the background (checkpoint.async_upload, the default).
+    let set = [
+        "train.steps=6000",
+        "checkpoint.every_steps=2000",
+        "checkpoint.keep_last=5",
+    ];
+    let job = cluster.submit("mlp-dp2.toml", &set);
+    // A file where step 2000's directory must go: every upload of that step fails (even as
+    // root), while training goes on.
+    let store = cluster.dir.path().join("state/checkpoints").join(&job);
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::write(store.join("step-00002000"), b"in the way").unwrap();
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert_eq!(end["restarts"], 0, "{logs}");
+    assert!(
+        logs.contains("checkpoint upload of step 2000 failed"),
+        "{logs}"
+    );
+    assert!(logs.contains("retrying"), "{logs}");
+    assert!(
+        logs.contains("checkpoint at step 2000 not committed"),
+        "{logs}"
+    );
+    let listed = cluster.json(&["checkpoints", &job]);
+    let committed: Vec<u64> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "committed")
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(committed, [4000, 6000], "{listed}");
 }

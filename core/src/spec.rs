@@ -156,6 +156,14 @@ pub struct CheckpointSpec {
     pub every_steps: u64,
     #[serde(default = "default_keep_last")]
     pub keep_last: u32,
+    /// Upload periodic checkpoints in the background while training goes on (the last step's,
+    /// and a drain's, are always written before the rank ends).
+    #[serde(default = "yes")]
+    pub async_upload: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +272,7 @@ impl Default for CheckpointSpec {
             url: String::new(),
             every_steps: default_every_steps(),
             keep_last: default_keep_last(),
+            async_upload: true,
         }
     }
 }
@@ -334,6 +343,7 @@ impl JobSpec {
             s.train.steps = 1;
             s.checkpoint.every_steps = 0;
             s.checkpoint.keep_last = 1;
+            s.checkpoint.async_upload = true;
             s.fault_tolerance = FaultToleranceSpec::default();
             s
         };
@@ -341,7 +351,8 @@ impl JobSpec {
             return Err(SpecError::new(
                 "set",
                 "only parallel.dp, parallel.bucket_mb, train.steps, checkpoint.every_steps, \
-                 checkpoint.keep_last and fault_tolerance.* can change when resuming",
+                 checkpoint.keep_last, checkpoint.async_upload and fault_tolerance.* can change \
+                 when resuming",
             ));
         }
         Ok(next)

@@ -9,7 +9,7 @@
 //! - `fence`: the newest attempt that started; a commit from an older attempt is refused.
 
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -75,7 +75,11 @@ pub struct Manifest {
     pub total_bytes: u64,
 }
 
+/// Files above this size are uploaded in parts of this size.
+const MULTIPART_BYTES: usize = 16 << 20;
+
 /// One rank's restorable state.
+#[derive(Clone)]
 pub struct Shard {
     pub model: Vec<u8>,
     pub optimizer: Vec<u8>,
@@ -84,6 +88,7 @@ pub struct Shard {
     pub eval_loss: Option<f64>,
 }
 
+#[derive(Clone)]
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     /// `{url path}/{job}`
@@ -155,9 +160,16 @@ impl CheckpointStore {
             size: bytes.len() as u64,
             path: name.clone(),
         };
-        self.store
-            .put(&dir.clone().join(name.as_str()), PutPayload::from(bytes))
-            .await?;
+        let path = dir.clone().join(name.as_str());
+        if bytes.len() > MULTIPART_BYTES {
+            // Large shards go up in parts (S3 caps single puts at 5 GiB and retries whole puts).
+            let upload = self.store.put_multipart(&path).await?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_BYTES);
+            writer.write(&bytes);
+            writer.finish().await?;
+        } else {
+            self.store.put(&path, PutPayload::from(bytes)).await?;
+        }
         Ok(entry)
     }
 

@@ -14,6 +14,7 @@ use crate::runtime::data::{Dataset, Split, shard};
 use crate::runtime::rank::{Drained, drain_requested};
 use crate::runtime::report::{Reporter, StepReport};
 use crate::runtime::stage::{Stage, StepContext};
+use backon::{ExponentialBuilder, Retryable};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
@@ -21,6 +22,8 @@ use burn::store::ModuleRecord;
 use burn::tensor::Bytes;
 use gantry_core::{Coords, JobSpec, Mesh};
 use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use std::time::Instant;
 
 /// Everything a rank needs to train.
@@ -230,6 +233,8 @@ pub fn train<S: Stage>(
     }
     let micro = t.micro_batches as usize;
     let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
+    let world = comm.world_size();
+    let mut upload: Option<Upload> = None;
     let mut flat = Vec::new();
     for step in start..t.steps {
         let started = Instant::now();
@@ -245,7 +250,14 @@ pub fn train<S: Stage>(
         // and pp, so every rank of the job learns it in the same step.
         let n_params = flat.len();
         flat.push(loss_sum);
-        flat.push(if drain_requested() { 1.0 } else { 0.0 });
+        // Control flags, summed over every rank of the job (dp here, tp and pp with the norm):
+        // SIGTERM seen (drain), and this rank's background upload finished or failed.
+        let (uploaded, upload_failed) = upload.as_ref().map_or((0.0, 0.0), Upload::flags);
+        flat.extend([
+            if drain_requested() { 1.0 } else { 0.0 },
+            uploaded,
+            upload_failed,
+        ]);
         let scale = 1.0 / (micro * dp) as f32;
         flat.iter_mut().for_each(|v| *v *= scale);
         // DDP-style buckets, each all-reduced as one buffer.
@@ -259,19 +271,32 @@ pub fn train<S: Stage>(
             let bytes = (flat.len() * 4) as f64 * 2.0 * (dp - 1) as f64 / dp as f64;
             bytes / reduce_started.elapsed().as_secs_f64().max(1e-9) / 1e9
         });
-        let drain = flat.pop().expect("drain slot");
+        let control: Vec<f32> = flat
+            .drain(n_params + 1..)
+            .map(|v| (v / scale).round())
+            .collect();
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
 
         // The global norm of the whole model's gradient: tensor-parallel shards summed over the
         // tp group, replicated parameters counted once, stages summed over the pipeline.
-        let mut square = [squared_norm(&model, &flat, &sharded, coords.tp == 0), drain];
+        let mut square = [
+            squared_norm(&model, &flat, &sharded, coords.tp == 0),
+            control[0],
+            control[1],
+            control[2],
+        ];
         comm.group(&tp_members)?
             .all_reduce(&mut square, ReduceOp::Sum)?;
         comm.group(&pp_members)?
             .all_reduce(&mut square, ReduceOp::Sum)?;
         let norm = f64::from(square[0]).sqrt();
         let draining = square[1] > 0.0;
+        let (all_uploaded, any_failed) = (square[2] as u32 == world, square[3] > 0.0);
+        if let Some(pending) = upload.take_if(|_| all_uploaded || any_failed) {
+            // Every rank sees the same sums, so all settle the upload in this same step.
+            pending.settle(any_failed, job, &store, world, reporter, io)?;
+        }
         if t.grad_clip > 0.0 && norm > t.grad_clip {
             let factor = (t.grad_clip / (norm + 1e-6)) as f32;
             flat.iter_mut().for_each(|g| *g *= factor);
@@ -310,11 +335,27 @@ pub fn train<S: Stage>(
         last_eval = eval_loss.or(last_eval);
 
         let every = spec.checkpoint.every_steps;
-        if (every > 0 && done % every == 0) || last || draining {
+        let periodic = every > 0 && done % every == 0;
+        if periodic || last || draining {
             let reported = (loss, last_eval);
-            save(
-                job, &store, comm, &model, &optimizer, done, reported, reporter, io,
-            )?;
+            // At most one checkpoint in flight: finish the previous one first.
+            if let Some(pending) = upload.take() {
+                pending.finish(job, &store, comm, reporter, io)?;
+            }
+            let started = Instant::now();
+            let shard = snapshot(&model, &optimizer, done, reported)?;
+            if last || draining || !spec.checkpoint.async_upload {
+                // The run ends here: write and commit before returning.
+                io.block_on(store.write_shard(done, job.rank, shard))?;
+                comm.world().barrier()?;
+                if job.rank == 0 {
+                    commit(job, &store, world, done, started, reporter, io)?;
+                }
+                // Nobody moves on (and possibly exits) before the commit is known.
+                comm.world().barrier()?;
+            } else {
+                upload = Some(Upload::start(store.clone(), done, job.rank, shard, started));
+            }
         }
         if draining && !last {
             return Err(Drained(done).into());
@@ -351,20 +392,15 @@ fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> anyhow::Result<u32
     Ok(saved.rank(Coords { dp, ..mine }))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn save<M: Module>(
-    job: &RankJob,
-    store: &CheckpointStore,
-    comm: &mut TcpComm,
+/// This rank's state serialised to host memory: all of a checkpoint that training waits for
+/// when the upload runs in the background.
+fn snapshot<M: Module>(
     model: &M,
     optimizer: &burn::optim::ModuleOptimizer,
     step: u64,
     (loss, eval_loss): (f64, Option<f64>),
-    reporter: &Reporter,
-    io: &tokio::runtime::Runtime,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let shard = Shard {
+) -> anyhow::Result<Shard> {
+    Ok(Shard {
         model: model
             .clone()
             .into_record()
@@ -378,31 +414,136 @@ fn save<M: Module>(
         data_cursor: step,
         loss: Some(loss),
         eval_loss,
+    })
+}
+
+/// Rank 0's commit of `step` once every rank's shard is written.
+fn commit(
+    job: &RankJob,
+    store: &CheckpointStore,
+    world: u32,
+    step: u64,
+    started: Instant,
+    reporter: &Reporter,
+    io: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let p = job.spec.parallel;
+    let manifest = Manifest {
+        format: 1,
+        job_id: job.job_id.clone(),
+        step,
+        attempt: job.attempt,
+        world_size: world,
+        dp: p.dp,
+        tp: p.tp,
+        pp: p.pp,
+        files: Vec::new(),
+        total_bytes: 0,
     };
-    io.block_on(store.write_shard(step, job.rank, shard))?;
-    // Every shard is written before rank 0 commits the manifest.
-    comm.world().barrier()?;
-    if job.rank == 0 {
-        let p = job.spec.parallel;
-        let manifest = Manifest {
-            format: 1,
-            job_id: job.job_id.clone(),
-            step,
-            attempt: job.attempt,
-            world_size: comm.world_size(),
-            dp: p.dp,
-            tp: p.tp,
-            pp: p.pp,
-            files: Vec::new(),
-            total_bytes: 0,
-        };
-        let (size, deleted) = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
-        let seconds = started.elapsed().as_secs_f64();
-        reporter.checkpoint(step, &store.step_url(step), size, deleted, seconds);
-    }
-    // Nobody moves on (and possibly dies) before the commit is known.
-    comm.world().barrier()?;
+    let (size, deleted) = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
+    let seconds = started.elapsed().as_secs_f64();
+    reporter.checkpoint(step, &store.step_url(step), size, deleted, seconds);
     Ok(())
+}
+
+/// A checkpoint shard being written by a background thread (at most one per rank). The
+/// upload is retried with backoff; the checkpoint is committed only once every rank's upload
+/// succeeded, which the ranks learn from the flags they add to each step's all-reduce.
+struct Upload {
+    step: u64,
+    started: Instant,
+    outcome: Arc<OnceLock<Result<(), String>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Upload {
+    fn start(store: CheckpointStore, step: u64, rank: u32, shard: Shard, started: Instant) -> Self {
+        let outcome = Arc::new(OnceLock::new());
+        let result = outcome.clone();
+        let thread = std::thread::spawn(move || {
+            let written = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|io| {
+                    io.block_on(
+                        (|| store.write_shard(step, rank, shard.clone()))
+                            .retry(
+                                ExponentialBuilder::default()
+                                    .with_min_delay(Duration::from_millis(200))
+                                    .with_max_times(3),
+                            )
+                            .notify(|e, wait| {
+                                eprintln!("checkpoint upload of step {step} failed ({e}); retrying in {wait:?}")
+                            }),
+                    )
+                    .map_err(|e| e.to_string())
+                });
+            let _ = result.set(written);
+        });
+        Self {
+            step,
+            started,
+            outcome,
+            thread,
+        }
+    }
+
+    /// (finished well, failed) as 0/1 flags for the step's all-reduce.
+    fn flags(&self) -> (f32, f32) {
+        match self.outcome.get() {
+            None => (0.0, 0.0),
+            Some(Ok(())) => (1.0, 0.0),
+            Some(Err(_)) => (0.0, 1.0),
+        }
+    }
+
+    /// Every rank's upload ended (all well, or some failed): rank 0 commits, or nobody does.
+    fn settle(
+        self,
+        failed: bool,
+        job: &RankJob,
+        store: &CheckpointStore,
+        world: u32,
+        reporter: &Reporter,
+        io: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<()> {
+        let _ = self.thread.join();
+        if failed {
+            let why = match self.outcome.get() {
+                Some(Err(e)) => format!("this rank's upload failed: {e}"),
+                _ => "another rank's upload failed".into(),
+            };
+            reporter.log(&format!(
+                "checkpoint at step {} not committed: {why}",
+                self.step
+            ));
+            return Ok(());
+        }
+        if job.rank == 0 {
+            commit(job, store, world, self.step, self.started, reporter, io)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for this rank's upload, then settles it with the others (a world all-reduce).
+    fn finish(
+        self,
+        job: &RankJob,
+        store: &CheckpointStore,
+        comm: &mut TcpComm,
+        reporter: &Reporter,
+        io: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<()> {
+        while self.outcome.get().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (_, failed) = self.flags();
+        let mut any_failed = [failed];
+        comm.world().all_reduce(&mut any_failed, ReduceOp::Sum)?;
+        let world = comm.world_size();
+        self.settle(any_failed[0] > 0.0, job, store, world, reporter, io)
+    }
 }
 
 #[cfg(test)]
