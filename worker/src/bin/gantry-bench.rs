@@ -4,7 +4,12 @@
 //! ```text
 //! gantry-bench collectives --world 2,4                     # all-reduce, reduce-scatter, all-gather, send/recv
 //! gantry-bench collectives --ops all_reduce --max-bytes 64MiB
+//! gantry-bench checkpoint                                  # async stall, write throughput
+//! gantry-bench recovery                                    # worker kill -9 -> next step
 //! ```
+
+#[path = "bench/faults.rs"]
+mod faults;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use gantry_worker::runtime::comm::tcp::{Identity, TcpComm};
@@ -25,6 +30,10 @@ struct Cli {
 enum Bench {
     /// TCP collectives between local rank processes.
     Collectives(Options),
+    /// Checkpoint stall (async against sync) and write throughput (against a file copy).
+    Checkpoint(faults::CheckpointOptions),
+    /// Time from a worker's kill -9 to the next completed step, on a local cluster.
+    Recovery(faults::RecoveryOptions),
     /// One rank of a benchmark (started by `collectives`).
     #[command(hide = true)]
     Rank {
@@ -85,6 +94,8 @@ const BASELINES: &[(usize, u32, f64, f64)] = &[
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Bench::Collectives(options) => launch(&options),
+        Bench::Checkpoint(options) => faults::checkpoint(&options),
+        Bench::Recovery(options) => faults::recovery(&options),
         Bench::Rank {
             options,
             rank,

@@ -2,7 +2,7 @@
 //!
 //! Layout under `{url}/{job}/`:
 //! - `step-{N:08}/rank-{r}.model.bpk`, `rank-{r}.optim.bpk` (burnpack records, bit-exact),
-//!   `rank-{r}.state.json` (step, data cursor, checksums of the rank's other files);
+//!   `rank-{r}.state.json` (step, data cursor, CRC-32C checksums of the rank's other files);
 //! - `step-{N:08}/manifest.json`, written last by rank 0 with a conditional put (`Create`):
 //!   a step directory without a manifest is partial and never resumed from;
 //! - `latest`: the newest committed step; it never moves backwards;
@@ -11,7 +11,6 @@
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +43,8 @@ pub struct StepListing {
 pub struct FileEntry {
     pub path: String,
     pub size: u64,
-    pub sha256: String,
+    /// CRC-32C of the contents (hardware-accelerated; the checksum S3 itself offers).
+    pub crc32c: u32,
 }
 
 /// Written by each rank next to its shard.
@@ -96,11 +96,8 @@ pub struct CheckpointStore {
     url: String,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+fn checksum(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
 }
 
 impl CheckpointStore {
@@ -156,7 +153,7 @@ impl CheckpointStore {
         bytes: Vec<u8>,
     ) -> Result<FileEntry, CheckpointError> {
         let entry = FileEntry {
-            sha256: sha256_hex(&bytes),
+            crc32c: checksum(&bytes),
             size: bytes.len() as u64,
             path: name.clone(),
         };
@@ -263,7 +260,7 @@ impl CheckpointStore {
             files.push(FileEntry {
                 path: name,
                 size: bytes.len() as u64,
-                sha256: sha256_hex(&bytes),
+                crc32c: checksum(&bytes),
             });
         }
         let total_bytes = files.iter().map(|f| f.size).sum();
@@ -344,7 +341,7 @@ impl CheckpointStore {
                 .map_err(|e| invalid(format!("{}: {e}", file.path)))?
                 .bytes()
                 .await?;
-            if bytes.len() as u64 != file.size || sha256_hex(&bytes) != file.sha256 {
+            if bytes.len() as u64 != file.size || checksum(&bytes) != file.crc32c {
                 return Err(invalid(format!(
                     "{} does not match its checksum",
                     file.path
@@ -461,7 +458,7 @@ mod tests {
 
     fn manifest(step: u64) -> Manifest {
         Manifest {
-            format: 1,
+            format: 2,
             job_id: "j".into(),
             step,
             attempt: 1,

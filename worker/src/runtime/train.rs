@@ -343,10 +343,10 @@ pub fn train<S: Stage>(
                 pending.finish(job, &store, comm, reporter, io)?;
             }
             let started = Instant::now();
-            let shard = snapshot(&model, &optimizer, done, reported)?;
+            let taken = snapshot(&model, &optimizer, done, reported);
             if last || draining || !spec.checkpoint.async_upload {
-                // The run ends here: write and commit before returning.
-                io.block_on(store.write_shard(done, job.rank, shard))?;
+                // The run ends here (or asked to wait): write and commit before going on.
+                io.block_on(store.write_shard(done, job.rank, taken.into_shard()?))?;
                 comm.world().barrier()?;
                 if job.rank == 0 {
                     commit(job, &store, world, done, started, reporter, io)?;
@@ -354,7 +354,7 @@ pub fn train<S: Stage>(
                 // Nobody moves on (and possibly exits) before the commit is known.
                 comm.world().barrier()?;
             } else {
-                upload = Some(Upload::start(store.clone(), done, job.rank, shard, started));
+                upload = Some(Upload::start(store.clone(), done, job.rank, taken, started));
             }
         }
         if draining && !last {
@@ -392,29 +392,51 @@ fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> anyhow::Result<u32
     Ok(saved.rank(Coords { dp, ..mine }))
 }
 
-/// This rank's state serialised to host memory: all of a checkpoint that training waits for
-/// when the upload runs in the background.
-fn snapshot<M: Module>(
+/// This rank's state at a step. Taking it only clones handles: tensors are immutable and
+/// shared, so the steps that follow cannot change what it holds. Serialising it is the
+/// expensive part, which an asynchronous checkpoint leaves to its upload thread.
+pub struct Snapshot<M> {
+    model: M,
+    optimizer: burn::optim::ModuleOptimizer,
+    step: u64,
+    reported: (f64, Option<f64>),
+}
+
+pub fn snapshot<M: Module + Clone>(
     model: &M,
     optimizer: &burn::optim::ModuleOptimizer,
     step: u64,
-    (loss, eval_loss): (f64, Option<f64>),
-) -> anyhow::Result<Shard> {
-    Ok(Shard {
-        model: model
-            .clone()
-            .into_record()
-            .into_bytes()
-            .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?
-            .to_vec(),
-        optimizer: optimizer
-            .into_bytes()
-            .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?
-            .to_vec(),
-        data_cursor: step,
-        loss: Some(loss),
-        eval_loss,
-    })
+    reported: (f64, Option<f64>),
+) -> Snapshot<M> {
+    Snapshot {
+        model: model.clone(),
+        optimizer: optimizer.clone(),
+        step,
+        reported,
+    }
+}
+
+impl<M: Module> Snapshot<M> {
+    /// Serialises the state (burnpack records) into a shard.
+    pub fn into_shard(self) -> anyhow::Result<Shard> {
+        let (loss, eval_loss) = self.reported;
+        Ok(Shard {
+            model: self
+                .model
+                .into_record()
+                .into_bytes()
+                .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?
+                .to_vec(),
+            optimizer: self
+                .optimizer
+                .into_bytes()
+                .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?
+                .to_vec(),
+            data_cursor: self.step,
+            loss: Some(loss),
+            eval_loss,
+        })
+    }
 }
 
 /// Rank 0's commit of `step` once every rank's shard is written.
@@ -429,7 +451,7 @@ fn commit(
 ) -> anyhow::Result<()> {
     let p = job.spec.parallel;
     let manifest = Manifest {
-        format: 1,
+        format: 2,
         job_id: job.job_id.clone(),
         step,
         attempt: job.attempt,
@@ -457,10 +479,23 @@ struct Upload {
 }
 
 impl Upload {
-    fn start(store: CheckpointStore, step: u64, rank: u32, shard: Shard, started: Instant) -> Self {
+    fn start<M: Module + Send + 'static>(
+        store: CheckpointStore,
+        step: u64,
+        rank: u32,
+        snapshot: Snapshot<M>,
+        started: Instant,
+    ) -> Self {
         let outcome = Arc::new(OnceLock::new());
         let result = outcome.clone();
         let thread = std::thread::spawn(move || {
+            let shard = match snapshot.into_shard() {
+                Ok(shard) => shard,
+                Err(e) => {
+                    let _ = result.set(Err(e.to_string()));
+                    return;
+                }
+            };
             let written = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
