@@ -170,7 +170,9 @@ impl CheckpointStore {
         Ok(entry)
     }
 
-    /// Writes this rank's shard of `step`.
+    /// Writes this rank's shard of `step`, unless `step` is already committed: a run resumed
+    /// from an earlier step (`resume --from-step`) passes committed steps again, and their files
+    /// must not change under their manifest (its commit then keeps the first).
     pub async fn write_shard(
         &self,
         step: u64,
@@ -178,6 +180,19 @@ impl CheckpointStore {
         shard: Shard,
     ) -> Result<(), CheckpointError> {
         let dir = self.step_dir(step);
+        if self
+            .store
+            .head(&dir.clone().join("manifest.json"))
+            .await
+            .is_ok()
+        {
+            tracing::info!(
+                step,
+                rank,
+                "step already committed; its files stay as they are"
+            );
+            return Ok(());
+        }
         let files = vec![
             self.put_file(&dir, format!("rank-{rank}.model.bpk"), shard.model)
                 .await?,
@@ -585,6 +600,7 @@ mod tests {
         assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
 
         // Attempt 2 commits 30; a commit of an older step later leaves `latest` at 30.
+        // (Attempt 2's shards of 30 replace attempt 1's: the step was never committed.)
         let mut m = manifest(30);
         m.attempt = 2;
         store.commit(m, 5).await.unwrap();
@@ -604,5 +620,32 @@ mod tests {
         store.commit(m, 5).await.unwrap();
         assert_eq!(store.latest().await.unwrap(), Some(30));
         assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 30);
+
+        // A later attempt passing step 30 again (resumed from 25) leaves its files alone, and
+        // its commit keeps the first manifest.
+        let before = store
+            .read_shard(&store.verify(30).await.unwrap(), 0)
+            .await
+            .unwrap();
+        store.fence(3).await.unwrap();
+        for rank in 0..2 {
+            let shard = Shard {
+                model: vec![3; 4],
+                optimizer: vec![3; 4],
+                data_cursor: 30,
+                loss: None,
+                eval_loss: None,
+            };
+            store.write_shard(30, rank, shard).await.unwrap();
+        }
+        let mut m = manifest(30);
+        m.attempt = 3;
+        store.commit(m, 5).await.unwrap();
+        let after = store.verify(30).await.unwrap();
+        assert_eq!(after.attempt, 2);
+        assert_eq!(
+            store.read_shard(&after, 0).await.unwrap().model,
+            before.model
+        );
     }
 }
