@@ -220,6 +220,43 @@ impl Cluster {
         losses
     }
 
+    /// Indices (in `workers`) of the worker daemons that are parents of any of `ranks`.
+    fn hosts_of(&self, ranks: &[u32]) -> Vec<usize> {
+        (0..self.workers.len())
+            .filter(|&w| {
+                let pid = self.workers[w].id();
+                ranks.iter().any(|rank| {
+                    std::fs::read_to_string(format!("/proc/{rank}/status"))
+                        .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
+                })
+            })
+            .collect()
+    }
+
+    /// `gantry export` of a job (its newest checkpoint, or `step`), read back.
+    fn export(
+        &self,
+        job: &str,
+        step: Option<u64>,
+    ) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        let path = self.dir.path().join(format!("{job}-{step:?}.safetensors"));
+        let mut args = vec!["export".to_string(), job.to_string()];
+        args.extend(
+            step.map(|s| ["--step".to_string(), s.to_string()])
+                .into_iter()
+                .flatten(),
+        );
+        args.extend(["--out".to_string(), path.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.gantry(&args);
+        assert!(
+            out.status.success(),
+            "export {job}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read_safetensors(&path)
+    }
+
     fn rank_pids(&self, job: &str) -> Vec<u32> {
         self.rank_pids_matching(job)
     }
@@ -431,17 +468,8 @@ fn killed_rank_and_killed_worker_resume_from_checkpoint_with_the_same_result() {
         "a first checkpoint",
     );
     // The victim is a daemon that has a rank process as its child.
-    let victim = cluster
-        .workers
-        .iter_mut()
-        .find(|w| {
-            let pid = w.id();
-            std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-                std::fs::read_to_string(e.path().join("status"))
-                    .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
-            })
-        })
-        .expect("a worker with a running rank");
+    let host = cluster.hosts_of(&cluster.rank_pids(&job))[0];
+    let victim = &mut cluster.workers[host];
     victim.kill().unwrap();
     victim.wait().unwrap();
     cluster.add_worker();
@@ -654,16 +682,7 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
     }
     // The final parameters, every layout's shards joined into the whole model by
     // `gantry export`, match the one-process run's: each tensor within a relative 1e-4.
-    let whole = |job: &str| {
-        let path = cluster.dir.path().join(format!("{job}.safetensors"));
-        let out = cluster.gantry(&["export", job, "--out", path.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "export {job}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        read_safetensors(&path)
-    };
+    let whole = |job: &str| cluster.export(job, None);
     let reference = whole(&jobs[0]);
     assert!(
         reference.len() > 4,
@@ -671,7 +690,10 @@ fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts
         reference.len()
     );
     assert_python_reads(
-        &cluster.dir.path().join(format!("{}.safetensors", jobs[0])),
+        &cluster
+            .dir
+            .path()
+            .join(format!("{}-None.safetensors", jobs[0])),
         &reference,
     );
     for (job, layout) in jobs.iter().zip(layouts).skip(1) {
@@ -805,7 +827,6 @@ fn resume_by_hand_at_another_data_parallel_degree() {
         .filter_map(|c| c["step"].as_u64())
         .max()
         .unwrap();
-    let compare_at = (from + 50).to_string();
     let out = cluster.gantry(&[
         "resume",
         &job,
@@ -837,24 +858,11 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     // And the parameters 50 steps after the resume (both runs keep every checkpoint): every
     // tensor within a relative 1e-6 of the dp=2 run's. (Over thousands of steps the different
     // summation order of the gradient average grows past that.)
-    let export = |job: &str| {
-        let path = cluster.dir.path().join(format!("{job}.safetensors"));
-        let out = cluster.gantry(&[
-            "export",
-            job,
-            "--step",
-            &compare_at,
-            "--out",
-            path.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        read_safetensors(&path)
-    };
-    let (dp2, dp1) = (export(&reference), export(&job));
+    let compare_at = Some(from + 50);
+    let (dp2, dp1) = (
+        cluster.export(&reference, compare_at),
+        cluster.export(&job, compare_at),
+    );
     assert_eq!(dp2.len(), dp1.len());
     for (name, (_, x)) in &dp2 {
         let y = &dp1[name].1;
@@ -1096,15 +1104,7 @@ fn chaos_faults_leave_a_3d_job_bit_identical() {
                 assert!(ok.success());
             }
             Fault::KillWorker => {
-                let hosts: Vec<usize> = (0..cluster.workers.len())
-                    .filter(|&w| {
-                        let pid = cluster.workers[w].id();
-                        pids.iter().any(|rank| {
-                            std::fs::read_to_string(format!("/proc/{rank}/status"))
-                                .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
-                        })
-                    })
-                    .collect();
+                let hosts = cluster.hosts_of(&pids);
                 assert!(!hosts.is_empty(), "a worker runs a rank of {job}");
                 let victim = hosts[chaos.below(hosts.len() as u64) as usize];
                 let mut dead = cluster.workers.remove(victim);
@@ -1135,17 +1135,7 @@ fn chaos_faults_leave_a_3d_job_bit_identical() {
     assert_eq!(end["test_loss"], reference_end["test_loss"], "{logs}");
 
     // Bit-identical final parameters: nothing torn or stale was resumed from.
-    let export = |job: &str| {
-        let path = cluster.dir.path().join(format!("{job}.safetensors"));
-        let out = cluster.gantry(&["export", job, "--out", path.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        read_safetensors(&path)
-    };
-    let (a, b) = (export(&reference), export(&job));
+    let (a, b) = (cluster.export(&reference, None), cluster.export(&job, None));
     assert_eq!(a.len(), b.len());
     for (name, (shape, values)) in &a {
         let (other_shape, other) = &b[name];
@@ -1271,14 +1261,9 @@ fn sigterm_drains_a_worker_without_losing_a_step() {
         "training to start",
     );
     let pids = cluster.rank_pids(&job);
-    let host = (0..cluster.workers.len())
-        .find(|&w| {
-            let pid = cluster.workers[w].id();
-            pids.iter().any(|rank| {
-                std::fs::read_to_string(format!("/proc/{rank}/status"))
-                    .is_ok_and(|s| s.lines().any(|l| l == format!("PPid:\t{pid}")))
-            })
-        })
+    let host = *cluster
+        .hosts_of(&pids)
+        .first()
         .expect("a worker runs a rank");
     let mut drained = cluster.workers.remove(host);
     let ok = Command::new("kill")
