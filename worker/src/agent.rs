@@ -153,8 +153,11 @@ pub async fn run(
         loop {
             if drain_deadline.is_some() && ranks.is_empty() && undelivered.is_empty() {
                 tracing::info!("drained: every rank has stopped");
-                // Give the session a moment to carry the last exits out.
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // End our side of the session; the coordinator closes its side once it has
+                // handled everything before, so the last exits are known when it does.
+                drop(out);
+                let closed = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(5), closed).await;
                 break 'connect;
             }
             let deadline = drain_deadline

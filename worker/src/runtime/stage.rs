@@ -302,11 +302,15 @@ fn backward_micro<P: PipelineModel>(
         let grads = objective.backward();
         upstream = Vec::with_capacity(segment.inputs.len());
         for (input, summed) in &segment.inputs {
+            // Back onto the autodiff device as a plain tensor (the sum over tp does that too).
             let grad = input
                 .grad(&grads)
-                .map(|g| Tensor::<3>::from_data(g.into_data(), &ctx.device))
                 .unwrap_or_else(|| input.zeros_like().detach());
-            upstream.push(Some(if *summed { ctx.tp().sum(grad)? } else { grad }));
+            upstream.push(Some(if *summed {
+                ctx.tp().sum(grad)?
+            } else {
+                Tensor::<3>::from_data(grad.into_data(), &ctx.device)
+            }));
         }
         accumulate_gradients(grads, stage, flat);
     }

@@ -245,13 +245,12 @@ pub fn train<S: Stage>(
         flat.iter_mut().for_each(|v| *v = 0.0);
         let mut ctx = step_context!();
         let loss_sum = model.accumulate(&mut ctx, &micro_batches, &mut flat)?;
-        // Average over micro-batches and replicas; the loss and the drain flag (SIGTERM seen by
-        // any rank) ride along in the last slots. The flag then travels with the norm over tp
-        // and pp, so every rank of the job learns it in the same step.
+        // Average over micro-batches and replicas. The loss rides along in the slot after the
+        // gradients, then control flags that add up over every rank of the job (over dp here,
+        // over tp and pp with the norm below), so all ranks learn them in the same step:
+        // SIGTERM seen (drain), and this rank's background upload finished or failed.
         let n_params = flat.len();
         flat.push(loss_sum);
-        // Control flags, summed over every rank of the job (dp here, tp and pp with the norm):
-        // SIGTERM seen (drain), and this rank's background upload finished or failed.
         let (uploaded, upload_failed) = upload.as_ref().map_or((0.0, 0.0), Upload::flags);
         flat.extend([
             if drain_requested() { 1.0 } else { 0.0 },
@@ -474,8 +473,8 @@ fn commit(
 struct Upload {
     step: u64,
     started: Instant,
+    /// Set by the upload thread when it ends, whatever happens (a panic included).
     outcome: Arc<OnceLock<Result<(), String>>>,
-    thread: std::thread::JoinHandle<()>,
 }
 
 impl Upload {
@@ -488,39 +487,36 @@ impl Upload {
     ) -> Self {
         let outcome = Arc::new(OnceLock::new());
         let result = outcome.clone();
-        let thread = std::thread::spawn(move || {
-            let shard = match snapshot.into_shard() {
-                Ok(shard) => shard,
-                Err(e) => {
-                    let _ = result.set(Err(e.to_string()));
-                    return;
-                }
-            };
-            let written = tokio::runtime::Builder::new_current_thread()
+        let upload = move || -> Result<(), String> {
+            let shard = snapshot.into_shard().map_err(|e| e.to_string())?;
+            let io = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| e.to_string())
-                .and_then(|io| {
-                    io.block_on(
-                        (|| store.write_shard(step, rank, shard.clone()))
-                            .retry(
-                                ExponentialBuilder::default()
-                                    .with_min_delay(Duration::from_millis(200))
-                                    .with_max_times(3),
-                            )
-                            .notify(|e, wait| {
-                                eprintln!("checkpoint upload of step {step} failed ({e}); retrying in {wait:?}")
-                            }),
+                .map_err(|e| e.to_string())?;
+            io.block_on(
+                (|| store.write_shard(step, rank, shard.clone()))
+                    .retry(
+                        ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(200))
+                            .with_max_times(3),
                     )
-                    .map_err(|e| e.to_string())
-                });
-            let _ = result.set(written);
+                    .notify(|e, wait| {
+                        eprintln!(
+                            "checkpoint upload of step {step} failed ({e}); retrying in {wait:?}"
+                        )
+                    }),
+            )
+            .map_err(|e| e.to_string())
+        };
+        std::thread::spawn(move || {
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(upload))
+                .unwrap_or_else(|_| Err("the upload thread panicked".into()));
+            let _ = result.set(ended);
         });
         Self {
             step,
             started,
             outcome,
-            thread,
         }
     }
 
@@ -533,21 +529,21 @@ impl Upload {
         }
     }
 
-    /// Every rank's upload ended (all well, or some failed): rank 0 commits, or nobody does.
+    /// Settles the upload once every rank's has ended, given whether any failed: rank 0
+    /// commits a checkpoint every rank uploaded; otherwise nobody does, and the logs say why.
     fn settle(
         self,
-        failed: bool,
+        any_failed: bool,
         job: &RankJob,
         store: &CheckpointStore,
         world: u32,
         reporter: &Reporter,
         io: &tokio::runtime::Runtime,
     ) -> anyhow::Result<()> {
-        let _ = self.thread.join();
-        if failed {
-            let why = match self.outcome.get() {
-                Some(Err(e)) => format!("this rank's upload failed: {e}"),
-                _ => "another rank's upload failed".into(),
+        if any_failed {
+            let why = match self.outcome.wait() {
+                Err(e) => format!("this rank's upload failed: {e}"),
+                Ok(()) => "another rank's upload failed".into(),
             };
             reporter.log(&format!(
                 "checkpoint at step {} not committed: {why}",
@@ -561,7 +557,8 @@ impl Upload {
         Ok(())
     }
 
-    /// Waits for this rank's upload, then settles it with the others (a world all-reduce).
+    /// Settles the upload now: waits for this rank's to end, then a world all-reduce tells
+    /// whether any rank's failed.
     fn finish(
         self,
         job: &RankJob,
@@ -570,14 +567,13 @@ impl Upload {
         reporter: &Reporter,
         io: &tokio::runtime::Runtime,
     ) -> anyhow::Result<()> {
-        while self.outcome.get().is_none() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let (_, failed) = self.flags();
-        let mut any_failed = [failed];
-        comm.world().all_reduce(&mut any_failed, ReduceOp::Sum)?;
-        let world = comm.world_size();
-        self.settle(any_failed[0] > 0.0, job, store, world, reporter, io)
+        let mut failed = [if self.outcome.wait().is_err() {
+            1.0
+        } else {
+            0.0
+        }];
+        comm.world().all_reduce(&mut failed, ReduceOp::Sum)?;
+        self.settle(failed[0] > 0.0, job, store, comm.world_size(), reporter, io)
     }
 }
 
