@@ -600,7 +600,8 @@ impl Core {
                 && self
                     .jobs
                     .get(&key.job)
-                    .is_some_and(|j| j.attempt > key.attempt)
+                    // `==`: the attempt ended and the next waits out its backoff.
+                    .is_some_and(|j| j.attempt >= key.attempt)
             {
                 let line = format!(
                     "attempt {}: rank {} {} (reported after the attempt ended)",

@@ -255,6 +255,23 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
 
     // The first restart waits 1 s, the second 2 s.
     core.on_worker_message(&a, killed(&job, 1, 0), 100).unwrap();
+    // A report of the ended attempt that arrives while the job backs off is kept too: the
+    // first report is often a peer's broken collective, and this one the real cause.
+    let late = WorkerReport::Exited(RankExit {
+        key: key(&job, 1, 0),
+        exit_code: Some(3),
+        signal: None,
+        message: String::new(),
+        stopped: false,
+    });
+    core.on_worker_message(&a, late, 200).unwrap();
+    let history = core.events_after(&job, 0, 100).unwrap();
+    assert!(
+        history.iter().any(|e| e
+            .line
+            .contains("attempt 1: rank 0 exited with code 3 (reported after")),
+        "{history:?}"
+    );
     core.tick(1099).unwrap();
     assert!(core.job(&job).unwrap().state.wants_slots(), "backing off");
     core.on_worker_message(&a, WorkerReport::Heartbeat, 1100)
