@@ -78,11 +78,12 @@ pub struct Manifest {
 /// Files above this size are uploaded in parts of this size.
 const MULTIPART_BYTES: usize = 16 << 20;
 
-/// One rank's restorable state.
+/// One rank's restorable state. The records are shared buffers, so handing them to the store
+/// copies nothing.
 #[derive(Clone)]
 pub struct Shard {
-    pub model: Vec<u8>,
-    pub optimizer: Vec<u8>,
+    pub model: bytes::Bytes,
+    pub optimizer: bytes::Bytes,
     pub data_cursor: u64,
     pub loss: Option<f64>,
     pub eval_loss: Option<f64>,
@@ -94,6 +95,24 @@ pub struct CheckpointStore {
     /// `{url path}/{job}`
     root: Path,
     url: String,
+    /// A `file://` store.
+    local: bool,
+}
+
+/// A burn record's buffer as a shard's, without a copy.
+pub fn shared(record: burn::tensor::Bytes) -> bytes::Bytes {
+    struct Record(burn::tensor::Bytes);
+    impl AsRef<[u8]> for Record {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    bytes::Bytes::from_owner(Record(record))
+}
+
+/// A shard's buffer as a burn record's (aligned as burnpack's reader wants it).
+pub fn record(bytes: bytes::Bytes) -> burn::tensor::Bytes {
+    burn::tensor::Bytes::from_bytes_vec(Vec::from(bytes))
 }
 
 fn checksum(bytes: &[u8]) -> u32 {
@@ -111,9 +130,13 @@ impl CheckpointStore {
             "file" => {
                 // The local store needs its root to exist.
                 std::fs::create_dir_all(parsed.path()).map_err(|e| bad(e.to_string()))?;
-                let (store, prefix) =
-                    object_store::parse_url(&parsed).map_err(|e| bad(e.to_string()))?;
-                (Arc::from(store), prefix)
+                // Durable like an object store's put: a file is synced before its put returns,
+                // and its directory after the rename, so a committed manifest never names
+                // shards that a power loss could tear (and retention never deletes the last
+                // good checkpoint in favour of one that is not yet on disk).
+                let store = object_store::local::LocalFileSystem::new().with_fsync(true);
+                let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
+                (Arc::new(store), prefix)
             }
             "s3" => {
                 let store = object_store::aws::AmazonS3Builder::from_env()
@@ -133,6 +156,7 @@ impl CheckpointStore {
             store,
             root: prefix.join(job_id),
             url: url.trim_end_matches('/').to_string(),
+            local: parsed.scheme() == "file",
         })
     }
 
@@ -150,7 +174,7 @@ impl CheckpointStore {
         &self,
         dir: &Path,
         name: String,
-        bytes: Vec<u8>,
+        bytes: bytes::Bytes,
     ) -> Result<FileEntry, CheckpointError> {
         let entry = FileEntry {
             crc32c: checksum(&bytes),
@@ -158,11 +182,13 @@ impl CheckpointStore {
             path: name.clone(),
         };
         let path = dir.clone().join(name.as_str());
-        if bytes.len() > MULTIPART_BYTES {
-            // Large shards go up in parts (S3 caps single puts at 5 GiB and retries whole puts).
+        if bytes.len() > MULTIPART_BYTES && !self.local {
+            // Large shards go up in parts (S3 caps single puts at 5 GiB and retries whole
+            // puts). The parts are slices of the shard, not copies. A local file gains nothing
+            // from parts: the local store writes them one after another into one file.
             let upload = self.store.put_multipart(&path).await?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_BYTES);
-            writer.write(&bytes);
+            writer.put(bytes);
             writer.finish().await?;
         } else {
             self.store.put(&path, PutPayload::from(bytes)).await?;
@@ -210,7 +236,7 @@ impl CheckpointStore {
         self.put_file(
             &dir,
             format!("rank-{rank}.state.json"),
-            serde_json::to_vec(&state)?,
+            serde_json::to_vec(&state)?.into(),
         )
         .await?;
         Ok(())
@@ -418,7 +444,7 @@ impl CheckpointStore {
         let dir = self.step_dir(manifest.step);
         let get = |name: String| {
             let path = dir.clone().join(name.as_str());
-            async move { Ok::<_, CheckpointError>(self.store.get(&path).await?.bytes().await?.to_vec()) }
+            async move { Ok::<_, CheckpointError>(self.store.get(&path).await?.bytes().await?) }
         };
         let state: RankState =
             serde_json::from_slice(&get(format!("rank-{rank}.state.json")).await?)?;
@@ -489,8 +515,8 @@ mod tests {
     async fn save(store: &CheckpointStore, step: u64) {
         for rank in 0..2 {
             let shard = Shard {
-                model: vec![rank as u8; 10],
-                optimizer: vec![7; 5],
+                model: vec![rank as u8; 10].into(),
+                optimizer: vec![7; 5].into(),
                 data_cursor: step,
                 loss: Some(0.5),
                 eval_loss: None,
@@ -533,8 +559,8 @@ mod tests {
                 40,
                 0,
                 Shard {
-                    model: vec![1],
-                    optimizer: vec![2],
+                    model: vec![1].into(),
+                    optimizer: vec![2].into(),
                     data_cursor: 40,
                     loss: None,
                     eval_loss: None,
@@ -574,8 +600,8 @@ mod tests {
         // attempt 1 committed: attempt 1's commit is refused, nothing moves.
         for rank in 0..2 {
             let shard = Shard {
-                model: vec![9; 4],
-                optimizer: vec![9; 4],
+                model: vec![9; 4].into(),
+                optimizer: vec![9; 4].into(),
                 data_cursor: 30,
                 loss: None,
                 eval_loss: None,
@@ -607,8 +633,8 @@ mod tests {
         assert_eq!(store.latest().await.unwrap(), Some(30));
         for rank in 0..2 {
             let shard = Shard {
-                model: vec![1; 4],
-                optimizer: vec![1; 4],
+                model: vec![1; 4].into(),
+                optimizer: vec![1; 4].into(),
                 data_cursor: 25,
                 loss: None,
                 eval_loss: None,
@@ -630,8 +656,8 @@ mod tests {
         store.fence(3).await.unwrap();
         for rank in 0..2 {
             let shard = Shard {
-                model: vec![3; 4],
-                optimizer: vec![3; 4],
+                model: vec![3; 4].into(),
+                optimizer: vec![3; 4].into(),
                 data_cursor: 30,
                 loss: None,
                 eval_loss: None,

@@ -2,13 +2,12 @@
 //! in the unsplit model, tensor-parallel slices joined, and written as one safetensors file
 //! that PyTorch, NumPy or any safetensors reader opens.
 
-use crate::runtime::checkpoint::{CheckpointStore, Manifest};
+use crate::runtime::checkpoint::{self, CheckpointStore, Manifest};
 use crate::runtime::model::{Gpt, GptStage, Mlp, MlpStage, stage_blocks};
 use crate::runtime::stage::Stage;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
-use burn::tensor::Bytes;
 use gantry_core::{Coords, JobSpec, Mesh, ModelKind};
 use std::collections::BTreeMap;
 
@@ -118,10 +117,10 @@ fn load<S: Stage>(
     spec: &JobSpec,
     mesh: Mesh,
     rank: u32,
-    model: Vec<u8>,
+    model: bytes::Bytes,
 ) -> anyhow::Result<Vec<(String, Tensor32)>> {
     let device = Device::flex();
-    let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(model))
+    let record = ModuleRecord::from_bytes(checkpoint::record(model))
         .map_err(|e| anyhow::anyhow!("model record of rank {rank}: {e:?}"))?;
     let stage = S::init(spec, mesh, rank, &device).load_record(record);
     Ok(named_parameters(&stage))

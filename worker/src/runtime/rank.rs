@@ -52,7 +52,25 @@ extern "C" fn on_sigterm(_: libc::c_int) {
 #[error("checkpointed at step {0} and stopped: a worker is draining")]
 pub struct Drained(pub u64);
 
+/// Keeps freed memory in the process's heap instead of handing it back to the kernel.
+///
+/// A checkpoint snapshot shares the model's and the optimizer's buffers, so the steps after it
+/// cannot update them in place and allocate new ones until the upload lets go. With glibc's
+/// defaults, those allocations come from fresh pages: about 30 ms of page faults per 120 MiB,
+/// on the training thread, at every checkpoint. Kept in the heap, they reuse warm pages. The
+/// price is a resident size that stays at its peak, which a rank reaches at every checkpoint
+/// anyway.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 pub fn run(assignment_path: &Path) -> i32 {
+    keep_freed_memory();
     match run_inner(assignment_path) {
         Ok(()) => 0,
         Err(e) if e.downcast_ref::<Drained>().is_some() => {

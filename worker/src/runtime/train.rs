@@ -7,7 +7,7 @@
 //! stages), and Adam steps with the scheduled learning rate. Replicas start from the same seed
 //! and apply identical averaged gradients, so they stay bit-identical.
 
-use crate::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
+use crate::runtime::checkpoint::{self, CheckpointStore, Manifest, Shard};
 use crate::runtime::comm::tcp::TcpComm;
 use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
@@ -19,7 +19,6 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
-use burn::tensor::Bytes;
 use gantry_core::{Coords, JobSpec, Mesh};
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
@@ -191,11 +190,11 @@ pub fn train<S: Stage>(
     if let Some(manifest) = restored {
         let source_rank = source_rank(&manifest, mesh, job.rank)?;
         let shard = io.block_on(store.read_shard(&manifest, source_rank))?;
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(shard.model))
+        let record = ModuleRecord::from_bytes(checkpoint::record(shard.model))
             .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?;
         model = model.load_record(record);
         optimizer = optimizer
-            .from_bytes(Bytes::from_bytes_vec(shard.optimizer))
+            .from_bytes(checkpoint::record(shard.optimizer))
             .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?;
         start = shard.data_cursor;
         reporter.log(&format!(
@@ -424,13 +423,13 @@ impl<M: Module> Snapshot<M> {
                 .model
                 .into_record()
                 .into_bytes()
-                .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?
-                .to_vec(),
+                .map(checkpoint::shared)
+                .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?,
             optimizer: self
                 .optimizer
                 .into_bytes()
-                .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?
-                .to_vec(),
+                .map(checkpoint::shared)
+                .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?,
             data_cursor: self.step,
             loss: Some(loss),
             eval_loss,
@@ -470,15 +469,36 @@ fn commit(
 /// A checkpoint shard being written by a background thread (at most one per rank). The
 /// upload is retried with backoff; the checkpoint is committed only once every rank's upload
 /// succeeded, which the ranks learn from the flags they add to each step's all-reduce.
-struct Upload {
+pub struct Upload {
     step: u64,
     started: Instant,
     /// Set by the upload thread when it ends, whatever happens (a panic included).
     outcome: Arc<OnceLock<Result<(), String>>>,
 }
 
+/// Puts the calling thread in Linux's `SCHED_IDLE` class: it runs only on CPU time that
+/// normal threads (the training step, its collectives) leave unused, so a checkpoint upload on
+/// a busy CPU rank delays the upload rather than the training. It cannot starve forever: a
+/// rank waits on collectives and data between its bursts of compute. Elsewhere, a no-op.
+fn yield_to_training() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter.
+        let failed = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0;
+        if failed {
+            tracing::debug!(
+                "could not lower the upload thread's priority: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 impl Upload {
-    fn start<M: Module + Send + 'static>(
+    /// Serialises and uploads `snapshot` on a background thread (and its I/O threads), at idle
+    /// priority, retrying failed writes with backoff.
+    pub fn start<M: Module + Send + 'static>(
         store: CheckpointStore,
         step: u64,
         rank: u32,
@@ -488,9 +508,11 @@ impl Upload {
         let outcome = Arc::new(OnceLock::new());
         let result = outcome.clone();
         let upload = move || -> Result<(), String> {
+            yield_to_training();
             let shard = snapshot.into_shard().map_err(|e| e.to_string())?;
             let io = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
+                .on_thread_start(yield_to_training)
                 .build()
                 .map_err(|e| e.to_string())?;
             io.block_on(
@@ -518,6 +540,16 @@ impl Upload {
             started,
             outcome,
         }
+    }
+
+    /// Whether the upload has ended.
+    pub fn ended(&self) -> bool {
+        self.outcome.get().is_some()
+    }
+
+    /// Waits for the upload to end, and says how it went.
+    pub fn wait(&self) -> Result<(), String> {
+        self.outcome.wait().clone()
     }
 
     /// (finished well, failed) as 0/1 flags for the step's all-reduce.
