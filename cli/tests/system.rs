@@ -180,16 +180,25 @@ impl Cluster {
     }
 
     fn wait_until_ended(&self, job: &str) -> Value {
-        self.wait_for(
-            |c| {
-                matches!(
-                    c.status(job)["state"].as_str(),
-                    Some("Succeeded" | "Failed" | "Cancelled")
-                )
-            },
-            "the job to end",
-        );
-        self.status(job)
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.status(job);
+            if matches!(
+                status["state"].as_str(),
+                Some("Succeeded" | "Failed" | "Cancelled")
+            ) {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let logs = String::from_utf8(self.gantry(&["logs", job]).stdout).unwrap();
+                let tail: Vec<&str> = logs.lines().rev().take(60).collect();
+                panic!(
+                    "timed out waiting for {job} to end: {status}\n…\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Every step's training loss, from the job's logs.
@@ -952,21 +961,131 @@ impl Drop for Moto {
     }
 }
 
-#[test]
-fn checkpoints_on_s3_resume_a_killed_rank_exactly() {
-    let moto = Moto::start("gantry-test");
-    let cluster = Cluster::start_with_env(3, moto.env());
-    let set = ["train.steps=1500", "checkpoint.every_steps=25"];
-    let reference = cluster.submit("mlp-dp2.toml", &set);
-    let reference_end = cluster.wait_until_ended(&reference);
-    assert_eq!(reference_end["state"], "Succeeded");
+/// Azurite, Azure Blob Storage's emulator, on loopback; stopped on drop.
+struct Azurite {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
 
-    let on_s3 = [
-        &set[..],
-        &["checkpoint.url=\"s3://gantry-test/checkpoints\""],
-    ]
-    .concat();
-    let job = cluster.submit("mlp-dp2.toml", &on_s3);
+/// The emulator's well-known account and key (public; they sign requests to Azurite only).
+const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+impl Azurite {
+    fn start(container: &str) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let bin = std::env::var("GANTRY_AZURITE").unwrap_or_else(|_| "azurite-blob".into());
+        let child = Command::new(&bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--silent"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{bin}: {e} (scripts/test installs Azurite)"));
+        let azurite = Azurite {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "Azurite did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        azurite.request("PUT", container, &[("restype", "container")]);
+        azurite
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AZURE_STORAGE_USE_EMULATOR", "true"),
+            ("AZURITE_BLOB_STORAGE_URL", self.url.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// A request to `{account}/{path}`, signed with the account key (Shared Key), as the
+    /// object store client signs its own; the body of the answer.
+    fn request(&self, method: &str, path: &str, query: &[(&str, &str)]) -> String {
+        use base64::Engine;
+        let base64 = base64::engine::general_purpose::STANDARD;
+        let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+        let version = "2021-08-06";
+        let mut resource = format!("/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{path}");
+        let mut sorted = query.to_vec();
+        sorted.sort();
+        for (k, v) in &sorted {
+            resource.push_str(&format!("\n{k}:{v}"));
+        }
+        // The verb, eleven empty standard headers, the x-ms headers, the resource.
+        let to_sign = format!(
+            "{method}\n{}x-ms-date:{date}\nx-ms-version:{version}\n{resource}",
+            "\n".repeat(11)
+        );
+        let key = aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &base64.decode(AZURITE_KEY).unwrap(),
+        );
+        let signature = base64.encode(aws_lc_rs::hmac::sign(&key, to_sign.as_bytes()));
+        let query: Vec<String> = query.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let out = Command::new("curl")
+            .args(["-sS", "--fail-with-body", "-X", method])
+            .args(["-H", &format!("x-ms-date: {date}")])
+            .args(["-H", &format!("x-ms-version: {version}")])
+            .args([
+                "-H",
+                &format!("Authorization: SharedKey {AZURITE_ACCOUNT}:{signature}"),
+            ])
+            .args(["-H", "Content-Length: 0"])
+            .arg(format!(
+                "{}/{AZURITE_ACCOUNT}/{path}?{}",
+                self.url,
+                query.join("&")
+            ))
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{method} {path}: {body}");
+        body
+    }
+
+    /// The blob names under `prefix` in `container`, from the server's own listing.
+    fn keys(&self, container: &str, prefix: &str) -> String {
+        self.request(
+            "GET",
+            container,
+            &[
+                ("restype", "container"),
+                ("comp", "list"),
+                ("prefix", prefix),
+            ],
+        )
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Trains the mlp example with checkpoints at `url`, kills a rank once one is committed, and
+/// checks that the job resumed from the store and ended with `reference`'s exact loss; returns
+/// the job.
+fn resume_a_killed_rank_from(cluster: &Cluster, url: &str, reference: &Value) -> String {
+    let set = [
+        "train.steps=1500",
+        "checkpoint.every_steps=25",
+        &format!("checkpoint.url=\"{url}\""),
+    ];
+    let job = cluster.submit("mlp-dp2.toml", &set);
     cluster.wait_for(
         |c| c.status(&job)["last_checkpoint"].is_object(),
         "a first checkpoint",
@@ -977,14 +1096,33 @@ fn checkpoints_on_s3_resume_a_killed_rank_exactly() {
     assert_eq!(end["state"], "Succeeded", "{end}");
     assert!(end["restarts"].as_u64().unwrap() >= 1, "{end}");
     assert!(logs.contains("resumed from checkpoint"), "{logs}");
-    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
-    let url = end["last_checkpoint"]["url"].as_str().unwrap();
-    assert!(
-        url.starts_with(&format!("s3://gantry-test/checkpoints/{job}/step-")),
-        "{url}"
+    assert_eq!(end["loss"], reference["loss"], "{logs}");
+    let last = end["last_checkpoint"]["url"].as_str().unwrap();
+    assert!(last.starts_with(&format!("{url}/{job}/step-")), "{last}");
+    job
+}
+
+#[test]
+fn checkpoints_on_s3_and_azure_resume_a_killed_rank_exactly() {
+    let moto = Moto::start("gantry-test");
+    let azurite = Azurite::start("gantry");
+    let cluster = Cluster::start_with_env(3, [moto.env(), azurite.env()].concat());
+    let reference = cluster.submit(
+        "mlp-dp2.toml",
+        &["train.steps=1500", "checkpoint.every_steps=25"],
     );
-    // The server itself holds the committed checkpoint.
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+
+    // The servers themselves hold the committed checkpoints.
+    let job = resume_a_killed_rank_from(&cluster, "s3://gantry-test/checkpoints", &reference_end);
     let keys = moto.keys("gantry-test", &format!("checkpoints/{job}/step-00001500/"));
+    assert!(
+        keys.contains("manifest.json") && keys.contains("rank-1.optim.bpk"),
+        "{keys}"
+    );
+    let job = resume_a_killed_rank_from(&cluster, "az://gantry/checkpoints", &reference_end);
+    let keys = azurite.keys("gantry", &format!("checkpoints/{job}/step-00001500/"));
     assert!(
         keys.contains("manifest.json") && keys.contains("rank-1.optim.bpk"),
         "{keys}"

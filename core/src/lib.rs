@@ -6,7 +6,10 @@ pub mod spec;
 
 pub use ids::{Attempt, JobId, Rank, WorkerId};
 pub use mesh::{Coords, Mesh};
-pub use spec::{JobSpec, ModelKind, PipelineSchedule, Precision, SpecError};
+pub use spec::{
+    CHECKPOINT_SCHEMES, CHECKPOINT_SCHEMES_HINT, JobSpec, ModelKind, PipelineSchedule, Precision,
+    SpecError,
+};
 
 /// Reads a daemon's config file (TOML, YAML or JSON, by extension) into `T`, whose
 /// `deny_unknown_fields` makes an unknown key an error naming it; no file gives `T::default()`.

@@ -23,6 +23,12 @@ impl SpecError {
     }
 }
 
+/// The object stores a checkpoint URL may name.
+pub const CHECKPOINT_SCHEMES: &[&str] = &["file", "s3", "az", "abfs", "abfss", "azure", "gs"];
+/// What an unsupported checkpoint URL's error suggests instead.
+pub const CHECKPOINT_SCHEMES_HINT: &str =
+    "use file://, s3://, az:// (or abfs[s]:// or azure://) or gs://";
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
@@ -582,11 +588,11 @@ impl JobSpec {
         if !c.url.is_empty() {
             let url = url::Url::parse(&c.url)
                 .map_err(|e| SpecError::new("checkpoint.url", format!("{:?}: {e}", c.url)))?;
-            if !matches!(url.scheme(), "file" | "s3") {
+            if !CHECKPOINT_SCHEMES.contains(&url.scheme()) {
                 return err(
                     "checkpoint.url",
                     format!(
-                        "scheme {:?} is not supported; use file:// or s3://",
+                        "scheme {:?} is not supported; {CHECKPOINT_SCHEMES_HINT}",
                         url.scheme()
                     ),
                 );
@@ -712,7 +718,7 @@ mod tests {
             ("parallel.tp", "parallel.tp=2"),
             ("parallel.pp", "parallel.pp=4"),
             ("train.precision", "train.precision=\"bf16\""),
-            ("checkpoint.url", "checkpoint.url=\"gs://bucket/x\""),
+            ("checkpoint.url", "checkpoint.url=\"ftp://host/x\""),
             ("parallel.schedule", "parallel.schedule=\"zigzag\""),
             ("name", "name=\"a b\""),
             ("data.split", "data.split=[0.5, 0.5, 0.5]"),
@@ -720,6 +726,20 @@ mod tests {
         for (field, assignment) in cases {
             let err = check(|doc| apply_override(doc, assignment).unwrap()).unwrap_err();
             assert_eq!(err.field, field, "{assignment}: {err}");
+        }
+    }
+
+    #[test]
+    fn every_object_store_is_a_checkpoint_url() {
+        for url in [
+            "file:///c",
+            "s3://b/p",
+            "az://c/p",
+            "abfss://c/p",
+            "gs://b/p",
+        ] {
+            let set = format!("checkpoint.url=\"{url}\"");
+            check(|doc| apply_override(doc, &set).unwrap()).unwrap();
         }
     }
 

@@ -128,10 +128,13 @@ impl DaemonArgs {
 /// mounted Kubernetes Secret): `AWS_SECRET_ACCESS_KEY_FILE=/path` sets `AWS_SECRET_ACCESS_KEY`
 /// from that file, for this daemon and the ranks it starts. Call before any thread starts.
 pub fn load_secret_files() -> anyhow::Result<()> {
-    const SECRETS: [&str; 3] = [
+    const SECRETS: [&str; 6] = [
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_SAS_KEY",
+        "GOOGLE_SERVICE_ACCOUNT_KEY",
     ];
     for name in SECRETS {
         if let Ok(path) = std::env::var(format!("{name}_FILE")) {

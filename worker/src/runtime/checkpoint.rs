@@ -95,6 +95,7 @@ pub struct CheckpointStore {
     /// `{url path}/{job}`
     root: Path,
     url: String,
+    job_id: String,
     /// A `file://` store.
     local: bool,
 }
@@ -115,14 +116,20 @@ pub fn record(bytes: bytes::Bytes) -> burn::tensor::Bytes {
     burn::tensor::Bytes::from_bytes_vec(Vec::from(bytes))
 }
 
+/// The key prefix an object store URL names under its bucket or container.
+fn object_prefix(url: &url::Url) -> Result<Path, String> {
+    Path::from_url_path(url.path()).map_err(|e| e.to_string())
+}
+
 fn checksum(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
 
 impl CheckpointStore {
-    /// Opens `{url}/{job_id}`. `file://` is the local filesystem; `s3://bucket/prefix` takes its
-    /// credentials, region and endpoint from the usual `AWS_*` environment variables (never from
-    /// the spec, so no secret reaches the coordinator's database or the logs).
+    /// Opens `{url}/{job_id}`. `file://` is the local filesystem; `s3://`, `az://` and `gs://`
+    /// take their credentials, regions and endpoints from each cloud's usual environment
+    /// variables (never from the spec, so no secret reaches the coordinator's database or the
+    /// logs).
     pub fn open(url: &str, job_id: &str) -> Result<Self, CheckpointError> {
         let bad = |e: String| CheckpointError::Url(url.into(), e);
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
@@ -143,12 +150,31 @@ impl CheckpointStore {
                     .with_url(url)
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
-                (Arc::new(store), prefix)
+                (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
+            }
+            // az://container/prefix (also abfs[s]:// and azure://): AZURE_STORAGE_ACCOUNT_NAME
+            // with AZURE_STORAGE_ACCOUNT_KEY, a SAS token or workload identity; Azurite with
+            // AZURE_STORAGE_USE_EMULATOR=true (and AZURITE_BLOB_STORAGE_URL).
+            "az" | "abfs" | "abfss" | "azure" => {
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
+            }
+            // gs://bucket/prefix: GOOGLE_SERVICE_ACCOUNT (a key file), or application default
+            // credentials (GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
+            "gs" => {
+                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_url(url)
+                    .build()
+                    .map_err(|e| bad(e.to_string()))?;
+                (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
             }
             other => {
                 return Err(bad(format!(
-                    "scheme {other:?} is not supported; use file:// or s3://"
+                    "scheme {other:?} is not supported; {}",
+                    gantry_core::CHECKPOINT_SCHEMES_HINT
                 )));
             }
         };
@@ -156,8 +182,17 @@ impl CheckpointStore {
             store,
             root: prefix.join(job_id),
             url: url.trim_end_matches('/').to_string(),
+            job_id: job_id.to_string(),
             local: parsed.scheme() == "file",
         })
+    }
+
+    /// The same store with a client of its own. An HTTP client's pooled connections belong to
+    /// the Tokio runtime that opened them and only move while it runs: a thread with its own
+    /// runtime (an upload) must not share a client with another, or a request can wait on a
+    /// connection nobody drives (a rank's uploads to Azurite hung like that).
+    pub fn reopen(&self) -> Result<Self, CheckpointError> {
+        Self::open(&self.url, &self.job_id)
     }
 
     fn step_dir(&self, step: u64) -> Path {
@@ -496,6 +531,26 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_store_is_configured_from_its_url() {
+        // GCS: configured, not reached (no emulator works offline); credentials are looked up
+        // on first use, so opening needs none.
+        let gcs = CheckpointStore::open("gs://gantry-ckpt/runs", "job-1").unwrap();
+        assert_eq!(gcs.step_url(7), "gs://gantry-ckpt/runs/job-1/step-00000007");
+        assert_eq!(gcs.root.as_ref(), "runs/job-1");
+        let s3 = CheckpointStore::open("s3://bucket/a/b", "j").unwrap();
+        assert_eq!(s3.root.as_ref(), "a/b/j");
+        assert!(!gcs.local && !s3.local);
+        let err = |url: &str| CheckpointStore::open(url, "j").err().unwrap().to_string();
+        let ftp = err("ftp://host/path");
+        assert!(
+            ftp.contains("\"ftp\" is not supported") && ftp.contains("gs://"),
+            "{ftp}"
+        );
+        assert!(err("gs:///no-bucket").contains("gs:///no-bucket"));
+        assert!(err("not a url").contains("not a url"));
+    }
 
     fn manifest(step: u64) -> Manifest {
         Manifest {

@@ -476,16 +476,18 @@ pub struct Upload {
     outcome: Arc<OnceLock<Result<(), String>>>,
 }
 
-/// Puts the calling thread in Linux's `SCHED_IDLE` class: it runs only on CPU time that
-/// normal threads (the training step, its collectives) leave unused, so a checkpoint upload on
-/// a busy CPU rank delays the upload rather than the training. It cannot starve forever: a
-/// rank waits on collectives and data between its bursts of compute. Elsewhere, a no-op.
+/// Gives the calling thread the lowest priority (nice 19): beside a busy training step it gets
+/// a small share of the CPU, so a checkpoint upload delays the training little and still
+/// always progresses. (`SCHED_IDLE` starved uploads to a network store for minutes while two
+/// CPU ranks kept both cores busy.) Linux applies nice values per thread; elsewhere, a no-op.
 fn yield_to_training() {
     #[cfg(target_os = "linux")]
     {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter.
-        let failed = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0;
+        // SAFETY: plain syscalls on the calling thread.
+        let failed = unsafe {
+            let tid = libc::gettid() as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19)
+        } != 0;
         if failed {
             tracing::debug!(
                 "could not lower the upload thread's priority: {}",
@@ -496,8 +498,8 @@ fn yield_to_training() {
 }
 
 impl Upload {
-    /// Serialises and uploads `snapshot` on a background thread (and its I/O threads), at idle
-    /// priority, retrying failed writes with backoff.
+    /// Serialises and uploads `snapshot` on a background thread (and its I/O threads), at the
+    /// lowest priority, retrying failed writes with backoff.
     pub fn start<M: Module + Send + 'static>(
         store: CheckpointStore,
         step: u64,
@@ -515,6 +517,7 @@ impl Upload {
                 .on_thread_start(yield_to_training)
                 .build()
                 .map_err(|e| e.to_string())?;
+            let store = store.reopen().map_err(|e| e.to_string())?;
             io.block_on(
                 (|| store.write_shard(step, rank, shard.clone()))
                     .retry(
