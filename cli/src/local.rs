@@ -45,6 +45,7 @@ impl LocalCluster {
                     rank_command: vec![exe.clone(), "rank".into()],
                     metrics_listen: None,
                     drain_timeout_secs: 60,
+                    store_options: Default::default(),
                 };
                 tokio::spawn(agent::run(
                     options,

@@ -388,7 +388,7 @@ async fn stored_checkpoints(
 ) -> anyhow::Result<Vec<pb::Checkpoint>> {
     use gantry_worker::runtime::checkpoint::CheckpointStore;
     let spec = JobSpec::from_json(&job.spec_json)?;
-    let store = CheckpointStore::open(&spec.checkpoint.url, &job.id)?;
+    let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
     let mut listed: Vec<pb::Checkpoint> = store
         .list()
         .await?
@@ -418,7 +418,7 @@ async fn stored_checkpoints(
 async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
     use gantry_worker::runtime::{checkpoint::CheckpointStore, export};
     let spec = JobSpec::from_json(&job.spec_json)?;
-    let store = CheckpointStore::open(&spec.checkpoint.url, &job.id)?;
+    let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
     let manifest = match step {
         Some(step) => store.verify(step).await?,
         None => store

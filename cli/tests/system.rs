@@ -928,10 +928,10 @@ impl Moto {
         moto
     }
 
+    /// Credentials for the workers' environment; the endpoint goes in the job spec
+    /// ([`Moto::options`]).
     fn env(&self) -> Vec<(String, String)> {
         [
-            ("AWS_ENDPOINT", self.url.as_str()),
-            ("AWS_ALLOW_HTTP", "true"),
             ("AWS_ACCESS_KEY_ID", "test"),
             ("AWS_SECRET_ACCESS_KEY", "test"),
             ("AWS_REGION", "us-east-1"),
@@ -939,6 +939,14 @@ impl Moto {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+    }
+
+    /// The job spec's store options that point at this server.
+    fn options(&self) -> Vec<String> {
+        vec![
+            format!("checkpoint.options.aws_endpoint=\"{}\"", self.url),
+            "checkpoint.options.aws_allow_http=true".into(),
+        ]
     }
 
     /// The keys under `prefix` in `bucket`, from the server's own listing.
@@ -1079,12 +1087,19 @@ impl Drop for Azurite {
 /// Trains the mlp example with checkpoints at `url`, kills a rank once one is committed, and
 /// checks that the job resumed from the store and ended with `reference`'s exact loss; returns
 /// the job.
-fn resume_a_killed_rank_from(cluster: &Cluster, url: &str, reference: &Value) -> String {
-    let set = [
-        "train.steps=1500",
-        "checkpoint.every_steps=25",
-        &format!("checkpoint.url=\"{url}\""),
+fn resume_a_killed_rank_from(
+    cluster: &Cluster,
+    url: &str,
+    options: &[String],
+    reference: &Value,
+) -> String {
+    let mut set = vec![
+        "train.steps=1500".to_string(),
+        "checkpoint.every_steps=25".into(),
+        format!("checkpoint.url=\"{url}\""),
     ];
+    set.extend_from_slice(options);
+    let set: Vec<&str> = set.iter().map(String::as_str).collect();
     let job = cluster.submit("mlp-dp2.toml", &set);
     cluster.wait_for(
         |c| c.status(&job)["last_checkpoint"].is_object(),
@@ -1114,14 +1129,20 @@ fn checkpoints_on_s3_and_azure_resume_a_killed_rank_exactly() {
     let reference_end = cluster.wait_until_ended(&reference);
     assert_eq!(reference_end["state"], "Succeeded");
 
-    // The servers themselves hold the committed checkpoints.
-    let job = resume_a_killed_rank_from(&cluster, "s3://gantry-test/checkpoints", &reference_end);
+    // The servers themselves hold the committed checkpoints. The S3 endpoint comes from the
+    // job spec's store options, Azurite's from the workers' environment.
+    let job = resume_a_killed_rank_from(
+        &cluster,
+        "s3://gantry-test/checkpoints",
+        &moto.options(),
+        &reference_end,
+    );
     let keys = moto.keys("gantry-test", &format!("checkpoints/{job}/step-00001500/"));
     assert!(
         keys.contains("manifest.json") && keys.contains("rank-1.optim.bpk"),
         "{keys}"
     );
-    let job = resume_a_killed_rank_from(&cluster, "az://gantry/checkpoints", &reference_end);
+    let job = resume_a_killed_rank_from(&cluster, "az://gantry/checkpoints", &[], &reference_end);
     let keys = azurite.keys("gantry", &format!("checkpoints/{job}/step-00001500/"));
     assert!(
         keys.contains("manifest.json") && keys.contains("rank-1.optim.bpk"),

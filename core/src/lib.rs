@@ -3,6 +3,7 @@
 pub mod ids;
 pub mod mesh;
 pub mod spec;
+pub mod store_options;
 
 pub use ids::{Attempt, JobId, Rank, WorkerId};
 pub use mesh::{Coords, Mesh};

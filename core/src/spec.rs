@@ -166,6 +166,15 @@ pub struct CheckpointSpec {
     /// and a drain's, are always written before the rank ends).
     #[serde(default = "yes")]
     pub async_upload: bool,
+    /// Options for the store's client by object_store's configuration key (`aws_endpoint`,
+    /// `aws_region`, `azure_storage_account_name`, `timeout`…), over the workers' own. Never
+    /// a credential: the coordinator stores the spec.
+    #[serde(
+        default,
+        skip_serializing_if = "std::collections::BTreeMap::is_empty",
+        deserialize_with = "crate::store_options::scalars_as_strings"
+    )]
+    pub options: std::collections::BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -279,6 +288,7 @@ impl Default for CheckpointSpec {
             every_steps: default_every_steps(),
             keep_last: default_keep_last(),
             async_upload: true,
+            options: Default::default(),
         }
     }
 }
@@ -598,6 +608,11 @@ impl JobSpec {
                 );
             }
         }
+        let scheme = url::Url::parse(&c.url).map_or("file".to_string(), |u| u.scheme().into());
+        for key in c.options.keys() {
+            crate::store_options::canonical(Some(&scheme), key)
+                .map_err(|e| SpecError::new(format!("checkpoint.options.{key}"), e))?;
+        }
         if t.precision == Precision::Bf16 && self.resources.device == "cpu" {
             return err(
                 "train.precision",
@@ -740,6 +755,44 @@ mod tests {
         ] {
             let set = format!("checkpoint.url=\"{url}\"");
             check(|doc| apply_override(doc, &set).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn store_options_fit_the_store_and_hold_no_secret() {
+        let with = |url: &str, option: &str| {
+            check(|doc| {
+                apply_override(doc, &format!("checkpoint.url=\"{url}\"")).unwrap();
+                apply_override(doc, option).unwrap();
+            })
+        };
+        let spec = with("s3://b/p", "checkpoint.options.aws_region=\"eu-west-1\"").unwrap();
+        assert_eq!(spec.checkpoint.options["aws_region"], "eu-west-1");
+        let spec = with("s3://b/p", "checkpoint.options.aws_allow_http=true").unwrap();
+        assert_eq!(spec.checkpoint.options["aws_allow_http"], "true");
+        let refused = [
+            (
+                "s3://b/p",
+                "checkpoint.options.aws_regoin=\"x\"",
+                "not an option",
+            ),
+            ("gs://b/p", "checkpoint.options.aws_region=\"x\"", "gs://"),
+            (
+                "file:///c",
+                "checkpoint.options.timeout=\"5s\"",
+                "no options",
+            ),
+            (
+                "s3://b/p",
+                "checkpoint.options.aws_secret_access_key=\"x\"",
+                "credential",
+            ),
+        ];
+        for (url, option, message) in refused {
+            let err = with(url, option).unwrap_err();
+            let key = option.split('=').next().unwrap();
+            assert_eq!(err.field, key, "{err}");
+            assert!(err.to_string().contains(message), "{err}");
         }
     }
 

@@ -35,6 +35,9 @@ pub struct AgentOptions {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How long a drain (SIGTERM) waits for ranks to checkpoint and stop.
     pub drain_timeout_secs: u64,
+    /// Checkpoint store options for the ranks (endpoints, regions; never credentials), by
+    /// object_store's configuration key; a job's `checkpoint.options` go over them.
+    pub store_options: std::collections::BTreeMap<String, String>,
 }
 
 type Key = (String, u64, u32);
@@ -335,6 +338,7 @@ fn launch(
         world_size: a.world_size,
         spec_json: a.spec_json.clone(),
         resume_step: a.resume_step,
+        store_options: options.store_options.clone(),
     };
     std::fs::write(&file, serde_json::to_vec_pretty(&assignment)?)?;
     let child = Command::new(&options.rank_command[0])

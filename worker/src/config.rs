@@ -68,6 +68,13 @@ struct FileConfig {
     metrics_listen: Option<std::net::SocketAddr>,
     log_format: Option<gantry_ops::LogFormat>,
     drain_timeout_secs: Option<u64>,
+    /// Checkpoint store options for every job's ranks, e.g. `aws_endpoint`, `aws_region`,
+    /// `azure_storage_account_name`; never a credential.
+    #[serde(
+        default,
+        deserialize_with = "gantry_core::store_options::scalars_as_strings"
+    )]
+    object_store: std::collections::BTreeMap<String, String>,
 }
 
 pub fn hostname() -> String {
@@ -86,6 +93,10 @@ impl DaemonArgs {
             gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
         let slots = self.slots.or(file.slots).unwrap_or(1);
         anyhow::ensure!(slots > 0, "slots: must be at least 1");
+        for key in file.object_store.keys() {
+            gantry_core::store_options::canonical(None, key)
+                .map_err(|e| anyhow::anyhow!("object_store.{key}: {e}"))?;
+        }
         Ok(AgentOptions {
             coordinator: self
                 .coordinator
@@ -113,6 +124,7 @@ impl DaemonArgs {
                 .drain_timeout_secs
                 .or(file.drain_timeout_secs)
                 .unwrap_or(60),
+            store_options: file.object_store,
         })
     }
 

@@ -96,9 +96,13 @@ pub struct CheckpointStore {
     root: Path,
     url: String,
     job_id: String,
+    options: Options,
     /// A `file://` store.
     local: bool,
 }
+
+/// Options for a store's client, by object_store's configuration key.
+pub type Options = std::collections::BTreeMap<String, String>;
 
 /// A burn record's buffer as a shard's, without a copy.
 pub fn shared(record: burn::tensor::Bytes) -> bytes::Bytes {
@@ -131,9 +135,36 @@ impl CheckpointStore {
     /// variables (never from the spec, so no secret reaches the coordinator's database or the
     /// logs).
     pub fn open(url: &str, job_id: &str) -> Result<Self, CheckpointError> {
+        Self::open_with(url, job_id, &Options::new())
+    }
+
+    /// The store of a job's checkpoints: `checkpoint.url` with the worker's store `options` that
+    /// apply to it, then the spec's own (`checkpoint.options`) over them.
+    pub fn for_job(
+        spec: &gantry_core::spec::CheckpointSpec,
+        job_id: &str,
+        worker: &Options,
+    ) -> Result<Self, CheckpointError> {
+        let scheme = url::Url::parse(&spec.url).map_or(String::new(), |u| u.scheme().into());
+        let mut options: Options = worker
+            .iter()
+            .filter(|(k, _)| gantry_core::store_options::applies(&scheme, k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        options.extend(spec.options.clone());
+        Self::open_with(&spec.url, job_id, &options)
+    }
+
+    /// [`open`](Self::open) with options for the store's client, by object_store's
+    /// configuration keys, over those from the environment.
+    pub fn open_with(url: &str, job_id: &str, options: &Options) -> Result<Self, CheckpointError> {
         let bad = |e: String| CheckpointError::Url(url.into(), e);
+        let option = |key: &String| format!("store option {key}");
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
+            "file" if !options.is_empty() => {
+                return Err(bad("a file:// store takes no options".into()));
+            }
             "file" => {
                 // The local store needs its root to exist.
                 std::fs::create_dir_all(parsed.path()).map_err(|e| bad(e.to_string()))?;
@@ -146,29 +177,37 @@ impl CheckpointStore {
                 (Arc::new(store), prefix)
             }
             "s3" => {
-                let store = object_store::aws::AmazonS3Builder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
+                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
+                for (k, v) in options {
+                    let key = k.parse().map_err(|e| bad(format!("{}: {e}", option(k))))?;
+                    builder = builder.with_config(key, v);
+                }
+                let store = builder.build().map_err(|e| bad(e.to_string()))?;
                 (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
             }
             // az://container/prefix (also abfs[s]:// and azure://): AZURE_STORAGE_ACCOUNT_NAME
             // with AZURE_STORAGE_ACCOUNT_KEY, a SAS token or workload identity; Azurite with
             // AZURE_STORAGE_USE_EMULATOR=true (and AZURITE_BLOB_STORAGE_URL).
             "az" | "abfs" | "abfss" | "azure" => {
-                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
+                let mut builder =
+                    object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
+                for (k, v) in options {
+                    let key = k.parse().map_err(|e| bad(format!("{}: {e}", option(k))))?;
+                    builder = builder.with_config(key, v);
+                }
+                let store = builder.build().map_err(|e| bad(e.to_string()))?;
                 (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
             }
             // gs://bucket/prefix: GOOGLE_SERVICE_ACCOUNT (a key file), or application default
             // credentials (GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
             "gs" => {
-                let store = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_url(url)
-                    .build()
-                    .map_err(|e| bad(e.to_string()))?;
+                let mut builder =
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
+                for (k, v) in options {
+                    let key = k.parse().map_err(|e| bad(format!("{}: {e}", option(k))))?;
+                    builder = builder.with_config(key, v);
+                }
+                let store = builder.build().map_err(|e| bad(e.to_string()))?;
                 (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
             }
             other => {
@@ -183,6 +222,7 @@ impl CheckpointStore {
             root: prefix.join(job_id),
             url: url.trim_end_matches('/').to_string(),
             job_id: job_id.to_string(),
+            options: options.clone(),
             local: parsed.scheme() == "file",
         })
     }
@@ -192,7 +232,7 @@ impl CheckpointStore {
     /// runtime (an upload) must not share a client with another, or a request can wait on a
     /// connection nobody drives (a rank's uploads to Azurite hung like that).
     pub fn reopen(&self) -> Result<Self, CheckpointError> {
-        Self::open(&self.url, &self.job_id)
+        Self::open_with(&self.url, &self.job_id, &self.options)
     }
 
     fn step_dir(&self, step: u64) -> Path {

@@ -26,6 +26,9 @@ pub struct RankAssignment {
     pub world_size: u32,
     pub spec_json: String,
     pub resume_step: Option<u64>,
+    /// The worker's checkpoint store options (`object_store` in its config file).
+    #[serde(default)]
+    pub store_options: std::collections::BTreeMap<String, String>,
 }
 
 /// Exit code of a rank whose attempt was superseded before it started.
@@ -130,6 +133,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         rank: a.rank,
         spec,
         resume_step: a.resume_step,
+        store_options: a.store_options.clone(),
     };
     let reporter = Reporter::for_rank(&job.spec, a.rank);
     reporter.log(&format!(

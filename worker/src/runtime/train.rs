@@ -33,6 +33,8 @@ pub struct RankJob {
     pub spec: JobSpec,
     /// Resume from exactly this step instead of the newest verified checkpoint.
     pub resume_step: Option<u64>,
+    /// The worker's checkpoint store options (the spec's own go over them).
+    pub store_options: checkpoint::Options,
 }
 
 /// Linear warm-up to `lr`, then cosine decay to 10% of it at the last step.
@@ -173,7 +175,7 @@ pub fn train<S: Stage>(
     let mut model = S::init(spec, mesh, job.rank, &ad);
     let mut optimizer = AdamConfig::new().init();
     let data = Dataset::for_spec(spec);
-    let store = CheckpointStore::open(&spec.checkpoint.url, &job.job_id)?;
+    let store = CheckpointStore::for_job(&spec.checkpoint, &job.job_id, &job.store_options)?;
 
     if job.rank == 0 {
         // From now on, no older attempt of this job may commit a checkpoint.
