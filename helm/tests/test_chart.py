@@ -15,6 +15,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
+import tomllib
 import unittest
 
 import helm_python
@@ -181,6 +182,27 @@ class ChartTest(unittest.TestCase):
         self.assertIn('checkpoint_url = "s3://training-checkpoints/gantry"', config["data"]["coordinator.toml"])
         self.assertFalse([o for o in objects if o["kind"] == "PersistentVolumeClaim"])
 
+    def test_azure_store_options_reach_the_worker_config_and_its_key_a_file(self):
+        _, objects = render(dict(scenarios())["azure"])
+        (workers,) = find(objects, "StatefulSet", "worker")
+        spec = workers["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = env_of(container)
+        self.assertNotIn("AZURE_STORAGE_ACCOUNT_KEY", env)
+        self.assertEqual(
+            env["AZURE_STORAGE_ACCOUNT_KEY_FILE"],
+            "/var/run/secrets/gantry/azure/AZURE_STORAGE_ACCOUNT_KEY",
+        )
+        secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+        self.assertEqual(secrets, ["gantry-azure-credentials"])
+        (config,) = find(objects, "ConfigMap")
+        worker = tomllib.loads(config["data"]["worker.toml"])
+        self.assertEqual(
+            worker["object_store"],
+            {"azure_storage_account_name": "gantrytraining", "timeout": "60s"},
+        )
+        self.assertIn('checkpoint_url = "az://checkpoints/gantry"', config["data"]["coordinator.toml"])
+
     def test_pods_are_hardened(self):
         _, objects = render({})
         for sts in find(objects, "StatefulSet"):
@@ -211,7 +233,12 @@ class ChartTest(unittest.TestCase):
             ({"workers": {"replicsa": 3}}, "replicsa"),
             # An S3 store without the Secret holding its credentials.
             ({"checkpoints": {"url": "s3://bucket/x", "s3": {"region": "eu-west-1"}}}, "credentialsSecret"),
-            ({"checkpoints": {"url": "gs://bucket/x"}}, "url"),
+            ({"checkpoints": {"url": "ftp://bucket/x"}}, "url"),
+            # A credential among the store options (they are rendered into a ConfigMap).
+            (
+                {"checkpoints": {"url": "az://c/x", "storeOptions": {"azure_storage_account_key": "x"}}},
+                "invalid propertyName 'azure_storage_account_key'",
+            ),
         ]
         with Chart.load(CHART) as chart:
             for values, field in cases:
