@@ -794,6 +794,77 @@ fn read_safetensors(path: &Path) -> std::collections::BTreeMap<String, (Vec<usiz
 }
 
 #[test]
+fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
+    let cluster = Cluster::start(2);
+    let set = [
+        "train.steps=600",
+        "checkpoint.every_steps=50",
+        "checkpoint.keep_last=100",
+    ];
+    let reference = cluster.submit("mlp-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+
+    let job = cluster.submit("mlp-dp2.toml", &set);
+    cluster.wait_for(
+        |c| {
+            c.status(&job)["last_checkpoint"]["step"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 100
+        },
+        "a checkpoint at step 100",
+    );
+    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    // Damage one byte of rank 1's optimizer state in the newest committed checkpoint, keeping
+    // its size: only rank 1 reads that file, and only its checksum can tell.
+    let newest = cluster
+        .json(&["checkpoints", &job])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "committed")
+        .filter_map(|c| c["step"].as_u64())
+        .max()
+        .unwrap();
+    let shard = cluster.dir.path().join(format!(
+        "state/checkpoints/{job}/step-{newest:08}/rank-1.optim.bpk"
+    ));
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&shard, bytes).unwrap();
+
+    assert_eq!(cluster.gantry(&["resume", &job]).status.code(), Some(0));
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    let skipped = format!("skipping checkpoint at step {newest}: ");
+    assert!(
+        logs.contains(&format!(
+            "{skipped}rank-1.optim.bpk does not match its checksum"
+        )) && logs.contains(&format!("{skipped}another rank's shard is damaged")),
+        "rank 1 finds the damage, rank 0 learns it: {logs}"
+    );
+    let previous = newest - 50;
+    let resumed = format!("resumed from checkpoint at step {previous} ");
+    assert_eq!(
+        logs.matches(&resumed).count(),
+        2,
+        "both ranks resume from step {previous}: {logs}"
+    );
+    // Passing step {newest} again, the run leaves the damaged checkpoint as it is.
+    assert!(
+        logs.contains(&format!(
+            "checkpoint at step {newest} not committed: an earlier commit of it is damaged"
+        )),
+        "{logs}"
+    );
+    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
+}
+
+#[test]
 fn resume_by_hand_at_another_data_parallel_degree() {
     let cluster = Cluster::start(2);
     let set = [

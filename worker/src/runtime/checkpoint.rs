@@ -438,8 +438,11 @@ impl CheckpointStore {
         Ok(steps)
     }
 
-    /// Reads a step's manifest and checks every file's size and checksum.
-    pub async fn verify(&self, step: u64) -> Result<Manifest, CheckpointError> {
+    /// The manifest of committed step `step`, with every file it names present at its recorded
+    /// size: a check of metadata only. Whoever reads a file checks its contents
+    /// ([`read_verified_shard`](Self::read_verified_shard)), so resuming reads a checkpoint once.
+    pub async fn committed(&self, step: u64) -> Result<Manifest, CheckpointError> {
+        use futures_util::TryStreamExt;
         let invalid = |message: String| CheckpointError::Invalid { step, message };
         let dir = self.step_dir(step);
         let manifest: Manifest = match self.store.get(&dir.clone().join("manifest.json")).await {
@@ -449,20 +452,55 @@ impl CheckpointStore {
             }
             Err(e) => return Err(e.into()),
         };
+        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
         for file in &manifest.files {
-            let bytes = self
-                .store
-                .get(&dir.clone().join(file.path.as_str()))
-                .await
-                .map_err(|e| invalid(format!("{}: {e}", file.path)))?
-                .bytes()
-                .await?;
-            if bytes.len() as u64 != file.size || checksum(&bytes) != file.crc32c {
-                return Err(invalid(format!(
-                    "{} does not match its checksum",
-                    file.path
-                )));
+            let path = dir.clone().join(file.path.as_str());
+            match objects.iter().find(|o| o.location == path) {
+                None => return Err(invalid(format!("{} is missing", file.path))),
+                Some(o) if o.size != file.size => {
+                    return Err(invalid(format!(
+                        "{} has {} bytes, not {}",
+                        file.path, o.size, file.size
+                    )));
+                }
+                Some(_) => {}
             }
+        }
+        Ok(manifest)
+    }
+
+    /// Reads file `name` of `manifest`'s step and checks it against the manifest.
+    async fn read_verified(
+        &self,
+        manifest: &Manifest,
+        name: &str,
+    ) -> Result<bytes::Bytes, CheckpointError> {
+        let step = manifest.step;
+        let invalid = |message: String| CheckpointError::Invalid { step, message };
+        let entry = manifest
+            .files
+            .iter()
+            .find(|f| f.path == name)
+            .ok_or_else(|| invalid(format!("{name} is not in the manifest")))?;
+        let bytes = self
+            .store
+            .get(&self.step_dir(step).join(name))
+            .await
+            .map_err(|e| invalid(format!("{name}: {e}")))?
+            .bytes()
+            .await?;
+        if bytes.len() as u64 != entry.size || checksum(&bytes) != entry.crc32c {
+            return Err(invalid(format!("{name} does not match its checksum")));
+        }
+        Ok(bytes)
+    }
+
+    /// Verifies every file of step `step` against its checksum: the manifest of a checkpoint
+    /// that is whole.
+    pub async fn verify(&self, step: u64) -> Result<Manifest, CheckpointError> {
+        let manifest = self.committed(step).await?;
+        for file in &manifest.files {
+            self.read_verified(&manifest, &file.path).await?;
         }
         Ok(manifest)
     }
@@ -508,6 +546,30 @@ impl CheckpointStore {
             }
         }
         Ok(None)
+    }
+
+    /// Reads one rank's shard of a committed checkpoint, checking every byte of it against the
+    /// manifest: a damaged shard is [`CheckpointError::Invalid`].
+    pub async fn read_verified_shard(
+        &self,
+        manifest: &Manifest,
+        rank: u32,
+    ) -> Result<Shard, CheckpointError> {
+        let state = self
+            .read_verified(manifest, &format!("rank-{rank}.state.json"))
+            .await?;
+        let state: RankState = serde_json::from_slice(&state)?;
+        Ok(Shard {
+            model: self
+                .read_verified(manifest, &format!("rank-{rank}.model.bpk"))
+                .await?,
+            optimizer: self
+                .read_verified(manifest, &format!("rank-{rank}.optim.bpk"))
+                .await?,
+            data_cursor: state.data_cursor,
+            loss: state.loss,
+            eval_loss: state.eval_loss,
+        })
     }
 
     /// Reads one rank's shard of a verified checkpoint.
@@ -639,6 +701,31 @@ mod tests {
         assert_eq!(shard.model, vec![1u8; 10]);
         assert_eq!(shard.data_cursor, 30);
         assert_eq!(shard.loss, Some(0.5));
+
+        // A flipped byte keeps the size: the metadata check passes, and only the rank that
+        // reads the file finds it damaged. A truncated file fails the metadata check.
+        let path = dir.path().join("j/step-00000030/rank-1.optim.bpk");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let manifest = store.committed(30).await.unwrap();
+        assert!(store.read_verified_shard(&manifest, 0).await.is_ok());
+        let damaged = store.read_verified_shard(&manifest, 1).await.err().unwrap();
+        assert!(
+            damaged
+                .to_string()
+                .contains("rank-1.optim.bpk does not match its checksum"),
+            "{damaged}"
+        );
+        std::fs::write(&path, &bytes[1..]).unwrap();
+        let torn = store.committed(30).await.err().unwrap().to_string();
+        assert!(
+            torn.contains("rank-1.optim.bpk has 4 bytes, not 5"),
+            "{torn}"
+        );
+        bytes[0] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        store.verify(30).await.unwrap();
 
         // Corrupt a shard of step 30: resume falls back to 20.
         std::fs::write(

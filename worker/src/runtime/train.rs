@@ -181,17 +181,10 @@ pub fn train<S: Stage>(
         // From now on, no older attempt of this job may commit a checkpoint.
         io.block_on(store.fence(job.attempt))?;
     }
-    let restored = io.block_on(async {
-        match job.resume_step {
-            Some(step) => Ok::<_, anyhow::Error>(Some(store.verify(step).await?)),
-            None => Ok(store.newest_valid().await?),
-        }
-    })?;
+    let restored = restore_point(job, mesh, comm, reporter, &store, io)?;
     let mut start = 0;
     let mut last_eval = None;
-    if let Some(manifest) = restored {
-        let source_rank = source_rank(&manifest, mesh, job.rank)?;
-        let shard = io.block_on(store.read_shard(&manifest, source_rank))?;
+    if let Some((manifest, shard)) = restored {
         let record = ModuleRecord::from_bytes(checkpoint::record(shard.model))
             .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?;
         model = model.load_record(record);
@@ -392,6 +385,54 @@ fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> anyhow::Result<u32
     Ok(saved.rank(Coords { dp, ..mine }))
 }
 
+/// The checkpoint to resume from and this rank's shard of it: the newest committed step
+/// (or `job.resume_step`) whose shards every rank read and found intact. Each rank reads only
+/// the shard it needs and checks it against the manifest; an all-reduce of "mine is damaged"
+/// makes every rank skip a step that any rank cannot use, so all resume from the same one.
+fn restore_point(
+    job: &RankJob,
+    mesh: Mesh,
+    comm: &mut TcpComm,
+    reporter: &Reporter,
+    store: &CheckpointStore,
+    io: &tokio::runtime::Runtime,
+) -> anyhow::Result<Option<(Manifest, Shard)>> {
+    use crate::runtime::checkpoint::CheckpointError;
+    let candidates = match job.resume_step {
+        Some(step) => vec![step],
+        None => io.block_on(store.steps())?,
+    };
+    for step in candidates {
+        let mine = match io.block_on(store.committed(step)) {
+            Ok(manifest) => {
+                let source = source_rank(&manifest, mesh, job.rank)?;
+                match io.block_on(store.read_verified_shard(&manifest, source)) {
+                    Ok(shard) => Ok((manifest, shard)),
+                    Err(CheckpointError::Invalid { message, .. }) => Err(message),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(CheckpointError::Invalid { message, .. }) => Err(message),
+            Err(e) => return Err(e.into()),
+        };
+        let mut unusable = [if mine.is_ok() { 0.0 } else { 1.0 }];
+        comm.world().all_reduce(&mut unusable, ReduceOp::Max)?;
+        let why = match mine {
+            Ok(found) if unusable[0] == 0.0 => return Ok(Some(found)),
+            Ok(_) => "another rank's shard is damaged".to_string(),
+            Err(why) => why,
+        };
+        if job.resume_step.is_some() {
+            anyhow::bail!("checkpoint at step {step} cannot be resumed from: {why}");
+        }
+        // A partial step (no manifest) is the same for every rank: rank 0 reports it.
+        if job.rank == 0 || !why.starts_with("no manifest") {
+            reporter.log(&format!("skipping checkpoint at step {step}: {why}"));
+        }
+    }
+    Ok(None)
+}
+
 /// This rank's state at a step. Taking it only clones handles: tensors are immutable and
 /// shared, so the steps that follow cannot change what it holds. Serialising it is the
 /// expensive part, which an asynchronous checkpoint leaves to its upload thread.
@@ -462,7 +503,21 @@ fn commit(
         files: Vec::new(),
         total_bytes: 0,
     };
-    let (size, deleted) = io.block_on(store.commit(manifest, job.spec.checkpoint.keep_last))?;
+    let keep_last = job.spec.checkpoint.keep_last;
+    let (size, deleted) = match io.block_on(store.commit(manifest, keep_last)) {
+        Ok(done) => done,
+        // A run resumed from before this step passes it again, and the first commit of it has
+        // been damaged since: it stays as it is (resumes skip it) and training goes on to the
+        // next checkpoint.
+        Err(checkpoint::CheckpointError::Invalid { message, .. }) => {
+            reporter.log(&format!(
+                "checkpoint at step {step} not committed: an earlier commit of it is damaged \
+                 ({message}) and stays as it is"
+            ));
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let seconds = started.elapsed().as_secs_f64();
     reporter.checkpoint(step, &store.step_url(step), size, deleted, seconds);
     Ok(())
