@@ -801,22 +801,7 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
         "checkpoint.every_steps=50",
         "checkpoint.keep_last=100",
     ];
-    let reference = cluster.submit("mlp-dp2.toml", &set);
-    let reference_end = cluster.wait_until_ended(&reference);
-    assert_eq!(reference_end["state"], "Succeeded");
-
-    let job = cluster.submit("mlp-dp2.toml", &set);
-    cluster.wait_for(
-        |c| {
-            c.status(&job)["last_checkpoint"]["step"]
-                .as_u64()
-                .unwrap_or(0)
-                >= 100
-        },
-        "a checkpoint at step 100",
-    );
-    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
-    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    let (reference, job) = reference_and_cancelled_run(&cluster, &set, 100);
     // Damage one byte of rank 1's optimizer state in the newest committed checkpoint, keeping
     // its size: only rank 1 reads that file, and only its checksum can tell.
     let newest = cluster
@@ -861,7 +846,30 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
         )),
         "{logs}"
     );
-    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
+    assert_eq!(end["loss"], reference["loss"], "{logs}");
+}
+
+/// Runs the mlp example with `set` to the end (the reference), then again until it has a
+/// checkpoint at `step` or later, cancelled there once its ranks are gone: (the reference's
+/// final status, the cancelled job).
+fn reference_and_cancelled_run(cluster: &Cluster, set: &[&str], step: u64) -> (Value, String) {
+    let reference = cluster.submit("mlp-dp2.toml", set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+    let job = cluster.submit("mlp-dp2.toml", set);
+    cluster.wait_for(
+        |c| {
+            c.status(&job)["last_checkpoint"]["step"]
+                .as_u64()
+                .unwrap_or(0)
+                >= step
+        },
+        "a checkpoint",
+    );
+    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    assert_eq!(cluster.status(&job)["state"], "Cancelled");
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    (reference_end, job)
 }
 
 #[test]
@@ -872,22 +880,8 @@ fn resume_by_hand_at_another_data_parallel_degree() {
         "checkpoint.every_steps=50",
         "checkpoint.keep_last=100",
     ];
-    let reference = cluster.submit("mlp-dp2.toml", &set);
-    let reference_end = cluster.wait_until_ended(&reference);
-    assert_eq!(reference_end["state"], "Succeeded");
-
-    let job = cluster.submit("mlp-dp2.toml", &set);
-    cluster.wait_for(
-        |c| {
-            c.status(&job)["last_checkpoint"]["step"]
-                .as_u64()
-                .unwrap_or(0)
-                >= 100
-        },
-        "a checkpoint at step 100",
-    );
-    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
-    assert_eq!(cluster.status(&job)["state"], "Cancelled");
+    let (reference_end, job) = reference_and_cancelled_run(&cluster, &set, 100);
+    let reference = reference_end["id"].as_str().unwrap().to_string();
 
     // The model cannot change under a checkpoint: refused, nothing changed.
     let out = cluster.gantry(&["resume", &job, "--set", "model.d_model=8"]);
@@ -895,9 +889,8 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("parallel.dp"));
     assert_eq!(cluster.status(&job)["state"], "Cancelled");
 
-    // Resume from the newest step in the store, once the cancelled ranks are gone: the
-    // checkpoint 50 steps later is then certainly the dp=1 run's own.
-    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    // Resume from the newest step in the store (the cancelled ranks are gone: the checkpoint
+    // 50 steps later is then certainly the dp=1 run's own).
     let committed = cluster.json(&["checkpoints", &job]);
     let from = committed
         .as_array()

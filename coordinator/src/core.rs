@@ -402,8 +402,14 @@ impl Core {
                 size_bytes,
                 deleted_steps,
             } => {
-                // Fencing: only the live attempt may advance the job's checkpoint.
-                if self.is_live(&key) {
+                // Fencing: only the job's newest attempt may advance its checkpoint. That
+                // attempt may have ended (cancelled, or failed and backing off) after its rank 0
+                // committed: no newer attempt has fenced the store, so the commit stands.
+                if self
+                    .jobs
+                    .get(&key.job)
+                    .is_some_and(|j| j.attempt == key.attempt)
+                {
                     let record = CheckpointRecord {
                         step,
                         url,

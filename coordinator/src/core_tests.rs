@@ -374,3 +374,51 @@ fn a_draining_worker_gets_no_ranks_and_a_drained_attempt_costs_no_restart() {
         "not on the draining worker"
     );
 }
+
+#[test]
+fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() {
+    let mut core = Core::load(Store::in_memory().unwrap(), options(), 0).unwrap();
+    let (w, _inbox) = join(&mut core, "w", 0);
+    let job = core.submit(&spec(1), 0).unwrap().id;
+    let report = |attempt, step| WorkerReport::Checkpoint {
+        key: key(&job, attempt, 0),
+        step,
+        url: format!("file:///c/step-{step}"),
+        size_bytes: 9,
+        deleted_steps: vec![],
+    };
+    core.tick(10).unwrap();
+    core.cancel(&job, 20).unwrap();
+    // Rank 0 committed step 200 just before it was stopped; its report comes in after.
+    core.on_worker_message(&w, report(1, 200), 30).unwrap();
+    let steps: Vec<u64> = core
+        .checkpoints(&job)
+        .unwrap()
+        .iter()
+        .map(|c| c.step)
+        .collect();
+    assert_eq!(steps, [200]);
+    assert_eq!(
+        core.job(&job)
+            .unwrap()
+            .last_checkpoint
+            .as_ref()
+            .unwrap()
+            .step,
+        200
+    );
+    // Once attempt 2 has started, attempt 1's reports are stale.
+    core.resume(&job, None, &[], 40).unwrap();
+    core.tick(50).unwrap();
+    assert_eq!(core.job(&job).unwrap().attempt, 2);
+    core.on_worker_message(&w, report(1, 300), 60).unwrap();
+    assert_eq!(
+        core.job(&job)
+            .unwrap()
+            .last_checkpoint
+            .as_ref()
+            .unwrap()
+            .step,
+        200
+    );
+}

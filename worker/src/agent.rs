@@ -448,10 +448,14 @@ async fn supervise(
     let (status, stopped) = tokio::select! {
         biased;
         status = child.wait() => (status, false),
-        _ = kill.cancelled() => {
-            let _ = child.start_kill();
-            (child.wait().await, true)
-        }
+        _ = kill.cancelled() => match child.try_wait() {
+            // Dead before the order came, though not yet reaped: its own cause stands.
+            Ok(Some(status)) => (Ok(status), false),
+            _ => {
+                let _ = child.start_kill();
+                (child.wait().await, true)
+            }
+        },
     };
     let _ = tokio::join!(out, err);
     drop(stdin);

@@ -402,23 +402,26 @@ fn restore_point(
         Some(step) => vec![step],
         None => io.block_on(store.steps())?,
     };
+    let unusable = |e: CheckpointError| match e {
+        CheckpointError::Invalid { message, .. } => message,
+        other => other.to_string(),
+    };
     for step in candidates {
+        // Anything that keeps this rank from its shard makes the step unusable; only a layout
+        // that cannot be resumed at all is an error.
         let mine = match io.block_on(store.committed(step)) {
             Ok(manifest) => {
                 let source = source_rank(&manifest, mesh, job.rank)?;
-                match io.block_on(store.read_verified_shard(&manifest, source)) {
-                    Ok(shard) => Ok((manifest, shard)),
-                    Err(CheckpointError::Invalid { message, .. }) => Err(message),
-                    Err(e) => return Err(e.into()),
-                }
+                io.block_on(store.read_verified_shard(&manifest, source))
+                    .map(|shard| (manifest, shard))
+                    .map_err(unusable)
             }
-            Err(CheckpointError::Invalid { message, .. }) => Err(message),
-            Err(e) => return Err(e.into()),
+            Err(e) => Err(unusable(e)),
         };
-        let mut unusable = [if mine.is_ok() { 0.0 } else { 1.0 }];
-        comm.world().all_reduce(&mut unusable, ReduceOp::Max)?;
+        let mut damaged = [if mine.is_ok() { 0.0 } else { 1.0 }];
+        comm.world().all_reduce(&mut damaged, ReduceOp::Max)?;
         let why = match mine {
-            Ok(found) if unusable[0] == 0.0 => return Ok(Some(found)),
+            Ok(found) if damaged[0] == 0.0 => return Ok(Some(found)),
             Ok(_) => "another rank's shard is damaged".to_string(),
             Err(why) => why,
         };
