@@ -94,8 +94,14 @@ enum Command {
     },
     /// List worker daemons.
     Workers,
-    /// List a job's checkpoints.
-    Checkpoints { job: String },
+    /// List a job's checkpoints, read from its store: committed, partial or corrupt.
+    Checkpoints {
+        job: String,
+        /// Read every byte and check it against its checksum (by default only the manifest and
+        /// every file's size are checked, which does not read the shards).
+        #[arg(long)]
+        verify: bool,
+    },
     /// Write a checkpoint's whole-model parameters (shards joined) to a safetensors file.
     Export {
         job: String,
@@ -343,7 +349,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             render::workers(&workers, out);
             Ok(0)
         }
-        Command::Checkpoints { job } => {
+        Command::Checkpoints { job, verify } => {
             let mut client = connect(&cli.coordinator).await?;
             let recorded = client
                 .list_checkpoints(pb::ListCheckpointsRequest {
@@ -356,9 +362,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 .get_job(pb::GetJobRequest { job_id: job })
                 .await?
                 .into_inner();
-            // What the store holds, verified: committed, partial or corrupt. Without access to
-            // the store (no credentials here), the coordinator's record of commits.
-            let checkpoints = match stored_checkpoints(&job, &recorded).await {
+            // What the store holds: committed, partial or corrupt. Without access to the store
+            // (no credentials here), the coordinator's record of commits.
+            let checkpoints = match stored_checkpoints(&job, &recorded, verify).await {
                 Ok(listed) => listed,
                 Err(e) => {
                     eprintln!("showing the coordinator's records; cannot read the store: {e:#}");
@@ -381,16 +387,18 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
     }
 }
 
-/// Every step directory in `job`'s checkpoint store, oldest first, verified.
+/// Every step directory in `job`'s checkpoint store, oldest first, checked (every byte when
+/// `verify`).
 async fn stored_checkpoints(
     job: &pb::Job,
     recorded: &[pb::Checkpoint],
+    verify: bool,
 ) -> anyhow::Result<Vec<pb::Checkpoint>> {
     use gantry_worker::runtime::checkpoint::CheckpointStore;
     let spec = JobSpec::from_json(&job.spec_json)?;
     let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
     let mut listed: Vec<pb::Checkpoint> = store
-        .list()
+        .list(verify)
         .await?
         .into_iter()
         .map(|l| {
