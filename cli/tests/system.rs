@@ -74,6 +74,34 @@ impl Cluster {
         cluster
     }
 
+    /// A daemon's log file in the cluster's directory (appended to across restarts), which a
+    /// test that times out prints.
+    fn log_file(&self, daemon: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{daemon}.log")))
+            .unwrap()
+    }
+
+    /// The last lines of every daemon's log.
+    fn daemon_logs(&self) -> String {
+        let mut out = String::new();
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        logs.sort();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            out.push_str(&format!("--- {}\n{}\n", path.display(), tail.join("\n")));
+        }
+        out
+    }
+
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
@@ -91,7 +119,7 @@ impl Cluster {
                     .unwrap_or_default(),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file("coordinator"))
             .spawn()
             .unwrap();
         self.coordinator = Some(child);
@@ -113,7 +141,7 @@ impl Cluster {
             .arg(self.dir.path().join(format!("worker-{i}")))
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file(&format!("worker-{i}")))
             .spawn()
             .unwrap();
         self.workers.push(child);
@@ -193,8 +221,9 @@ impl Cluster {
                 let logs = String::from_utf8(self.gantry(&["logs", job]).stdout).unwrap();
                 let tail: Vec<&str> = logs.lines().rev().take(60).collect();
                 panic!(
-                    "timed out waiting for {job} to end: {status}\n…\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    "timed out waiting for {job} to end: {status}\n…\n{}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                    self.daemon_logs()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));

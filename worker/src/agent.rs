@@ -252,20 +252,43 @@ pub async fn run(
 /// Forgets a rank that exited, and says whether `body` must reach a coordinator even across a
 /// lost session: exits, checkpoint commits, test results and the latest progress must (a job
 /// that finishes while the coordinator is down still ends with its final step, loss and
-/// checkpoint); logs may be dropped.
+/// checkpoint), and so must what ranks write to stderr (why a rank failed meanwhile), up to
+/// [`KEPT_STDERR`] messages; stdout may be dropped.
 fn settle(ranks: &mut HashMap<Key, RankProcess>, body: &Body) -> bool {
     if let Body::Exited(e) = body
         && let Some(k) = &e.key
     {
         ranks.remove(&key_of(k));
     }
-    !matches!(body, Body::Logs(_) | Body::Heartbeat(_))
+    match body {
+        Body::Logs(logs) => logs.stream == "stderr",
+        Body::Heartbeat(_) => false,
+        _ => true,
+    }
 }
 
-/// Buffers `body` for the next session; a rank's newer progress replaces its older one.
+/// How many stderr messages of ranks a worker keeps while its coordinator is away (the newest).
+const KEPT_STDERR: usize = 256;
+
+/// Buffers `body` for the next session; a rank's newer progress replaces its older one, and
+/// the oldest stderr messages go beyond [`KEPT_STDERR`].
 fn keep_undelivered(undelivered: &mut Vec<Body>, body: Body) {
-    if let Body::Progress(p) = &body {
-        undelivered.retain(|b| !matches!(b, Body::Progress(old) if old.key == p.key));
+    match &body {
+        Body::Progress(p) => {
+            undelivered.retain(|b| !matches!(b, Body::Progress(old) if old.key == p.key));
+        }
+        Body::Logs(_) => {
+            let kept = undelivered
+                .iter()
+                .filter(|b| matches!(b, Body::Logs(_)))
+                .count();
+            if kept >= KEPT_STDERR
+                && let Some(oldest) = undelivered.iter().position(|b| matches!(b, Body::Logs(_)))
+            {
+                undelivered.remove(oldest);
+            }
+        }
+        _ => {}
     }
     undelivered.push(body);
 }
