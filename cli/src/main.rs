@@ -327,12 +327,27 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             from_step,
             set,
         } => {
-            let job = connect(&cli.coordinator)
-                .await?
+            let mut client = connect(&cli.coordinator).await?;
+            // The store is the truth about what is committed: check the step there when this
+            // machine can read it, and fall back to the coordinator's records otherwise.
+            let from_step_in_store = match from_step {
+                Some(step) => {
+                    let found = client
+                        .get_job(pb::GetJobRequest {
+                            job_id: job.clone(),
+                        })
+                        .await?
+                        .into_inner();
+                    committed_in_store(&found, step).await?
+                }
+                None => false,
+            };
+            let job = client
                 .resume_job(pb::ResumeJobRequest {
                     job_id: job,
                     from_step,
                     set,
+                    from_step_in_store,
                 })
                 .await?
                 .into_inner();
@@ -384,6 +399,24 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Rank { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+/// Whether `step` is committed in `job`'s checkpoint store: an error when the store says it is
+/// not, `false` when this machine cannot read the store (no credentials, no shared volume).
+async fn committed_in_store(job: &pb::Job, step: u64) -> Result<bool, Failure> {
+    use gantry_worker::runtime::checkpoint::{CheckpointError, CheckpointStore};
+    let spec = JobSpec::from_json(&job.spec_json).map_err(anyhow::Error::from)?;
+    let Ok(store) = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default()) else {
+        return Ok(false);
+    };
+    match store.committed(step).await {
+        Ok(_) => Ok(true),
+        Err(CheckpointError::Invalid { message, .. }) => Err(Failure::usage(format!(
+            "from_step: job {} has no usable checkpoint at step {step}: {message}",
+            job.id
+        ))),
+        Err(_) => Ok(false),
     }
 }
 

@@ -328,6 +328,10 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failed test shows what the daemons logged.
+        if std::thread::panicking() {
+            eprintln!("{}", self.daemon_logs());
+        }
     }
 }
 
@@ -916,6 +920,14 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     let out = cluster.gantry(&["resume", &job, "--set", "model.d_model=8"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("parallel.dp"));
+    // Nor can it resume from a step the store does not hold.
+    let out = cluster.gantry(&["resume", &job, "--from-step", "12345"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("from_step") && stderr.contains("no manifest"),
+        "{stderr}"
+    );
     assert_eq!(cluster.status(&job)["state"], "Cancelled");
 
     // Resume from the newest step in the store (the cancelled ranks are gone: the checkpoint

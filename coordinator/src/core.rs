@@ -178,6 +178,7 @@ impl Core {
         &mut self,
         id: &JobId,
         from_step: Option<u64>,
+        from_step_in_store: bool,
         overrides: &[String],
         now_ms: i64,
     ) -> Result<Job, CoordinatorError> {
@@ -189,6 +190,7 @@ impl Core {
             )));
         }
         if let Some(step) = from_step
+            && !from_step_in_store
             && !self.store.checkpoints(id)?.iter().any(|c| c.step == step)
         {
             return Err(CoordinatorError::InvalidArgument(format!(

@@ -407,8 +407,11 @@ fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() 
             .step,
         200
     );
+    // A step the coordinator has no record of is refused, unless the client found it in the
+    // store (a rank stopped between committing and reporting it).
+    assert!(core.resume(&job, Some(250), false, &[], 35).is_err());
+    core.resume(&job, Some(250), true, &[], 40).unwrap();
     // Once attempt 2 has started, attempt 1's reports are stale.
-    core.resume(&job, None, &[], 40).unwrap();
     core.tick(50).unwrap();
     assert_eq!(core.job(&job).unwrap().attempt, 2);
     core.on_worker_message(&w, report(1, 300), 60).unwrap();

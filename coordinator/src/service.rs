@@ -117,9 +117,9 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<pb::Job>, Status> {
         let req = req.into_inner();
         let id = convert::job_id(&req.job_id)?;
-        let job = self
-            .0
-            .with(|core, now| core.resume(&id, req.from_step, &req.set, now))?;
+        let job = self.0.with(|core, now| {
+            core.resume(&id, req.from_step, req.from_step_in_store, &req.set, now)
+        })?;
         Ok(Response::new(convert::job(&job)))
     }
 

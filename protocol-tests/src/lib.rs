@@ -266,6 +266,7 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
             job_id: "nope".into(),
             from_step: None,
             set: vec![],
+            from_step_in_store: false,
         })
         .await,
         Code::NotFound,

@@ -267,6 +267,9 @@ fn settle(ranks: &mut HashMap<Key, RankProcess>, body: &Body) -> bool {
     }
 }
 
+/// How long a rank told to stop may take to end by itself before it is killed.
+const STOP_GRACE: Duration = Duration::from_millis(250);
+
 /// How many stderr messages of ranks a worker keeps while its coordinator is away (the newest).
 const KEPT_STDERR: usize = 256;
 
@@ -471,14 +474,18 @@ async fn supervise(
     let (status, stopped) = tokio::select! {
         biased;
         status = child.wait() => (status, false),
-        _ = kill.cancelled() => match child.try_wait() {
-            // Dead before the order came, though not yet reaped: its own cause stands.
-            Ok(Some(status)) => (Ok(status), false),
-            _ => {
-                let _ = child.start_kill();
-                (child.wait().await, true)
+        _ = kill.cancelled() => {
+            // A rank killed by someone else closes its sockets before it can be reaped, and its
+            // peers' failure can bring the stop order within that window: give it a moment to
+            // end by itself, so its own cause is what gets reported.
+            match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+                Ok(status) => (status, false),
+                Err(_) => {
+                    let _ = child.start_kill();
+                    (child.wait().await, true)
+                }
             }
-        },
+        }
     };
     let _ = tokio::join!(out, err);
     drop(stdin);
