@@ -960,15 +960,25 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
     assert_eq!(end["parallel"]["dp"], 1);
     assert!(logs.contains("written by 2 ranks"), "{logs}");
-    // Same data, same optimizer state; only the summation order of the gradient differs.
-    let (a, b) = (
-        reference_end["loss"].as_f64().unwrap(),
-        end["loss"].as_f64().unwrap(),
-    );
-    assert!(
-        (a - b).abs() <= 1e-4 * a.abs(),
-        "dp=1 after resume ends at {b}, dp=2 at {a}"
-    );
+    // Same data, same optimizer state; only the summation order of the gradient differs. The
+    // 50 steps after the resume have the dp=2 run's losses within a relative 1e-5. (Not the
+    // final loss: over the ~1800 steps to the end the difference grows, by an amount that
+    // depends on where the cancel landed, past 1e-4 of a loss this small.)
+    let reference_losses: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    let resumed = cluster.losses(&job);
+    let after: Vec<&(u64, f64)> = resumed
+        .iter()
+        .filter(|(s, _)| (from + 1..=from + 50).contains(s))
+        .collect();
+    assert_eq!(after.len(), 50, "{logs}");
+    for (step, loss) in after {
+        let want = reference_losses[step];
+        assert!(
+            (loss - want).abs() <= 1e-5 * want.abs(),
+            "step {step}: dp=1 after resume {loss}, dp=2 {want}"
+        );
+    }
     // And the parameters 50 steps after the resume (both runs keep every checkpoint): every
     // tensor within a relative 1e-6 of the dp=2 run's. (Over thousands of steps the different
     // summation order of the gradient average grows past that.)
