@@ -126,16 +126,8 @@ fn an_expired_lease_ends_the_attempt_and_the_job_restarts_elsewhere() {
     assert_eq!(assignments(&mut inbox_b)[0].attempt, 2);
 
     // A late exit from attempt 1 is ignored (fencing); attempt 2's failure exhausts the budget.
-    let exit = |attempt, code| {
-        WorkerReport::Exited(RankExit {
-            key: key(&job, attempt, 0),
-            exit_code: Some(code),
-            signal: None,
-            message: String::new(),
-            stopped: false,
-        })
-    };
-    core.on_worker_message(&b, exit(1, 1), 1100).unwrap();
+    core.on_worker_message(&b, exited(&job, 1, 0, 1), 1100)
+        .unwrap();
     assert_eq!(core.job(&job).unwrap().attempt, 2);
     // …but kept in the history, since it may be the real cause of attempt 1's end.
     let history = core.events_after(&job, 0, 100).unwrap();
@@ -143,7 +135,8 @@ fn an_expired_lease_ends_the_attempt_and_the_job_restarts_elsewhere() {
         e.line
             .contains("attempt 1: rank 0 exited with code 1 (reported after")
     }));
-    core.on_worker_message(&b, exit(2, 1), 1200).unwrap();
+    core.on_worker_message(&b, exited(&job, 2, 0, 1), 1200)
+        .unwrap();
     match &core.job(&job).unwrap().state {
         JobState::Failed { error } => {
             assert!(error.contains("rank 0 exited with code 1"), "{error}")
@@ -227,10 +220,25 @@ fn spec_with(dp: u32, fault_tolerance: &str) -> String {
 }
 
 fn killed(job: &JobId, attempt: u64, rank: u32) -> WorkerReport {
+    ended(job, attempt, rank, None, Some(9))
+}
+
+fn exited(job: &JobId, attempt: u64, rank: u32, code: i32) -> WorkerReport {
+    ended(job, attempt, rank, Some(code), None)
+}
+
+/// A rank's end as its worker reports it (by itself, not stopped).
+fn ended(
+    job: &JobId,
+    attempt: u64,
+    rank: u32,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+) -> WorkerReport {
     WorkerReport::Exited(RankExit {
         key: key(job, attempt, rank),
-        exit_code: None,
-        signal: Some(9),
+        exit_code,
+        signal,
         message: String::new(),
         stopped: false,
     })
@@ -257,14 +265,8 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
     core.on_worker_message(&a, killed(&job, 1, 0), 100).unwrap();
     // A report of the ended attempt that arrives while the job backs off is kept too: the
     // first report is often a peer's broken collective, and this one the real cause.
-    let late = WorkerReport::Exited(RankExit {
-        key: key(&job, 1, 0),
-        exit_code: Some(3),
-        signal: None,
-        message: String::new(),
-        stopped: false,
-    });
-    core.on_worker_message(&a, late, 200).unwrap();
+    core.on_worker_message(&a, exited(&job, 1, 0, 3), 200)
+        .unwrap();
     let history = core.events_after(&job, 0, 100).unwrap();
     assert!(
         history.iter().any(|e| e
@@ -354,14 +356,8 @@ fn a_draining_worker_gets_no_ranks_and_a_drained_attempt_costs_no_restart() {
     assert_eq!(core.job(&job).unwrap().state.placement().unwrap()[0], a);
     core.on_worker_message(&a, WorkerReport::Draining, 10)
         .unwrap();
-    let drained = WorkerReport::Exited(RankExit {
-        key: key(&job, 1, 0),
-        exit_code: Some(76),
-        signal: None,
-        message: String::new(),
-        stopped: false,
-    });
-    core.on_worker_message(&a, drained, 20).unwrap();
+    core.on_worker_message(&a, exited(&job, 1, 0, 76), 20)
+        .unwrap();
     core.on_worker_message(&b, WorkerReport::Heartbeat, 21)
         .unwrap();
     core.tick(21).unwrap();
