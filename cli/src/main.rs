@@ -460,14 +460,30 @@ async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyh
     use gantry_worker::runtime::{checkpoint::CheckpointStore, export};
     let spec = JobSpec::from_json(&job.spec_json)?;
     let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
-    let manifest = match step {
-        Some(step) => store.verify(step).await?,
-        None => store
-            .newest_valid()
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("{} has no verified checkpoint", job.id))?,
+    // The shards are checked as they are read; without --step, a step whose shards are torn
+    // or damaged is skipped for the one before.
+    let candidates = match step {
+        Some(step) => vec![step],
+        None => store.steps().await?,
     };
-    let params = export::whole_model(&spec, &store, &manifest).await?;
+    let mut exported = None;
+    for candidate in candidates {
+        let read = async {
+            let manifest = store.committed(candidate).await?;
+            let params = export::whole_model(&spec, &store, &manifest).await?;
+            Ok::<_, anyhow::Error>((manifest, params))
+        };
+        match read.await {
+            Ok(found) => {
+                exported = Some(found);
+                break;
+            }
+            Err(e) if step.is_none() => eprintln!("skipping step {candidate}: {e:#}"),
+            Err(e) => return Err(e),
+        }
+    }
+    let (manifest, params) =
+        exported.ok_or_else(|| anyhow::anyhow!("{} has no usable checkpoint", job.id))?;
     let metadata = [
         ("format", "pt".to_string()),
         ("gantry.job", job.id.clone()),

@@ -120,11 +120,6 @@ pub fn record(bytes: bytes::Bytes) -> burn::tensor::Bytes {
     burn::tensor::Bytes::from_bytes_vec(Vec::from(bytes))
 }
 
-/// The key prefix an object store URL names under its bucket or container.
-fn object_prefix(url: &url::Url) -> Result<Path, String> {
-    Path::from_url_path(url.path()).map_err(|e| e.to_string())
-}
-
 fn checksum(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
@@ -159,8 +154,22 @@ impl CheckpointStore {
     /// configuration keys, over those from the environment.
     pub fn open_with(url: &str, job_id: &str, options: &Options) -> Result<Self, CheckpointError> {
         let bad = |e: String| CheckpointError::Url(url.into(), e);
-        let option = |key: &String| format!("store option {key}");
         let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+        let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
+        // A cloud store: its builder from the environment, then `options` over it.
+        macro_rules! cloud {
+            ($builder:ty) => {{
+                let mut builder = <$builder>::from_env().with_url(url);
+                for (k, v) in options {
+                    let key = k
+                        .parse()
+                        .map_err(|e| bad(format!("store option {k}: {e}")))?;
+                    builder = builder.with_config(key, v);
+                }
+                let store = builder.build().map_err(|e| bad(e.to_string()))?;
+                (Arc::new(store) as Arc<dyn ObjectStore>, prefix)
+            }};
+        }
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
             "file" if !options.is_empty() => {
                 return Err(bad("a file:// store takes no options".into()));
@@ -173,43 +182,16 @@ impl CheckpointStore {
                 // shards that a power loss could tear (and retention never deletes the last
                 // good checkpoint in favour of one that is not yet on disk).
                 let store = object_store::local::LocalFileSystem::new().with_fsync(true);
-                let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
                 (Arc::new(store), prefix)
             }
-            "s3" => {
-                let mut builder = object_store::aws::AmazonS3Builder::from_env().with_url(url);
-                for (k, v) in options {
-                    let key = k.parse().map_err(|e| bad(format!("{}: {e}", option(k))))?;
-                    builder = builder.with_config(key, v);
-                }
-                let store = builder.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
-            }
+            "s3" => cloud!(object_store::aws::AmazonS3Builder),
             // az://container/prefix (also abfs[s]:// and azure://): AZURE_STORAGE_ACCOUNT_NAME
             // with AZURE_STORAGE_ACCOUNT_KEY, a SAS token or workload identity; Azurite with
             // AZURE_STORAGE_USE_EMULATOR=true (and AZURITE_BLOB_STORAGE_URL).
-            "az" | "abfs" | "abfss" | "azure" => {
-                let mut builder =
-                    object_store::azure::MicrosoftAzureBuilder::from_env().with_url(url);
-                for (k, v) in options {
-                    let key = k.parse().map_err(|e| bad(format!("{}: {e}", option(k))))?;
-                    builder = builder.with_config(key, v);
-                }
-                let store = builder.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
-            }
+            "az" | "abfs" | "abfss" | "azure" => cloud!(object_store::azure::MicrosoftAzureBuilder),
             // gs://bucket/prefix: GOOGLE_SERVICE_ACCOUNT (a key file), or application default
             // credentials (GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
-            "gs" => {
-                let mut builder =
-                    object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(url);
-                for (k, v) in options {
-                    let key = k.parse().map_err(|e| bad(format!("{}: {e}", option(k))))?;
-                    builder = builder.with_config(key, v);
-                }
-                let store = builder.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(store), object_prefix(&parsed).map_err(bad)?)
-            }
+            "gs" => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
             other => {
                 return Err(bad(format!(
                     "scheme {other:?} is not supported; {}",
@@ -442,7 +424,28 @@ impl CheckpointStore {
     /// size: a check of metadata only. Whoever reads a file checks its contents
     /// ([`read_verified_shard`](Self::read_verified_shard)), so resuming reads a checkpoint once.
     pub async fn committed(&self, step: u64) -> Result<Manifest, CheckpointError> {
+        self.committed_in(step, &self.objects_of(step).await?).await
+    }
+
+    /// The objects in step `step`'s directory.
+    async fn objects_of(
+        &self,
+        step: u64,
+    ) -> Result<Vec<object_store::ObjectMeta>, CheckpointError> {
         use futures_util::TryStreamExt;
+        Ok(self
+            .store
+            .list(Some(&self.step_dir(step)))
+            .try_collect()
+            .await?)
+    }
+
+    /// [`committed`](Self::committed), given the step directory's `objects`.
+    async fn committed_in(
+        &self,
+        step: u64,
+        objects: &[object_store::ObjectMeta],
+    ) -> Result<Manifest, CheckpointError> {
         let invalid = |message: String| CheckpointError::Invalid { step, message };
         let dir = self.step_dir(step);
         let manifest: Manifest = match self.store.get(&dir.clone().join("manifest.json")).await {
@@ -452,7 +455,6 @@ impl CheckpointStore {
             }
             Err(e) => return Err(e.into()),
         };
-        let objects: Vec<_> = self.store.list(Some(&dir)).try_collect().await?;
         for file in &manifest.files {
             let path = dir.clone().join(file.path.as_str());
             match objects.iter().find(|o| o.location == path) {
@@ -498,7 +500,10 @@ impl CheckpointStore {
     /// Verifies every file of step `step` against its checksum: the manifest of a checkpoint
     /// that is whole.
     pub async fn verify(&self, step: u64) -> Result<Manifest, CheckpointError> {
-        let manifest = self.committed(step).await?;
+        self.read_every_file(self.committed(step).await?).await
+    }
+
+    async fn read_every_file(&self, manifest: Manifest) -> Result<Manifest, CheckpointError> {
         for file in &manifest.files {
             self.read_verified(&manifest, &file.path).await?;
         }
@@ -508,19 +513,13 @@ impl CheckpointStore {
     /// Every step directory, newest first, with its size and state: from the manifest and the
     /// files' sizes, or with every byte checked against its checksum when `verify`.
     pub async fn list(&self, verify: bool) -> Result<Vec<StepListing>, CheckpointError> {
-        use futures_util::TryStreamExt;
         let mut out = Vec::new();
         for step in self.steps().await? {
-            let objects: Vec<_> = self
-                .store
-                .list(Some(&self.step_dir(step)))
-                .try_collect()
-                .await?;
+            let objects = self.objects_of(step).await?;
             let bytes = objects.iter().map(|o| o.size).sum();
-            let checked = if verify {
-                self.verify(step).await
-            } else {
-                self.committed(step).await
+            let checked = match self.committed_in(step, &objects).await {
+                Ok(manifest) if verify => self.read_every_file(manifest).await,
+                checked => checked,
             };
             let (state, attempt, detail) = match checked {
                 Ok(m) => ("committed", Some(m.attempt), None),
@@ -543,17 +542,6 @@ impl CheckpointStore {
         Ok(out)
     }
 
-    /// The newest checkpoint that verifies; torn or corrupt ones are skipped with a warning.
-    pub async fn newest_valid(&self) -> Result<Option<Manifest>, CheckpointError> {
-        for step in self.steps().await? {
-            match self.verify(step).await {
-                Ok(manifest) => return Ok(Some(manifest)),
-                Err(e) => tracing::warn!("skipping checkpoint: {e}"),
-            }
-        }
-        Ok(None)
-    }
-
     /// Reads one rank's shard of a committed checkpoint, checking every byte of it against the
     /// manifest: a damaged shard is [`CheckpointError::Invalid`].
     pub async fn read_verified_shard(
@@ -572,28 +560,6 @@ impl CheckpointStore {
             optimizer: self
                 .read_verified(manifest, &format!("rank-{rank}.optim.bpk"))
                 .await?,
-            data_cursor: state.data_cursor,
-            loss: state.loss,
-            eval_loss: state.eval_loss,
-        })
-    }
-
-    /// Reads one rank's shard of a verified checkpoint.
-    pub async fn read_shard(
-        &self,
-        manifest: &Manifest,
-        rank: u32,
-    ) -> Result<Shard, CheckpointError> {
-        let dir = self.step_dir(manifest.step);
-        let get = |name: String| {
-            let path = dir.clone().join(name.as_str());
-            async move { Ok::<_, CheckpointError>(self.store.get(&path).await?.bytes().await?) }
-        };
-        let state: RankState =
-            serde_json::from_slice(&get(format!("rank-{rank}.state.json")).await?)?;
-        Ok(Shard {
-            model: get(format!("rank-{rank}.model.bpk")).await?,
-            optimizer: get(format!("rank-{rank}.optim.bpk")).await?,
             data_cursor: state.data_cursor,
             loss: state.loss,
             eval_loss: state.eval_loss,
@@ -660,6 +626,16 @@ mod tests {
         assert!(err("not a url").contains("not a url"));
     }
 
+    /// The newest step whose every file verifies, as a resume over all ranks finds it.
+    async fn newest_whole(store: &CheckpointStore) -> u64 {
+        for step in store.steps().await.unwrap() {
+            if store.verify(step).await.is_ok() {
+                return step;
+            }
+        }
+        panic!("no whole checkpoint")
+    }
+
     fn manifest(step: u64) -> Manifest {
         Manifest {
             format: 2,
@@ -699,9 +675,9 @@ mod tests {
         }
         // keep_last = 2 deleted step 10.
         assert_eq!(store.steps().await.unwrap(), vec![30, 20]);
-        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 30);
+        assert_eq!(newest_whole(&store).await, 30);
         let shard = store
-            .read_shard(&store.verify(30).await.unwrap(), 1)
+            .read_verified_shard(&store.verify(30).await.unwrap(), 1)
             .await
             .unwrap();
         assert_eq!(shard.model, vec![1u8; 10]);
@@ -739,7 +715,7 @@ mod tests {
             b"garbage",
         )
         .unwrap();
-        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
+        assert_eq!(newest_whole(&store).await, 20);
 
         // A torn checkpoint (shards, no manifest) is never chosen.
         store
@@ -756,7 +732,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
+        assert_eq!(newest_whole(&store).await, 20);
 
         // `latest` never moves backwards.
         store.advance_latest(5).await.unwrap();
@@ -819,7 +795,7 @@ mod tests {
             "{refused}"
         );
         assert_eq!(store.latest().await.unwrap(), Some(20));
-        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 20);
+        assert_eq!(newest_whole(&store).await, 20);
 
         // Attempt 2 commits 30; a commit of an older step later leaves `latest` at 30.
         // (Attempt 2's shards of 30 replace attempt 1's: the step was never committed.)
@@ -841,12 +817,12 @@ mod tests {
         m.attempt = 2;
         store.commit(m, 5).await.unwrap();
         assert_eq!(store.latest().await.unwrap(), Some(30));
-        assert_eq!(store.newest_valid().await.unwrap().unwrap().step, 30);
+        assert_eq!(newest_whole(&store).await, 30);
 
         // A later attempt passing step 30 again (resumed from 25) leaves its files alone, and
         // its commit keeps the first manifest.
         let before = store
-            .read_shard(&store.verify(30).await.unwrap(), 0)
+            .read_verified_shard(&store.verify(30).await.unwrap(), 0)
             .await
             .unwrap();
         store.fence(3).await.unwrap();
@@ -866,7 +842,7 @@ mod tests {
         let after = store.verify(30).await.unwrap();
         assert_eq!(after.attempt, 2);
         assert_eq!(
-            store.read_shard(&after, 0).await.unwrap().model,
+            store.read_verified_shard(&after, 0).await.unwrap().model,
             before.model
         );
     }

@@ -141,7 +141,8 @@ pub async fn whole_model(
         if at.dp != 0 {
             continue;
         }
-        let shard = store.read_shard(manifest, rank).await?;
+        // Each file is checked against the manifest as it is read: read once, never trusted.
+        let shard = store.read_verified_shard(manifest, rank).await?;
         let named = match (spec.model.kind, split) {
             (ModelKind::Mlp, false) => load::<Mlp>(spec, mesh, rank, shard.model)?,
             (ModelKind::Mlp, true) => load::<MlpStage>(spec, mesh, rank, shard.model)?,
