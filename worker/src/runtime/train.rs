@@ -462,17 +462,22 @@ pub fn snapshot<M: Module + Clone>(
 
 impl<M: Module> Snapshot<M> {
     /// Serialises the state (burnpack records) into a shard.
+    ///
+    /// The records are taken first, and the snapshot's handles dropped with them: until then
+    /// the training's next optimizer step cannot update the shared buffers in place and has to
+    /// allocate new ones. Taking the records is a copy of the state (tens of milliseconds),
+    /// so the handles are gone long before that step ends.
     pub fn into_shard(self) -> anyhow::Result<Shard> {
         let (loss, eval_loss) = self.reported;
+        let model = self.model.into_record();
+        let optimizer = self.optimizer.to_record();
+        drop(self.optimizer);
         Ok(Shard {
-            model: self
-                .model
-                .into_record()
+            model: model
                 .into_bytes()
                 .map(checkpoint::shared)
                 .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?,
-            optimizer: self
-                .optimizer
+            optimizer: optimizer
                 .into_bytes()
                 .map(checkpoint::shared)
                 .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?,
