@@ -63,6 +63,7 @@ impl RankEvent {
 /// Writes events and log lines for the worker daemon. One rank reports progress: the first
 /// data-parallel replica of the last pipeline stage, where the loss (already averaged over the
 /// data-parallel group) is known.
+#[derive(Clone)]
 pub struct Reporter {
     pub reports_progress: bool,
 }

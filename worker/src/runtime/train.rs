@@ -229,6 +229,8 @@ pub fn train<S: Stage>(
     let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
     let world = comm.world_size();
     let mut upload: Option<Upload> = None;
+    // Rank 0's commit of the checkpoint in flight, once every rank uploaded it.
+    let mut committing: Option<Commit> = None;
     let mut flat = Vec::new();
     for step in start..t.steps {
         let started = Instant::now();
@@ -288,7 +290,10 @@ pub fn train<S: Stage>(
         let (all_uploaded, any_failed) = (square[2] as u32 == world, square[3] > 0.0);
         if let Some(pending) = upload.take_if(|_| all_uploaded || any_failed) {
             // Every rank sees the same sums, so all settle the upload in this same step.
-            pending.settle(any_failed, job, &store, world, reporter, io)?;
+            committing = pending.settle(any_failed, job, &store, world, reporter);
+        }
+        if let Some(commit) = committing.take_if(|c| c.ended()) {
+            commit.wait()?;
         }
         if t.grad_clip > 0.0 && norm > t.grad_clip {
             let factor = (t.grad_clip / (norm + 1e-6)) as f32;
@@ -333,7 +338,10 @@ pub fn train<S: Stage>(
             let reported = (loss, last_eval);
             // At most one checkpoint in flight: finish the previous one first.
             if let Some(pending) = upload.take() {
-                pending.finish(job, &store, comm, reporter, io)?;
+                committing = pending.finish(job, &store, comm, reporter)?;
+            }
+            if let Some(commit) = committing.take() {
+                commit.wait()?;
             }
             let started = Instant::now();
             let taken = snapshot(&model, &optimizer, done, reported);
@@ -342,7 +350,9 @@ pub fn train<S: Stage>(
                 io.block_on(store.write_shard(done, job.rank, taken.into_shard()?))?;
                 comm.world().barrier()?;
                 if job.rank == 0 {
-                    commit(job, &store, world, done, started, reporter, io)?;
+                    let keep_last = spec.checkpoint.keep_last;
+                    let manifest = manifest(job, world, done);
+                    commit(&store, manifest, keep_last, started, reporter, io)?;
                 }
                 // Nobody moves on (and possibly exits) before the commit is known.
                 comm.world().barrier()?;
@@ -353,6 +363,9 @@ pub fn train<S: Stage>(
         if draining && !last {
             return Err(Drained(done).into());
         }
+    }
+    if let Some(commit) = committing.take() {
+        commit.wait()?;
     }
     if start < t.steps {
         let mut ctx = step_context!();
@@ -488,18 +501,10 @@ impl<M: Module> Snapshot<M> {
     }
 }
 
-/// Rank 0's commit of `step` once every rank's shard is written.
-fn commit(
-    job: &RankJob,
-    store: &CheckpointStore,
-    world: u32,
-    step: u64,
-    started: Instant,
-    reporter: &Reporter,
-    io: &tokio::runtime::Runtime,
-) -> anyhow::Result<()> {
+/// The manifest of this rank's job's checkpoint at `step`.
+fn manifest(job: &RankJob, world: u32, step: u64) -> Manifest {
     let p = job.spec.parallel;
-    let manifest = Manifest {
+    Manifest {
         format: 2,
         job_id: job.job_id.clone(),
         step,
@@ -510,8 +515,19 @@ fn commit(
         pp: p.pp,
         files: Vec::new(),
         total_bytes: 0,
-    };
-    let keep_last = job.spec.checkpoint.keep_last;
+    }
+}
+
+/// Rank 0's commit of a step once every rank's shard is written.
+fn commit(
+    store: &CheckpointStore,
+    manifest: Manifest,
+    keep_last: u32,
+    started: Instant,
+    reporter: &Reporter,
+    io: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    let step = manifest.step;
     let (size, deleted) = match io.block_on(store.commit(manifest, keep_last)) {
         Ok(done) => done,
         // A run resumed from before this step passes it again, and the first commit of it has
@@ -531,14 +547,85 @@ fn commit(
     Ok(())
 }
 
+/// How a background task ended; set when it ends, whatever happens (a panic included).
+type Outcome = Arc<OnceLock<Result<(), String>>>;
+
+/// Runs `work` on a thread of its own, at the lowest priority, with a current-thread Tokio
+/// runtime (its I/O threads at the lowest priority too) and its own client for the store: a
+/// client's pooled connections are driven by the runtime that opened them, so sharing the
+/// training thread's could leave a request waiting on a connection nobody drives.
+fn in_background(
+    store: &CheckpointStore,
+    work: impl FnOnce(&CheckpointStore, &tokio::runtime::Runtime) -> Result<(), String> + Send + 'static,
+) -> Outcome {
+    let outcome: Outcome = Arc::new(OnceLock::new());
+    let result = outcome.clone();
+    let store = store.clone();
+    let task = move || -> Result<(), String> {
+        yield_to_training();
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_start(yield_to_training)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let store = store.reopen().map_err(|e| e.to_string())?;
+        work(&store, &io)
+    };
+    std::thread::spawn(move || {
+        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))
+            .unwrap_or_else(|_| Err("the thread panicked".into()));
+        let _ = result.set(ended);
+    });
+    outcome
+}
+
+/// Rank 0's commit of a checkpoint that every rank uploaded, on a thread of its own like the
+/// uploads: reading the ranks' states, the manifest's conditional put, the `latest` pointer
+/// and retention are store round trips (tens of milliseconds on a local disk, more on a
+/// network store) that training need not wait for. It is part of the checkpoint in flight:
+/// the next checkpoint and the end of the run wait for it, and a failed commit fails the
+/// rank as it did when it ran on the training thread.
+struct Commit {
+    step: u64,
+    outcome: Outcome,
+}
+
+impl Commit {
+    fn start(
+        store: &CheckpointStore,
+        manifest: Manifest,
+        keep_last: u32,
+        started: Instant,
+        reporter: &Reporter,
+    ) -> Self {
+        let step = manifest.step;
+        let reporter = reporter.clone();
+        let outcome = in_background(store, move |store, io| {
+            commit(store, manifest, keep_last, started, &reporter, io).map_err(|e| format!("{e:#}"))
+        });
+        Self { step, outcome }
+    }
+
+    fn ended(&self) -> bool {
+        self.outcome.get().is_some()
+    }
+
+    fn wait(self) -> anyhow::Result<()> {
+        let step = self.step;
+        self.outcome
+            .wait()
+            .clone()
+            .map_err(|e| anyhow::anyhow!("commit of the checkpoint at step {step} failed: {e}"))
+    }
+}
+
 /// A checkpoint shard being written by a background thread (at most one per rank). The
 /// upload is retried with backoff; the checkpoint is committed only once every rank's upload
 /// succeeded, which the ranks learn from the flags they add to each step's all-reduce.
 pub struct Upload {
     step: u64,
     started: Instant,
-    /// Set by the upload thread when it ends, whatever happens (a panic included).
-    outcome: Arc<OnceLock<Result<(), String>>>,
+    outcome: Outcome,
 }
 
 /// Gives the calling thread the lowest priority (nice 19): beside a busy training step it gets
@@ -572,17 +659,8 @@ impl Upload {
         snapshot: Snapshot<M>,
         started: Instant,
     ) -> Self {
-        let outcome = Arc::new(OnceLock::new());
-        let result = outcome.clone();
-        let upload = move || -> Result<(), String> {
-            yield_to_training();
+        let outcome = in_background(&store, move |store, io| {
             let shard = snapshot.into_shard().map_err(|e| e.to_string())?;
-            let io = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_start(yield_to_training)
-                .build()
-                .map_err(|e| e.to_string())?;
-            let store = store.reopen().map_err(|e| e.to_string())?;
             io.block_on(
                 (|| store.write_shard(step, rank, shard.clone()))
                     .retry(
@@ -597,11 +675,6 @@ impl Upload {
                     }),
             )
             .map_err(|e| e.to_string())
-        };
-        std::thread::spawn(move || {
-            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(upload))
-                .unwrap_or_else(|_| Err("the upload thread panicked".into()));
-            let _ = result.set(ended);
         });
         Self {
             step,
@@ -630,7 +703,8 @@ impl Upload {
     }
 
     /// Settles the upload once every rank's has ended, given whether any failed: rank 0
-    /// commits a checkpoint every rank uploaded; otherwise nobody does, and the logs say why.
+    /// starts the commit of a checkpoint every rank uploaded; otherwise nobody commits, and the
+    /// logs say why.
     fn settle(
         self,
         any_failed: bool,
@@ -638,8 +712,7 @@ impl Upload {
         store: &CheckpointStore,
         world: u32,
         reporter: &Reporter,
-        io: &tokio::runtime::Runtime,
-    ) -> anyhow::Result<()> {
+    ) -> Option<Commit> {
         if any_failed {
             let why = match self.outcome.wait() {
                 Err(e) => format!("this rank's upload failed: {e}"),
@@ -649,12 +722,13 @@ impl Upload {
                 "checkpoint at step {} not committed: {why}",
                 self.step
             ));
-            return Ok(());
+            return None;
         }
-        if job.rank == 0 {
-            commit(job, store, world, self.step, self.started, reporter, io)?;
-        }
-        Ok(())
+        (job.rank == 0).then(|| {
+            let keep_last = job.spec.checkpoint.keep_last;
+            let manifest = manifest(job, world, self.step);
+            Commit::start(store, manifest, keep_last, self.started, reporter)
+        })
     }
 
     /// Settles the upload now: waits for this rank's to end, then a world all-reduce tells
@@ -665,15 +739,14 @@ impl Upload {
         store: &CheckpointStore,
         comm: &mut TcpComm,
         reporter: &Reporter,
-        io: &tokio::runtime::Runtime,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<Commit>> {
         let mut failed = [if self.outcome.wait().is_err() {
             1.0
         } else {
             0.0
         }];
         comm.world().all_reduce(&mut failed, ReduceOp::Sum)?;
-        self.settle(failed[0] > 0.0, job, store, comm.world_size(), reporter, io)
+        Ok(self.settle(failed[0] > 0.0, job, store, comm.world_size(), reporter))
     }
 }
 
