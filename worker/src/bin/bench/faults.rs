@@ -22,6 +22,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The first and third quartiles.
+fn quartiles(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 4], v[v.len() * 3 / 4])
+}
+
 #[derive(clap::Args, Clone)]
 pub struct CheckpointOptions {
     /// Width of the gpt whose state is saved.
@@ -32,7 +38,8 @@ pub struct CheckpointOptions {
     /// Bytes of the file written in the throughput comparison.
     #[arg(long, default_value_t = 256 << 20)]
     bytes: usize,
-    #[arg(long, default_value_t = 9)]
+    /// Checkpoints of each kind measured (each async one is a triple of training windows).
+    #[arg(long, default_value_t = 30)]
     repeats: usize,
     /// Where to write (default: a temporary directory).
     #[arg(long)]
@@ -82,9 +89,14 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
     }
 
     // Asynchronous, as a rank does it: the snapshot (handles, no copy), then training steps
-    // with the upload thread beside them. The training time it costs is what those steps took
-    // beyond steps without an upload, measured just before. Short steps (two sequences) let
-    // many steps cover one upload, which averages out this machine's noise.
+    // with the upload thread beside them. The training is blocked only for the snapshot. What
+    // the upload beside it costs the steps is measured in windows of equal length, a window
+    // that starts with a checkpoint against a window without one, in sums (this machine's
+    // noise is right-skewed, so sums are compared with sums, not with a typical step). Each
+    // repeat takes three windows next to each other, one with a checkpoint and two without,
+    // in rotating order so that drift cancels. The two without give a control: how much two
+    // windows differ when nothing differs, which is what this machine can resolve. Short
+    // steps (two sequences) let several steps cover one upload.
     let short = data.batch(Split::Train, &[0, 1]);
     let mut trained = model.clone();
     let mut opt = optimizer.clone();
@@ -94,33 +106,88 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         *trained = opt.step(1e-3, trained.clone(), grads);
         started.elapsed().as_secs_f64()
     };
-    step(&mut trained, &mut opt);
-    let mut snap = Vec::new();
-    let mut lost = Vec::new();
-    let mut overlapped = Vec::new();
-    let mut base = Vec::new();
-    for i in 0..o.repeats as u64 {
-        let alone = median((0..5).map(|_| step(&mut trained, &mut opt)).collect());
+    // Rank 0 commits on a thread of its own once the upload ended, as a rank does (with
+    // retention, which keeps the disk's cache from growing with every window).
+    let start_commit = |at: u64| {
+        let store = store.clone();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let io = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            io.block_on(store.commit(manifest(at), 2))?;
+            Ok(())
+        })
+    };
+    // (time spent in steps, time blocked for the snapshot, steps the checkpoint overlapped).
+    // A checkpoint still in flight at the end of the window counts its wait as time spent.
+    let window = |trained: &mut Gpt,
+                  opt: &mut burn::optim::ModuleOptimizer,
+                  checkpoint: Option<u64>,
+                  steps: usize|
+     -> anyhow::Result<(f64, f64, usize)> {
         let started = Instant::now();
-        let taken = snapshot(&trained, &opt, 100 + i, (1.0, None));
-        snap.push(started.elapsed().as_secs_f64());
-        let upload = Upload::start(store.clone(), 100 + i, 0, taken, started);
-        let (mut beside, mut steps) = (0.0, 0);
-        while !upload.ended() {
-            beside += step(&mut trained, &mut opt);
-            steps += 1;
+        let mut upload = checkpoint.map(|at| {
+            let taken = snapshot(trained, opt, at, (1.0, None));
+            Upload::start(store.clone(), at, 0, taken, started)
+        });
+        let blocked = started.elapsed().as_secs_f64();
+        let (mut spent, mut covered, mut commit) = (0.0, 0, None);
+        for n in 0..steps {
+            spent += step(trained, opt);
+            if let (Some(at), Some(done)) = (checkpoint, upload.take_if(|u| u.ended())) {
+                done.wait().map_err(anyhow::Error::msg)?;
+                commit = Some(start_commit(at));
+            }
+            if upload.is_some() || commit.as_ref().is_some_and(|c| !c.is_finished()) {
+                covered = n + 1;
+            }
         }
-        upload.wait().map_err(anyhow::Error::msg)?;
-        lost.push(beside - steps as f64 * alone);
-        overlapped.push(steps as f64);
-        base.push(alone);
+        let Some(at) = checkpoint else {
+            return Ok((spent, 0.0, 0));
+        };
+        let waited = Instant::now();
+        if let Some(upload) = upload {
+            upload.wait().map_err(anyhow::Error::msg)?;
+            commit = Some(start_commit(at));
+        }
+        if let Some(commit) = commit {
+            commit.join().expect("the commit thread panicked")?;
+        }
+        Ok((spent + waited.elapsed().as_secs_f64(), blocked, covered))
+    };
+    // Warm-up: the first steps and the first checkpoint grow the heap; how many steps an
+    // upload spans sets the window, with room to spare.
+    for _ in 0..3 {
+        step(&mut trained, &mut opt);
+    }
+    let (_, _, spanned) = window(&mut trained, &mut opt, Some(100), 20)?;
+    let steps = spanned + 2;
+    let (mut blocked, mut lost, mut control) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut overlapped, mut base) = (Vec::new(), Vec::new());
+    for i in 0..o.repeats {
+        let mut spent = [0.0; 3];
+        for (position, spent) in spent.iter_mut().enumerate() {
+            let at = (position == i % 3).then_some(101 + i as u64);
+            let (taken, snap, covered) = window(&mut trained, &mut opt, at, steps)?;
+            *spent = taken;
+            if at.is_some() {
+                blocked.push(snap);
+                overlapped.push(covered as f64);
+            }
+        }
+        let with = spent[i % 3];
+        let (a, b) = (spent[(i + 1) % 3], spent[(i + 2) % 3]);
+        lost.push(with - a);
+        control.push(b - a);
+        base.push(a / steps as f64);
     }
     let sync = median(sync);
     let (serialise, write) = (
         median(phases.iter().map(|p| p.0).collect()),
         median(phases.iter().map(|p| p.1).collect()),
     );
-    let (snap, lost) = (median(snap), median(lost).max(0.0));
+    let (lost_spread, control_spread) = (quartiles(lost.clone()), quartiles(control.clone()));
+    let (blocked, lost, control) = (median(blocked), median(lost), median(control));
     println!(
         "checkpoint of a {}-layer d_model={} gpt with Adam state ({:.1} MiB), median of {}:",
         o.layers,
@@ -135,19 +202,33 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         write * 1e3
     );
     println!(
-        "  asynchronous: training waits {:.1} ms for the snapshot, then {:.0} steps of {:.0} ms \
-         run beside the upload",
-        snap * 1e3,
+        "  asynchronous: training is blocked {:.1} ms for the snapshot, then {:.0} steps of \
+         {:.0} ms run beside the upload",
+        blocked * 1e3,
         median(overlapped),
         median(base) * 1e3
     );
     println!(
-        "  asynchronous: those steps take {:.1} ms longer than without it",
-        lost * 1e3
+        "  stall ratio (training blocked): {:.1}% of the synchronous save (target <= 5%)",
+        100.0 * blocked / sync
     );
     println!(
-        "  stall ratio: {:.1}% of the synchronous save (target <= 5%)",
-        100.0 * (snap + lost) / sync
+        "  {steps} steps beside the upload take {:+.1} ms (quartiles {:+.1}, {:+.1}) against \
+         steps without one;",
+        lost * 1e3,
+        lost_spread.0 * 1e3,
+        lost_spread.1 * 1e3
+    );
+    println!(
+        "  two windows without a checkpoint differ by {:+.1} ms (quartiles {:+.1}, {:+.1}): \
+         this machine's noise",
+        control * 1e3,
+        control_spread.0 * 1e3,
+        control_spread.1 * 1e3
+    );
+    println!(
+        "  stall ratio counting the slower steps too: {:.1}% of the synchronous save",
+        100.0 * (blocked + lost.max(0.0)) / sync
     );
 
     // Throughput: a shard of `bytes` through the checkpoint store against a plain file copy of
@@ -178,6 +259,11 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         let started = Instant::now();
         io.block_on(store.write_shard(1000 + i as u64, 0, shard))?;
         ours.push(started.elapsed().as_secs_f64());
+        // Both files go again, as retention deletes old checkpoints: the disk's cache then
+        // reuses the pages it freed, instead of taking fresh ones for every write, which this
+        // virtual machine makes slower with each one.
+        std::fs::remove_file(&target)?;
+        std::fs::remove_dir_all(tmp.path().join(format!("bench/step-{:08}", 1000 + i)))?;
     }
     let mib = o.bytes as f64 / (1 << 20) as f64;
     let (ours, copy) = (mib / median(ours), mib / median(copy));
