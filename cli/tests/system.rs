@@ -834,18 +834,10 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
         "checkpoint.every_steps=50",
         "checkpoint.keep_last=100",
     ];
-    let (reference, job) = reference_and_cancelled_run(&cluster, &set, 100);
+    let (reference, job) = reference_and_cancelled_run(&cluster, "mlp-dp2.toml", &set, 100);
     // Damage one byte of rank 1's optimizer state in the newest committed checkpoint, keeping
     // its size: only rank 1 reads that file, and only its checksum can tell.
-    let newest = cluster
-        .json(&["checkpoints", &job])
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["state"] == "committed")
-        .filter_map(|c| c["step"].as_u64())
-        .max()
-        .unwrap();
+    let newest = newest_committed(&cluster, &job);
     let shard = cluster.dir.path().join(format!(
         "state/checkpoints/{job}/step-{newest:08}/rank-1.optim.bpk"
     ));
@@ -885,11 +877,16 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
 /// Runs the mlp example with `set` to the end (the reference), then again until it has a
 /// checkpoint at `step` or later, cancelled there once its ranks are gone: (the reference's
 /// final status, the cancelled job).
-fn reference_and_cancelled_run(cluster: &Cluster, set: &[&str], step: u64) -> (Value, String) {
-    let reference = cluster.submit("mlp-dp2.toml", set);
+fn reference_and_cancelled_run(
+    cluster: &Cluster,
+    example: &str,
+    set: &[&str],
+    step: u64,
+) -> (Value, String) {
+    let reference = cluster.submit(example, set);
     let reference_end = cluster.wait_until_ended(&reference);
     assert_eq!(reference_end["state"], "Succeeded");
-    let job = cluster.submit("mlp-dp2.toml", set);
+    let job = cluster.submit(example, set);
     cluster.wait_for(
         |c| {
             c.status(&job)["last_checkpoint"]["step"]
@@ -913,13 +910,14 @@ fn resume_by_hand_at_another_data_parallel_degree() {
         "checkpoint.every_steps=50",
         "checkpoint.keep_last=100",
     ];
-    let (reference_end, job) = reference_and_cancelled_run(&cluster, &set, 100);
+    let (reference_end, job) = reference_and_cancelled_run(&cluster, "mlp-dp2.toml", &set, 100);
     let reference = reference_end["id"].as_str().unwrap().to_string();
 
     // The model cannot change under a checkpoint: refused, nothing changed.
     let out = cluster.gantry(&["resume", &job, "--set", "model.d_model=8"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("parallel.dp"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("only parallel.* (the layout)"), "{stderr}");
     // Nor can it resume from a step the store does not hold.
     let out = cluster.gantry(&["resume", &job, "--from-step", "12345"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -932,15 +930,7 @@ fn resume_by_hand_at_another_data_parallel_degree() {
 
     // Resume from the newest step in the store (the cancelled ranks are gone: the checkpoint
     // 50 steps later is then certainly the dp=1 run's own).
-    let committed = cluster.json(&["checkpoints", &job]);
-    let from = committed
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["state"] == "committed")
-        .filter_map(|c| c["step"].as_u64())
-        .max()
-        .unwrap();
+    let from = newest_committed(&cluster, &job);
     let out = cluster.gantry(&[
         "resume",
         &job,
@@ -998,6 +988,118 @@ fn resume_by_hand_at_another_data_parallel_degree() {
             .sqrt();
         let size: f64 = x.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
         assert!(diff <= 1e-6 * size, "{name}: {diff:e} vs {size:e}");
+    }
+}
+
+/// The newest committed checkpoint of `job` in its store.
+fn newest_committed(cluster: &Cluster, job: &str) -> u64 {
+    let listed = cluster.json(&["checkpoints", job]);
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["state"] == "committed")
+        .filter_map(|c| c["step"].as_u64())
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
+    // 2 workers with 2 slots each: room for tp = pp = 2.
+    let cluster = Cluster::start_with(2, 2, Vec::new());
+    let set = [
+        "model.layers=2",
+        "model.d_model=32",
+        "data.seq_len=16",
+        "data.examples=2000",
+        "train.global_batch=8",
+        "train.micro_batches=2",
+        "train.steps=3000",
+        "train.warmup_steps=2",
+        "checkpoint.every_steps=20",
+        "checkpoint.keep_last=200",
+    ];
+    // Saved by one process, resumed by four: every parameter and its Adam moments cut into
+    // tensor-parallel slices and pipeline stages.
+    let (reference_end, job) = reference_and_cancelled_run(&cluster, "gpt-dp1.toml", &set, 40);
+    let reference = reference_end["id"].as_str().unwrap().to_string();
+    let from = newest_committed(&cluster, &job);
+    let out = cluster.gantry(&[
+        "resume",
+        &job,
+        "--from-step",
+        &from.to_string(),
+        "--set",
+        "parallel.tp=2",
+        "--set",
+        "parallel.pp=2",
+        "--set",
+        "parallel.schedule=\"gpipe\"",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its first checkpoint after the resume, then it is stopped: the rest adds nothing.
+    let compare_at = from + 20;
+    cluster.wait_for(
+        |c| {
+            c.status(&job)["last_checkpoint"]["step"]
+                .as_u64()
+                .unwrap_or(0)
+                >= compare_at
+        },
+        "a checkpoint after the resume",
+    );
+    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert!(
+        logs.contains(&format!("resumed from checkpoint at step {from}"))
+            && logs.contains("resharded from dp=1 tp=1 pp=1"),
+        "{logs}"
+    );
+    assert_eq!(cluster.status(&job)["parallel"]["tp"], 2, "{logs}");
+    // The same state, computed in another order: the 20 steps after the resume have the
+    // one-process run's losses within a relative 1e-4, as every layout trained from scratch
+    // does (every_3d_layout_of_the_gpt_trains_like_one_process).
+    let reference_losses: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    let after: Vec<(u64, f64)> = cluster
+        .losses(&job)
+        .into_iter()
+        .filter(|(s, _)| (from + 1..=compare_at).contains(s))
+        .collect();
+    assert_eq!(after.len(), 20, "{logs}");
+    for (step, loss) in after {
+        let want = reference_losses[&step];
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs(),
+            "step {step}: tp=2 pp=2 after resume {loss}, one process {want}"
+        );
+    }
+    // And every whole tensor at that checkpoint (slices and stages joined by export).
+    let (one, four) = (
+        cluster.export(&reference, Some(compare_at)),
+        cluster.export(&job, Some(compare_at)),
+    );
+    assert_eq!(
+        one.keys().collect::<Vec<_>>(),
+        four.keys().collect::<Vec<_>>()
+    );
+    for (name, (shape, x)) in &one {
+        let (other, y) = &four[name];
+        assert_eq!(shape, other, "{name}");
+        let diff: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let size: f64 = x.iter().map(|a| f64::from(*a).powi(2)).sum::<f64>().sqrt();
+        assert!(diff <= 1e-4 * size, "{name}: {diff:e} vs {size:e}");
     }
 }
 

@@ -344,8 +344,9 @@ impl JobSpec {
     }
 
     /// This spec with `key=value` overrides applied, for resuming: only keys that do not change
-    /// what the checkpoint means may differ (the model, data, seed, learning-rate schedule and
-    /// tensor/pipeline layout must stay).
+    /// what the checkpoint means may differ. The layout may (ranks reshard the checkpoint), and
+    /// so may how a step is computed (micro-batches, pipeline schedule, activation
+    /// checkpointing); the model, data, seed and learning-rate schedule must stay.
     pub fn for_resume(&self, overrides: &[String]) -> Result<Self, SpecError> {
         let mut value = serde_json::to_value(self).expect("a JobSpec always serialises");
         for assignment in overrides {
@@ -354,8 +355,15 @@ impl JobSpec {
         let next = Self::from_value(value)?;
         let frozen = |s: &JobSpec| {
             let mut s = s.clone();
-            s.parallel.dp = 1;
-            s.parallel.bucket_mb = 1.0;
+            s.parallel = ParallelSpec {
+                dp: 1,
+                tp: 1,
+                pp: 1,
+                bucket_mb: 1.0,
+                schedule: PipelineSchedule::default(),
+            };
+            s.train.micro_batches = 1;
+            s.train.activation_checkpointing = false;
             s.train.steps = 1;
             s.checkpoint.every_steps = 0;
             s.checkpoint.keep_last = 1;
@@ -366,9 +374,9 @@ impl JobSpec {
         if frozen(&next) != frozen(self) {
             return Err(SpecError::new(
                 "set",
-                "only parallel.dp, parallel.bucket_mb, train.steps, checkpoint.every_steps, \
-                 checkpoint.keep_last, checkpoint.async_upload and fault_tolerance.* can change \
-                 when resuming",
+                "only parallel.* (the layout), train.steps, train.micro_batches, \
+                 train.activation_checkpointing, checkpoint.every_steps, checkpoint.keep_last, \
+                 checkpoint.async_upload and fault_tolerance.* can change when resuming",
             ));
         }
         Ok(next)
@@ -832,6 +840,37 @@ mod tests {
         let both = gpt(&["parallel.dp=1", "parallel.tp=2", "parallel.pp=2"]);
         assert!(tp < one && pp < one, "{one} {tp} {pp}");
         assert!(both < tp && both < pp, "{tp} {pp} {both}");
+    }
+
+    #[test]
+    fn a_resume_may_change_the_layout_but_not_the_model() {
+        let gpt = check(|doc| {
+            doc["model"] = serde_json::json!({"kind": "gpt", "heads": 4, "layers": 2});
+        })
+        .unwrap();
+        let set =
+            |keys: &[&str]| gpt.for_resume(&keys.iter().map(|k| k.to_string()).collect::<Vec<_>>());
+        let moved = set(&[
+            "parallel.dp=1",
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.schedule=\"gpipe\"",
+            "train.micro_batches=4",
+            "train.activation_checkpointing=true",
+        ])
+        .unwrap();
+        assert_eq!((moved.parallel.tp, moved.parallel.pp), (2, 2));
+        assert_eq!(moved.model, gpt.model);
+        for (assignment, field) in [
+            ("model.d_model=8", "set"),
+            ("train.lr=0.5", "set"),
+            ("train.seed=7", "set"),
+            // Still validated as a spec: 4 heads do not split over tp = 3.
+            ("parallel.tp=3", "parallel.tp"),
+        ] {
+            let err = set(&[assignment]).unwrap_err();
+            assert_eq!(err.field, field, "{assignment}: {err}");
+        }
     }
 
     #[test]

@@ -54,13 +54,13 @@ pub fn named_parameters<M: Module>(model: &M) -> Vec<(String, Tensor32)> {
 /// How a stage's parameter is split over the tensor-parallel group: not at all, or along `dim`,
 /// in `parts` equal parts (3 for the fused QKV projection) of which each rank holds a slice.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Split {
+pub(crate) enum Split {
     Replicated,
     Along { dim: usize, parts: usize },
 }
 
 /// The whole model's name of a stage's parameter `local`, and how it is split.
-fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (String, Split) {
+pub(crate) fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (String, Split) {
     let (list, blocks) = match spec.model.kind {
         ModelKind::Gpt => ("blocks.", spec.model.layers as usize),
         ModelKind::Mlp => ("layers.", spec.model.layers as usize + 1),
@@ -91,25 +91,61 @@ fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (String, S
 
 /// Joins the tensor-parallel slices (ordered by tp rank) of one parameter.
 fn join(slices: &[Tensor32], dim: usize, parts: usize) -> Tensor32 {
-    let shape = &slices[0].shape;
+    let values: Vec<&[f32]> = slices.iter().map(|s| &s.values[..]).collect();
+    let mut shape = slices[0].shape.clone();
+    let values = join_slices(&values, &shape, dim, parts, 1);
+    shape[dim] *= slices.len();
+    Tensor32 { shape, values }
+}
+
+/// Joins the slices (ordered by tp rank, each of shape `shape`) of a tensor split along `dim`
+/// into `parts` equal parts, of each of which every rank holds one piece: a row-major tensor
+/// of `unit` items per element (1 for values, the element's size for raw bytes).
+pub(crate) fn join_slices<T: Copy>(
+    slices: &[&[T]],
+    shape: &[usize],
+    dim: usize,
+    parts: usize,
+    unit: usize,
+) -> Vec<T> {
     let outer: usize = shape[..dim].iter().product();
-    let inner: usize = shape[dim + 1..].iter().product();
-    let slice = shape[dim] / parts;
-    let mut whole_shape = shape.clone();
-    whole_shape[dim] = shape[dim] * slices.len();
-    let mut values = Vec::with_capacity(slices.len() * slices[0].values.len());
+    let inner = shape[dim + 1..].iter().product::<usize>() * unit;
+    let piece = shape[dim] / parts * inner;
+    let mut joined = Vec::with_capacity(slices.iter().map(|s| s.len()).sum());
     for o in 0..outer {
         for p in 0..parts {
             for s in slices {
-                let start = (o * shape[dim] + p * slice) * inner;
-                values.extend_from_slice(&s.values[start..start + slice * inner]);
+                let start = o * shape[dim] * inner + p * piece;
+                joined.extend_from_slice(&s[start..start + piece]);
             }
         }
     }
-    Tensor32 {
-        shape: whole_shape,
-        values,
+    joined
+}
+
+/// Rank `index` of `count`'s slice of `whole` (of shape `shape`), split along `dim` as
+/// [`join_slices`] joins it: the inverse of that join.
+pub(crate) fn slice_of<T: Copy>(
+    whole: &[T],
+    shape: &[usize],
+    dim: usize,
+    parts: usize,
+    index: usize,
+    count: usize,
+    unit: usize,
+) -> Vec<T> {
+    let outer: usize = shape[..dim].iter().product();
+    let inner = shape[dim + 1..].iter().product::<usize>() * unit;
+    let part = shape[dim] / parts * inner;
+    let piece = part / count;
+    let mut slice = Vec::with_capacity(whole.len() / count);
+    for o in 0..outer {
+        for p in 0..parts {
+            let start = o * shape[dim] * inner + p * part + index * piece;
+            slice.extend_from_slice(&whole[start..start + piece]);
+        }
     }
+    slice
 }
 
 /// A rank's parameters, loaded from its checkpoint shard into its stage.

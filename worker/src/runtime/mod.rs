@@ -7,5 +7,6 @@ pub mod export;
 pub mod model;
 pub mod rank;
 pub mod report;
+pub mod reshard;
 pub mod stage;
 pub mod train;

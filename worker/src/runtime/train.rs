@@ -13,6 +13,7 @@ use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
 use crate::runtime::rank::{Drained, drain_requested};
 use crate::runtime::report::{Reporter, StepReport};
+use crate::runtime::reshard::reshard;
 use crate::runtime::stage::{Stage, StepContext};
 use backon::{ExponentialBuilder, Retryable};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -20,7 +21,7 @@ use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use gantry_core::{Coords, JobSpec, Mesh};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use std::time::Instant;
@@ -181,7 +182,15 @@ pub fn train<S: Stage>(
         // From now on, no older attempt of this job may commit a checkpoint.
         io.block_on(store.fence(job.attempt))?;
     }
-    let restored = restore_point(job, mesh, comm, reporter, &store, io)?;
+    let fresh = || {
+        model
+            .clone()
+            .into_record()
+            .into_bytes()
+            .map(checkpoint::shared)
+            .map_err(|e| anyhow::anyhow!("model record: {e:?}"))
+    };
+    let restored = restore_point(job, mesh, &fresh, comm, reporter, &store, io)?;
     let mut start = 0;
     let mut last_eval = None;
     if let Some((manifest, shard)) = restored {
@@ -192,8 +201,16 @@ pub fn train<S: Stage>(
             .from_bytes(checkpoint::record(shard.optimizer))
             .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?;
         start = shard.data_cursor;
+        let layout = if (manifest.tp, manifest.pp) == (mesh.tp, mesh.pp) {
+            String::new()
+        } else {
+            format!(
+                ", resharded from dp={} tp={} pp={}",
+                manifest.dp, manifest.tp, manifest.pp
+            )
+        };
         reporter.log(&format!(
-            "resumed from checkpoint at step {} (attempt {}, written by {} ranks)",
+            "resumed from checkpoint at step {} (attempt {}, written by {} ranks{layout})",
             manifest.step, manifest.attempt, manifest.world_size
         ));
         if let Some(loss) = shard.loss {
@@ -378,33 +395,28 @@ pub fn train<S: Stage>(
     Ok(())
 }
 
-/// The rank whose shard this rank restores: itself when the layout is unchanged; the first
-/// data-parallel replica of the same stage when only the data-parallel degree changed (replicas
-/// are identical). Other layout changes need resharding, which is not available yet.
-fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> anyhow::Result<u32> {
-    anyhow::ensure!(
-        manifest.tp == mesh.tp && manifest.pp == mesh.pp,
-        "checkpoint at step {} was written with tp={} pp={}, this run has tp={} pp={}; \
-         changing tp or pp on resume is not supported yet",
-        manifest.step,
-        manifest.tp,
-        manifest.pp,
-        mesh.tp,
-        mesh.pp
-    );
+/// The rank whose shard this rank restores when the tensor- and pipeline-parallel layout is
+/// unchanged: itself when the data-parallel degree is too, otherwise the first data-parallel
+/// replica of the same position (replicas are identical).
+fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> u32 {
     let saved = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
     let mine = mesh.coords(rank);
     let dp = if manifest.dp == mesh.dp { mine.dp } else { 0 };
-    Ok(saved.rank(Coords { dp, ..mine }))
+    saved.rank(Coords { dp, ..mine })
 }
 
 /// The checkpoint to resume from and this rank's shard of it: the newest committed step
 /// (or `job.resume_step`) whose shards every rank read and found intact. Each rank reads only
 /// the shard it needs and checks it against the manifest; an all-reduce of "mine is damaged"
 /// makes every rank skip a step that any rank cannot use, so all resume from the same one.
+///
+/// A checkpoint written at another tensor- or pipeline-parallel layout is resharded: the rank
+/// reads one data-parallel replica's shards and cuts its own from them (`reshard`), for which
+/// `fresh` gives the record of its freshly built stage.
 fn restore_point(
     job: &RankJob,
     mesh: Mesh,
+    fresh: &dyn Fn() -> anyhow::Result<bytes::Bytes>,
     comm: &mut TcpComm,
     reporter: &Reporter,
     store: &CheckpointStore,
@@ -423,11 +435,38 @@ fn restore_point(
         // Anything that keeps this rank from its shard makes the step unusable; only a layout
         // that cannot be resumed at all is an error.
         let mine = match io.block_on(store.committed(step)) {
-            Ok(manifest) => {
-                let source = source_rank(&manifest, mesh, job.rank)?;
+            Ok(manifest) if manifest.tp == mesh.tp && manifest.pp == mesh.pp => {
+                let source = source_rank(&manifest, mesh, job.rank);
                 io.block_on(store.read_verified_shard(&manifest, source))
                     .map(|shard| (manifest, shard))
                     .map_err(unusable)
+            }
+            Ok(manifest) => {
+                let saved = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
+                let replica = (0..saved.world_size()).filter(|&r| saved.coords(r).dp == 0);
+                let read = io.block_on(async {
+                    let mut shards = BTreeMap::new();
+                    for rank in replica {
+                        shards.insert(rank, store.read_verified_shard(&manifest, rank).await?);
+                    }
+                    Ok(shards)
+                });
+                match read {
+                    // A checkpoint that cannot be resharded is an error, not damage: every
+                    // older one has the same layout.
+                    Ok(shards) => {
+                        let shard = reshard(&job.spec, saved, &shards, mesh, job.rank, fresh()?)
+                            .map_err(|e| {
+                                e.context(format!(
+                                    "resharding the checkpoint at step {} from tp={} pp={} to \
+                                     tp={} pp={}",
+                                    manifest.step, saved.tp, saved.pp, mesh.tp, mesh.pp
+                                ))
+                            })?;
+                        Ok((manifest, shard))
+                    }
+                    Err(e) => Err(unusable(e)),
+                }
             }
             Err(e) => Err(unusable(e)),
         };
