@@ -671,7 +671,7 @@ pub struct Upload {
 /// a small share of the CPU, so a checkpoint upload delays the training little and still
 /// always progresses. (`SCHED_IDLE` starved uploads to a network store for minutes while two
 /// CPU ranks kept both cores busy.) Linux applies nice values per thread; elsewhere, a no-op.
-fn yield_to_training() {
+pub fn yield_to_training() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: plain syscalls on the calling thread.
