@@ -86,9 +86,13 @@ enum Command {
     /// Resume a failed or cancelled job from its newest verified checkpoint.
     Resume {
         job: String,
+        /// Resume from this committed step (checked in the store) instead of the newest
+        /// verified one.
         #[arg(long)]
         from_step: Option<u64>,
-        /// Change the layout or length on resume, e.g. `--set parallel.dp=1`.
+        /// Change the layout (the checkpoint is resharded), how or how long it trains, e.g.
+        /// `--set parallel.dp=1` or `--set parallel.tp=2`. The model, data, seed and learning
+        /// rate stay.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
