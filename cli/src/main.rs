@@ -461,11 +461,12 @@ async fn stored_checkpoints(
 
 /// Reads a checkpoint of `job` straight from its object store and writes the whole model.
 async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
-    use gantry_worker::runtime::{checkpoint::CheckpointStore, export};
+    use gantry_worker::runtime::checkpoint::{CheckpointError, CheckpointStore};
+    use gantry_worker::runtime::export;
     let spec = JobSpec::from_json(&job.spec_json)?;
     let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
     // The shards are checked as they are read; without --step, a step whose shards are torn
-    // or damaged is skipped for the one before.
+    // or damaged is skipped for the one before (a store that cannot be read is an error).
     let candidates = match step {
         Some(step) => vec![step],
         None => store.steps().await?,
@@ -482,7 +483,13 @@ async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyh
                 exported = Some(found);
                 break;
             }
-            Err(e) if step.is_none() => eprintln!("skipping step {candidate}: {e:#}"),
+            Err(e)
+                if step.is_none()
+                    && e.downcast_ref::<CheckpointError>()
+                        .is_some_and(|e| store.is_damage(e)) =>
+            {
+                eprintln!("skipping step {candidate}: {e:#}")
+            }
             Err(e) => return Err(e),
         }
     }

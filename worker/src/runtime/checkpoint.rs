@@ -217,6 +217,21 @@ impl CheckpointStore {
         Self::open_with(&self.url, &self.job_id, &self.options)
     }
 
+    /// Whether `error`, met reading a checkpoint of this store, says the checkpoint is damaged:
+    /// torn (no manifest, a file missing or short) or corrupt (a checksum, or a manifest that
+    /// does not parse), which a resume skips for the checkpoint before. On the local
+    /// filesystem, a path that cannot be read as a file (a file where a directory belongs, a
+    /// loop, an I/O error) is damage too: no retry will change it. On a network store, any
+    /// other error is the store's (unreachable, throttled, refused) and says nothing about the
+    /// checkpoint: a resume must not fall back to an older one over it.
+    pub fn is_damage(&self, error: &CheckpointError) -> bool {
+        match error {
+            CheckpointError::Invalid { .. } | CheckpointError::Json(_) => true,
+            CheckpointError::Store(_) => self.local,
+            _ => false,
+        }
+    }
+
     fn step_dir(&self, step: u64) -> Path {
         self.root.clone().join(format!("step-{step:08}"))
     }
@@ -484,13 +499,13 @@ impl CheckpointStore {
             .iter()
             .find(|f| f.path == name)
             .ok_or_else(|| invalid(format!("{name} is not in the manifest")))?;
-        let bytes = self
-            .store
-            .get(&self.step_dir(step).join(name))
-            .await
-            .map_err(|e| invalid(format!("{name}: {e}")))?
-            .bytes()
-            .await?;
+        let bytes = match self.store.get(&self.step_dir(step).join(name)).await {
+            Ok(found) => found.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(invalid(format!("{name} is missing")));
+            }
+            Err(e) => return Err(e.into()),
+        };
         if bytes.len() as u64 != entry.size || checksum(&bytes) != entry.crc32c {
             return Err(invalid(format!("{name} does not match its checksum")));
         }
@@ -699,6 +714,26 @@ mod tests {
                 .contains("rank-1.optim.bpk does not match its checksum"),
             "{damaged}"
         );
+        assert!(store.is_damage(&damaged));
+        // A local file that cannot be opened (a symbolic link to itself in its place) is the
+        // checkpoint's damage; the same error from a network store is the store's.
+        let model = dir.path().join("j/step-00000030/rank-0.model.bpk");
+        let saved = std::fs::read(&model).unwrap();
+        std::fs::remove_file(&model).unwrap();
+        std::os::unix::fs::symlink(&model, &model).unwrap();
+        let unreadable = store.read_verified_shard(&manifest, 0).await.err().unwrap();
+        assert!(
+            matches!(unreadable, CheckpointError::Store(_)),
+            "{unreadable}"
+        );
+        assert!(store.is_damage(&unreadable));
+        let s3 = CheckpointStore::open("s3://bucket/prefix", "j").unwrap();
+        assert!(!s3.is_damage(&unreadable));
+        assert!(s3.is_damage(&damaged));
+        std::fs::remove_file(&model).unwrap();
+        let missing = store.read_verified_shard(&manifest, 0).await.err().unwrap();
+        assert!(s3.is_damage(&missing), "{missing}");
+        std::fs::write(&model, saved).unwrap();
         std::fs::write(&path, &bytes[1..]).unwrap();
         let torn = store.committed(30).await.err().unwrap().to_string();
         assert!(

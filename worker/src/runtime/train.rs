@@ -427,13 +427,16 @@ fn restore_point(
         Some(step) => vec![step],
         None => io.block_on(store.steps())?,
     };
+    // (damaged, why): a damaged checkpoint is skipped for the one before; a store that cannot
+    // be read fails the attempt, whose restart tries again, rather than resume from further
+    // back than it must.
     let unusable = |e: CheckpointError| match e {
-        CheckpointError::Invalid { message, .. } => message,
-        other => other.to_string(),
+        CheckpointError::Invalid { message, .. } => (true, message),
+        other => (store.is_damage(&other), other.to_string()),
     };
     for step in candidates {
-        // Anything that keeps this rank from its shard makes the step unusable; only a layout
-        // that cannot be resumed at all is an error.
+        // Damage anywhere makes the step unusable for every rank; a store that cannot be read
+        // anywhere, or a layout that cannot be resumed at all, is an error.
         let mine = match io.block_on(store.committed(step)) {
             Ok(manifest) if manifest.tp == mesh.tp && manifest.pp == mesh.pp => {
                 let source = source_rank(&manifest, mesh, job.rank);
@@ -470,12 +473,23 @@ fn restore_point(
             }
             Err(e) => Err(unusable(e)),
         };
-        let mut damaged = [if mine.is_ok() { 0.0 } else { 1.0 }];
-        comm.world().all_reduce(&mut damaged, ReduceOp::Max)?;
+        // 0: usable here, 1: damaged, 2: unreadable; the worst over every rank decides.
+        let mut verdict = [match &mine {
+            Ok(_) => 0.0,
+            Err((true, _)) => 1.0,
+            Err((false, _)) => 2.0,
+        }];
+        comm.world().all_reduce(&mut verdict, ReduceOp::Max)?;
         let why = match mine {
-            Ok(found) if damaged[0] == 0.0 => return Ok(Some(found)),
+            Ok(found) if verdict[0] == 0.0 => return Ok(Some(found)),
+            Err((false, why)) => {
+                anyhow::bail!("could not read the checkpoint at step {step} from its store: {why}")
+            }
+            _ if verdict[0] == 2.0 => anyhow::bail!(
+                "another rank could not read the checkpoint at step {step} from its store"
+            ),
             Ok(_) => "another rank's shard is damaged".to_string(),
-            Err(why) => why,
+            Err((true, why)) => why,
         };
         if job.resume_step.is_some() {
             anyhow::bail!("checkpoint at step {step} cannot be resumed from: {why}");
