@@ -409,17 +409,21 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
 /// Whether `step` is committed in `job`'s checkpoint store: an error when the store says it is
 /// not, `false` when this machine cannot read the store (no credentials, no shared volume).
 async fn committed_in_store(job: &pb::Job, step: u64) -> Result<bool, Failure> {
-    use gantry_worker::runtime::checkpoint::{CheckpointError, CheckpointStore};
+    use gantry_worker::runtime::checkpoint::CheckpointStore;
     let spec = JobSpec::from_json(&job.spec_json).map_err(anyhow::Error::from)?;
     let Ok(store) = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default()) else {
         return Ok(false);
     };
     match store.committed(step).await {
         Ok(_) => Ok(true),
-        Err(CheckpointError::Invalid { message, .. }) => Err(Failure::usage(format!(
-            "from_step: job {} has no usable checkpoint at step {step}: {message}",
-            job.id
-        ))),
+        // A store that holds no step at all is one this machine does not see (a file:// store
+        // on another machine's disk): the coordinator's records decide.
+        Err(e) if store.is_damage(&e) && !store.steps().await.unwrap_or_default().is_empty() => {
+            Err(Failure::usage(format!(
+                "from_step: job {} has no usable checkpoint at step {step}: {e}",
+                job.id
+            )))
+        }
         Err(_) => Ok(false),
     }
 }
@@ -455,6 +459,13 @@ async fn stored_checkpoints(
             }
         })
         .collect();
+    if listed.is_empty() && !recorded.is_empty() {
+        // A file:// store on another machine's disk looks empty from here.
+        anyhow::bail!(
+            "it holds none of the {} checkpoints the coordinator recorded",
+            recorded.len()
+        );
+    }
     listed.sort_by_key(|c| c.step);
     Ok(listed)
 }

@@ -1103,6 +1103,30 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
         cluster.export(&job, Some(compare_at)),
     );
     assert_parameters_close(&one, &four, 1e-4);
+
+    // A store this machine does not see (a file:// store on another machine's disk looks
+    // empty): the CLI falls back to the coordinator's records, for listing and for resume.
+    let store = cluster.dir.path().join("state/checkpoints").join(&job);
+    std::fs::rename(&store, store.with_extension("elsewhere")).unwrap();
+    let out = cluster.gantry(&["checkpoints", &job]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("showing the coordinator's records"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&compare_at.to_string()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = cluster.gantry(&["resume", &job, "--from-step", "12345"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("has no checkpoint at step 12345"),
+        "the coordinator's refusal: {stderr}"
+    );
 }
 
 /// A real S3-protocol server (moto) on loopback, stopped on drop.

@@ -394,15 +394,8 @@ fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() 
         .map(|c| c.step)
         .collect();
     assert_eq!(steps, [200]);
-    assert_eq!(
-        core.job(&job)
-            .unwrap()
-            .last_checkpoint
-            .as_ref()
-            .unwrap()
-            .step,
-        200
-    );
+    let last_checkpoint = |core: &Core| core.job(&job).unwrap().last_checkpoint.clone().unwrap();
+    assert_eq!(last_checkpoint(&core).step, 200);
     // A step the coordinator has no record of is refused, unless the client found it in the
     // store (a rank stopped between committing and reporting it).
     assert!(core.resume(&job, Some(250), false, &[], 35).is_err());
@@ -411,13 +404,5 @@ fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() 
     core.tick(50).unwrap();
     assert_eq!(core.job(&job).unwrap().attempt, 2);
     core.on_worker_message(&w, report(1, 300), 60).unwrap();
-    assert_eq!(
-        core.job(&job)
-            .unwrap()
-            .last_checkpoint
-            .as_ref()
-            .unwrap()
-            .step,
-        200
-    );
+    assert_eq!(last_checkpoint(&core).step, 200);
 }

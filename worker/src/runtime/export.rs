@@ -98,6 +98,13 @@ fn join(slices: &[Tensor32], dim: usize, parts: usize) -> Tensor32 {
     Tensor32 { shape, values }
 }
 
+/// A row-major tensor of `shape` (`unit` items per element) as rows along `dim`: how many, and
+/// how many items each holds.
+fn rows(shape: &[usize], dim: usize, unit: usize) -> (usize, usize) {
+    let inner: usize = shape[dim + 1..].iter().product();
+    (shape[..dim].iter().product(), shape[dim] * inner * unit)
+}
+
 /// Joins the slices (ordered by tp rank, each of shape `shape`) of a tensor split along `dim`
 /// into `parts` equal parts, of each of which every rank holds one piece: a row-major tensor
 /// of `unit` items per element (1 for values, the element's size for raw bytes).
@@ -108,14 +115,13 @@ pub(crate) fn join_slices<T: Copy>(
     parts: usize,
     unit: usize,
 ) -> Vec<T> {
-    let outer: usize = shape[..dim].iter().product();
-    let inner = shape[dim + 1..].iter().product::<usize>() * unit;
-    let piece = shape[dim] / parts * inner;
+    let (outer, row) = rows(shape, dim, unit);
+    let piece = row / parts;
     let mut joined = Vec::with_capacity(slices.iter().map(|s| s.len()).sum());
     for o in 0..outer {
         for p in 0..parts {
             for s in slices {
-                let start = o * shape[dim] * inner + p * piece;
+                let start = o * row + p * piece;
                 joined.extend_from_slice(&s[start..start + piece]);
             }
         }
@@ -134,14 +140,13 @@ pub(crate) fn slice_of<T: Copy>(
     count: usize,
     unit: usize,
 ) -> Vec<T> {
-    let outer: usize = shape[..dim].iter().product();
-    let inner = shape[dim + 1..].iter().product::<usize>() * unit;
-    let part = shape[dim] / parts * inner;
+    let (outer, row) = rows(shape, dim, unit);
+    let part = row / parts;
     let piece = part / count;
     let mut slice = Vec::with_capacity(whole.len() / count);
     for o in 0..outer {
         for p in 0..parts {
-            let start = o * shape[dim] * inner + p * part + index * piece;
+            let start = o * row + p * part + index * piece;
             slice.extend_from_slice(&whole[start..start + piece]);
         }
     }

@@ -600,36 +600,52 @@ fn commit(
     Ok(())
 }
 
-/// How a background task ended; set when it ends, whatever happens (a panic included).
-type Outcome = Arc<OnceLock<Result<(), String>>>;
+/// A task on a thread of its own, at the lowest priority, with a current-thread Tokio runtime
+/// (its I/O threads at the lowest priority too) and its own client for the store: a client's
+/// pooled connections are driven by the runtime that opened them, so sharing the training
+/// thread's could leave a request waiting on a connection nobody drives.
+pub struct Background {
+    /// How the task ended; set when it ends, whatever happens (a panic included).
+    outcome: Arc<OnceLock<Result<(), String>>>,
+}
 
-/// Runs `work` on a thread of its own, at the lowest priority, with a current-thread Tokio
-/// runtime (its I/O threads at the lowest priority too) and its own client for the store: a
-/// client's pooled connections are driven by the runtime that opened them, so sharing the
-/// training thread's could leave a request waiting on a connection nobody drives.
-fn in_background(
-    store: &CheckpointStore,
-    work: impl FnOnce(&CheckpointStore, &tokio::runtime::Runtime) -> Result<(), String> + Send + 'static,
-) -> Outcome {
-    let outcome: Outcome = Arc::new(OnceLock::new());
-    let result = outcome.clone();
-    let store = store.clone();
-    let task = move || -> Result<(), String> {
-        yield_to_training();
-        let io = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .on_thread_start(yield_to_training)
-            .build()
-            .map_err(|e| e.to_string())?;
-        let store = store.reopen().map_err(|e| e.to_string())?;
-        work(&store, &io)
-    };
-    std::thread::spawn(move || {
-        let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))
-            .unwrap_or_else(|_| Err("the thread panicked".into()));
-        let _ = result.set(ended);
-    });
-    outcome
+impl Background {
+    pub fn run(
+        store: &CheckpointStore,
+        work: impl FnOnce(&CheckpointStore, &tokio::runtime::Runtime) -> Result<(), String>
+        + Send
+        + 'static,
+    ) -> Self {
+        let outcome = Arc::new(OnceLock::new());
+        let result = Arc::clone(&outcome);
+        let store = store.clone();
+        let task = move || -> Result<(), String> {
+            yield_to_training();
+            let io = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_start(yield_to_training)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let store = store.reopen().map_err(|e| e.to_string())?;
+            work(&store, &io)
+        };
+        std::thread::spawn(move || {
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task))
+                .unwrap_or_else(|_| Err("the thread panicked".into()));
+            let _ = result.set(ended);
+        });
+        Self { outcome }
+    }
+
+    /// How the task ended, if it has.
+    pub fn ended(&self) -> Option<&Result<(), String>> {
+        self.outcome.get()
+    }
+
+    /// Waits for the task to end, and says how it went.
+    pub fn wait(&self) -> Result<(), String> {
+        self.outcome.wait().clone()
+    }
 }
 
 /// Rank 0's commit of a checkpoint that every rank uploaded, on a thread of its own like the
@@ -640,7 +656,7 @@ fn in_background(
 /// rank as it did when it ran on the training thread.
 struct Commit {
     step: u64,
-    outcome: Outcome,
+    task: Background,
 }
 
 impl Commit {
@@ -653,21 +669,20 @@ impl Commit {
     ) -> Self {
         let step = manifest.step;
         let reporter = reporter.clone();
-        let outcome = in_background(store, move |store, io| {
+        let task = Background::run(store, move |store, io| {
             commit(store, manifest, keep_last, started, &reporter, io).map_err(|e| format!("{e:#}"))
         });
-        Self { step, outcome }
+        Self { step, task }
     }
 
     fn ended(&self) -> bool {
-        self.outcome.get().is_some()
+        self.task.ended().is_some()
     }
 
     fn wait(self) -> anyhow::Result<()> {
         let step = self.step;
-        self.outcome
+        self.task
             .wait()
-            .clone()
             .map_err(|e| anyhow::anyhow!("commit of the checkpoint at step {step} failed: {e}"))
     }
 }
@@ -678,14 +693,14 @@ impl Commit {
 pub struct Upload {
     step: u64,
     started: Instant,
-    outcome: Outcome,
+    task: Background,
 }
 
 /// Gives the calling thread the lowest priority (nice 19): beside a busy training step it gets
 /// a small share of the CPU, so a checkpoint upload delays the training little and still
 /// always progresses. (`SCHED_IDLE` starved uploads to a network store for minutes while two
 /// CPU ranks kept both cores busy.) Linux applies nice values per thread; elsewhere, a no-op.
-pub fn yield_to_training() {
+fn yield_to_training() {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: plain syscalls on the calling thread.
@@ -712,7 +727,7 @@ impl Upload {
         snapshot: Snapshot<M>,
         started: Instant,
     ) -> Self {
-        let outcome = in_background(&store, move |store, io| {
+        let task = Background::run(&store, move |store, io| {
             let shard = snapshot.into_shard().map_err(|e| e.to_string())?;
             io.block_on(
                 (|| store.write_shard(step, rank, shard.clone()))
@@ -732,23 +747,23 @@ impl Upload {
         Self {
             step,
             started,
-            outcome,
+            task,
         }
     }
 
     /// Whether the upload has ended.
     pub fn ended(&self) -> bool {
-        self.outcome.get().is_some()
+        self.task.ended().is_some()
     }
 
     /// Waits for the upload to end, and says how it went.
     pub fn wait(&self) -> Result<(), String> {
-        self.outcome.wait().clone()
+        self.task.wait()
     }
 
     /// (finished well, failed) as 0/1 flags for the step's all-reduce.
     fn flags(&self) -> (f32, f32) {
-        match self.outcome.get() {
+        match self.task.ended() {
             None => (0.0, 0.0),
             Some(Ok(())) => (1.0, 0.0),
             Some(Err(_)) => (0.0, 1.0),
@@ -767,7 +782,7 @@ impl Upload {
         reporter: &Reporter,
     ) -> Option<Commit> {
         if any_failed {
-            let why = match self.outcome.wait() {
+            let why = match self.task.wait() {
                 Err(e) => format!("this rank's upload failed: {e}"),
                 Ok(()) => "another rank's upload failed".into(),
             };
@@ -793,11 +808,7 @@ impl Upload {
         comm: &mut TcpComm,
         reporter: &Reporter,
     ) -> anyhow::Result<Option<Commit>> {
-        let mut failed = [if self.outcome.wait().is_err() {
-            1.0
-        } else {
-            0.0
-        }];
+        let mut failed = [if self.task.wait().is_err() { 1.0 } else { 0.0 }];
         comm.world().all_reduce(&mut failed, ReduceOp::Sum)?;
         Ok(self.settle(failed[0] > 0.0, job, store, comm.world_size(), reporter))
     }

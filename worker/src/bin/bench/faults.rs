@@ -12,7 +12,7 @@ use gantry_core::JobSpec;
 use gantry_worker::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
 use gantry_worker::runtime::data::{Dataset, Split};
 use gantry_worker::runtime::model::{Gpt, TrainModel, materialize};
-use gantry_worker::runtime::train::{Upload, snapshot, yield_to_training};
+use gantry_worker::runtime::train::{Background, Upload, snapshot};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -106,18 +106,13 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         *trained = opt.step(1e-3, trained.clone(), grads);
         started.elapsed().as_secs_f64()
     };
-    // Rank 0 commits on a thread of its own once the upload ended, at the lowest priority, as a
-    // rank does (with retention, which keeps the disk's cache from growing with every window).
+    // Rank 0 commits on a thread of its own once the upload ended, as a rank does (with
+    // retention, which keeps the disk's cache from growing with every window).
     let start_commit = |at: u64| {
-        let store = store.clone();
-        std::thread::spawn(move || -> anyhow::Result<()> {
-            yield_to_training();
-            let io = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_start(yield_to_training)
-                .build()?;
-            io.block_on(store.commit(manifest(at), 2))?;
-            Ok(())
+        Background::run(&store, move |store, io| {
+            io.block_on(store.commit(manifest(at), 2))
+                .map(drop)
+                .map_err(|e| e.to_string())
         })
     };
     // (time spent in steps, time blocked for the snapshot, steps the checkpoint overlapped).
@@ -140,7 +135,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
                 done.wait().map_err(anyhow::Error::msg)?;
                 commit = Some(start_commit(at));
             }
-            if upload.is_some() || commit.as_ref().is_some_and(|c| !c.is_finished()) {
+            if upload.is_some() || commit.as_ref().is_some_and(|c| c.ended().is_none()) {
                 covered = n + 1;
             }
         }
@@ -153,7 +148,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
             commit = Some(start_commit(at));
         }
         if let Some(commit) = commit {
-            commit.join().expect("the commit thread panicked")?;
+            commit.wait().map_err(anyhow::Error::msg)?;
         }
         Ok((spent + waited.elapsed().as_secs_f64(), blocked, covered))
     };
