@@ -155,6 +155,21 @@ impl Cluster {
             .unwrap()
     }
 
+    /// `gantry resume JOB --from-step STEP --set ...`, which must succeed.
+    fn resume_from(&self, job: &str, step: u64, set: &[&str]) {
+        let step = step.to_string();
+        let mut args = vec!["resume", job, "--from-step", &step];
+        for s in set {
+            args.extend(["--set", s]);
+        }
+        let out = self.gantry(&args);
+        assert!(
+            out.status.success(),
+            "gantry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn json(&self, args: &[&str]) -> Value {
         let out = self.gantry(&[args, &["-o", "json"]].concat());
         assert!(
@@ -939,20 +954,7 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     // Resume from the newest step in the store (the cancelled ranks are gone: the checkpoint
     // 50 steps later is then certainly the dp=1 run's own).
     let from = newest_committed(&cluster, &job);
-    let out = cluster.gantry(&[
-        "resume",
-        &job,
-        "--from-step",
-        &from.to_string(),
-        "--set",
-        "parallel.dp=1",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster.resume_from(&job, from, &["parallel.dp=1"]);
     let end = cluster.wait_until_ended(&job);
     let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
     assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
@@ -1042,23 +1044,14 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
     let (reference_end, job) = reference_and_cancelled_run(&cluster, "gpt-dp1.toml", &set, 40);
     let reference = reference_end["id"].as_str().unwrap().to_string();
     let from = newest_committed(&cluster, &job);
-    let out = cluster.gantry(&[
-        "resume",
+    cluster.resume_from(
         &job,
-        "--from-step",
-        &from.to_string(),
-        "--set",
-        "parallel.tp=2",
-        "--set",
-        "parallel.pp=2",
-        "--set",
-        "parallel.schedule=\"gpipe\"",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        from,
+        &[
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.schedule=\"gpipe\"",
+        ],
     );
     // Its first checkpoint after the resume, then it is stopped: the rest adds nothing.
     let compare_at = from + 20;
