@@ -120,6 +120,27 @@ pub fn record(bytes: bytes::Bytes) -> burn::tensor::Bytes {
     burn::tensor::Bytes::from_bytes_vec(Vec::from(bytes))
 }
 
+/// Whether the store refused this reader access: the store said so, or the local filesystem
+/// did (an I/O error of kind `PermissionDenied` anywhere in the chain of sources).
+fn refused(error: &object_store::Error) -> bool {
+    if matches!(
+        error,
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. }
+    ) {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 fn checksum(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
 }
@@ -221,13 +242,15 @@ impl CheckpointStore {
     /// torn (no manifest, a file missing or short) or corrupt (a checksum, or a manifest that
     /// does not parse), which a resume skips for the checkpoint before. On the local
     /// filesystem, a path that cannot be read as a file (a file where a directory belongs, a
-    /// loop, an I/O error) is damage too: no retry will change it. On a network store, any
-    /// other error is the store's (unreachable, throttled, refused) and says nothing about the
-    /// checkpoint: a resume must not fall back to an older one over it.
+    /// loop, an I/O error) is damage too: no retry will change it. Access refused (file
+    /// permissions, credentials) never is: it says who reads, not what was written, and
+    /// falling back would silently drop the training since the checkpoint it cannot read. On
+    /// a network store, any other error is the store's (unreachable, throttled) and says
+    /// nothing about the checkpoint either: a resume must not fall back to an older one over it.
     pub fn is_damage(&self, error: &CheckpointError) -> bool {
         match error {
             CheckpointError::Invalid { .. } | CheckpointError::Json(_) => true,
-            CheckpointError::Store(_) => self.local,
+            CheckpointError::Store(e) => self.local && !refused(e),
             _ => false,
         }
     }
@@ -727,6 +750,23 @@ mod tests {
             "{unreadable}"
         );
         assert!(store.is_damage(&unreadable));
+        // A file this process may not read is not damage, here or anywhere. (Tests run as
+        // root, whom no file mode refuses, so the local store's error is built as it makes it:
+        // an io::Error as the source of its own.)
+        #[derive(Debug, thiserror::Error)]
+        #[error("unable to open file")]
+        struct Open(#[source] std::io::Error);
+        let denied = |source: Box<dyn std::error::Error + Send + Sync>| {
+            CheckpointError::Store(object_store::Error::Generic {
+                store: "LocalFileSystem",
+                source,
+            })
+        };
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(!store.is_damage(&denied(Box::new(io()))));
+        assert!(!store.is_damage(&denied(Box::new(Open(io())))));
+        let other = std::io::Error::from(std::io::ErrorKind::InvalidData);
+        assert!(store.is_damage(&denied(Box::new(other))));
         let s3 = CheckpointStore::open("s3://bucket/prefix", "j").unwrap();
         assert!(!s3.is_damage(&unreadable));
         assert!(s3.is_damage(&damaged));
