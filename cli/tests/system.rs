@@ -1040,7 +1040,7 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
     ]
     .concat();
     // Saved by one process, resumed by four: every parameter and its Adam moments cut into
-    // tensor-parallel slices and pipeline stages.
+    // tensor-parallel slices and pipeline stages. Then resumed by two.
     let (reference_end, job) = reference_and_cancelled_run(&cluster, "gpt-dp1.toml", &set, 40);
     let reference = reference_end["id"].as_str().unwrap().to_string();
     let from = newest_committed(&cluster, &job);
@@ -1097,8 +1097,34 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
     );
     assert_parameters_close(&one, &four, 1e-4);
 
+    // From four processes to two (tp = 1, pp = 2): each stage reads only the two
+    // tensor-parallel shards of its own saved stage.
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    let from = newest_committed(&cluster, &job);
+    cluster.resume_from(&job, from, &["parallel.tp=1"]);
+    let compare_at = from + 20;
+    cluster.wait_for(
+        |c| {
+            c.status(&job)["last_checkpoint"]["step"]
+                .as_u64()
+                .unwrap_or(0)
+                >= compare_at
+        },
+        "a checkpoint after the second resume",
+    );
+    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert!(logs.contains("resharded from dp=1 tp=2 pp=2"), "{logs}");
+    let (one, two) = (
+        cluster.export(&reference, Some(compare_at)),
+        cluster.export(&job, Some(compare_at)),
+    );
+    assert_parameters_close(&one, &two, 1e-4);
+
     // A store this machine does not see (a file:// store on another machine's disk looks
     // empty): the CLI falls back to the coordinator's records, for listing and for resume.
+    // (Once the ranks are gone: a rank in its stop grace may still write a checkpoint.)
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
     let store = cluster.dir.path().join("state/checkpoints").join(&job);
     std::fs::rename(&store, store.with_extension("elsewhere")).unwrap();
     let out = cluster.gantry(&["checkpoints", &job]);

@@ -3,7 +3,7 @@
 //! that PyTorch, NumPy or any safetensors reader opens.
 
 use crate::runtime::checkpoint::{self, CheckpointStore, Manifest};
-use crate::runtime::model::{Gpt, GptStage, Mlp, MlpStage, stage_blocks};
+use crate::runtime::model::{Gpt, GptStage, Mlp, MlpStage, pipeline_blocks, stage_blocks};
 use crate::runtime::stage::Stage;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
@@ -61,9 +61,9 @@ pub(crate) enum Split {
 
 /// The whole model's name of a stage's parameter `local`, and how it is split.
 pub(crate) fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (String, Split) {
-    let (list, blocks) = match spec.model.kind {
-        ModelKind::Gpt => ("blocks.", spec.model.layers as usize),
-        ModelKind::Mlp => ("layers.", spec.model.layers as usize + 1),
+    let list = match spec.model.kind {
+        ModelKind::Gpt => "blocks.",
+        ModelKind::Mlp => "layers.",
     };
     let Some(rest) = local.strip_prefix(list) else {
         return (local.to_string(), Split::Replicated);
@@ -71,7 +71,7 @@ pub(crate) fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) ->
     let (index, field) = rest
         .split_once('.')
         .expect("a block's parameter has a field");
-    let offset = stage_blocks(blocks, at.pp as usize, mesh.pp as usize).start;
+    let offset = stage_blocks(pipeline_blocks(spec), at.pp as usize, mesh.pp as usize).start;
     let index = index.parse::<usize>().expect("block index") + offset;
     let field = match field {
         "proj_bias" => "proj.bias",

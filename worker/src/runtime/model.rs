@@ -7,7 +7,7 @@ use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{gelu, relu, softmax};
-use gantry_core::{Coords, JobSpec, Mesh};
+use gantry_core::{Coords, JobSpec, Mesh, ModelKind};
 
 /// A model the runtime can train.
 pub trait TrainModel: Module + Clone + Send + Sized + 'static {
@@ -105,6 +105,16 @@ pub fn materialize<M: Module>(model: &M) {
 pub struct MlpStage {
     layers: Vec<Linear>,
     output: Option<Linear>,
+}
+
+/// How many blocks a model's pipeline stages split among them: the gpt's transformer blocks,
+/// the mlp's hidden layers and its output layer. (The gpt's embeddings go with the first
+/// stage, its final norm and head with the last.)
+pub fn pipeline_blocks(spec: &JobSpec) -> usize {
+    match spec.model.kind {
+        ModelKind::Gpt => spec.model.layers as usize,
+        ModelKind::Mlp => spec.model.layers as usize + 1,
+    }
 }
 
 /// Blocks `[start, end)` of `blocks` that stage `stage` of `stages` holds: balanced by count.

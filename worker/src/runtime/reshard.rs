@@ -6,7 +6,8 @@
 //! translated to the whole model's names: a parameter through its stage's path
 //! ([`whole_name`]), its optimizer state through its id. One data-parallel replica's shards,
 //! joined that way, are the whole state, which this module then cuts for a rank of the new
-//! layout, under the ids of that rank's freshly built stage. Nothing is computed: every value
+//! layout, under the ids of that rank's freshly built stage. A rank joins only the part its
+//! stage needs: the shards of the saved stages that share a block with it ([`sources`]). Nothing is computed: every value
 //! is copied bit for bit, so the model and optimizer state after a resume at another layout are
 //! the state that was saved.
 //!
@@ -16,6 +17,7 @@
 
 use crate::runtime::checkpoint::Shard;
 use crate::runtime::export::{Split, join_slices, slice_of, whole_name};
+use crate::runtime::model::{pipeline_blocks, stage_blocks};
 use burn_pack::{DType, Reader, Scalar, Writer};
 use gantry_core::{JobSpec, Mesh};
 use std::collections::BTreeMap;
@@ -85,7 +87,8 @@ struct Whole {
 }
 
 impl Whole {
-    /// Joins one data-parallel replica's shards (by rank) of a checkpoint written at `saved`.
+    /// Joins shards (by rank) of a checkpoint written at `saved`: one data-parallel replica's,
+    /// or the part of it that some stages need.
     fn join(spec: &JobSpec, saved: Mesh, shards: &BTreeMap<u32, Shard>) -> anyhow::Result<Self> {
         // Pieces by tensor-parallel rank, joined once all are in.
         type Pieces<K> = BTreeMap<K, (Split, Vec<(u32, Entry)>)>;
@@ -257,9 +260,26 @@ impl Whole {
     }
 }
 
-/// Rank `rank`'s shard at layout `mesh`, from the shards (by rank) of one data-parallel
-/// replica of a checkpoint written at layout `saved`. `fresh` is the record of the rank's
-/// freshly built stage, which gives its parameters' paths and ids.
+/// The ranks of a checkpoint written at layout `saved` whose shards rank `rank` of layout
+/// `mesh` reads to reshard: in the first data-parallel replica, every tensor-parallel rank of
+/// each pipeline stage that shares a block with the rank's own stage. (Every stage holds a
+/// block at least, and the gpt's first- and last-stage parameters come with the first and
+/// last blocks.) A rank reads its stage's part of the state, not the whole model's.
+pub fn sources(spec: &JobSpec, saved: Mesh, mesh: Mesh, rank: u32) -> Vec<u32> {
+    let blocks = pipeline_blocks(spec);
+    let mine = stage_blocks(blocks, mesh.coords(rank).pp as usize, mesh.pp as usize);
+    (0..saved.world_size())
+        .filter(|&r| {
+            let at = saved.coords(r);
+            let theirs = stage_blocks(blocks, at.pp as usize, saved.pp as usize);
+            at.dp == 0 && theirs.start < mine.end && mine.start < theirs.end
+        })
+        .collect()
+}
+
+/// Rank `rank`'s shard at layout `mesh`, from the shards (by rank) that [`sources`] names of
+/// a checkpoint written at layout `saved`. `fresh` is the record of the rank's freshly built
+/// stage, which gives its parameters' paths and ids.
 pub fn reshard(
     spec: &JobSpec,
     saved: Mesh,
@@ -328,7 +348,12 @@ mod tests {
             .map(|rank| {
                 let stage = S::init(spec, mesh, rank, &device);
                 let fresh = checkpoint::shared(stage.clone().into_record().into_bytes().unwrap());
-                let shard = reshard(spec, from, saved, mesh, rank, fresh).unwrap();
+                // Only the shards the rank reads when it resumes.
+                let read: BTreeMap<u32, Shard> = sources(spec, from, mesh, rank)
+                    .into_iter()
+                    .map(|r| (r, saved[&r].clone()))
+                    .collect();
+                let shard = reshard(spec, from, &read, mesh, rank, fresh).unwrap();
                 let record = ModuleRecord::from_bytes(checkpoint::record(shard.model)).unwrap();
                 let stage = stage.load_record(record);
                 let optimizer = AdamConfig::new()
@@ -354,11 +379,20 @@ mod tests {
                 .map(|(n, _, e)| (n, e))
                 .collect()
         };
+        let mut previous: Option<(Mesh, BTreeMap<u32, Shard>)> = None;
         for &(tp, pp) in layouts {
             let mesh = Mesh::new(1, tp, pp);
             let split = resumed_at::<Split>(spec, one, &saved, mesh);
             let at_layout = Whole::join(spec, mesh, &split).unwrap();
             assert!(at_layout == whole, "at tp={tp} pp={pp}");
+            // Straight from the layout before, where a stage reads only some stages' shards.
+            if let Some((from, shards)) = previous.replace((mesh, split.clone())) {
+                let direct = resumed_at::<Split>(spec, from, &shards, mesh);
+                assert!(
+                    Whole::join(spec, mesh, &direct).unwrap() == whole,
+                    "from {from:?} to tp={tp} pp={pp}"
+                );
+            }
             let back = resumed_at::<One>(spec, mesh, &split, one);
             assert!(
                 Whole::join(spec, one, &back).unwrap() == whole,
@@ -386,6 +420,18 @@ mod tests {
             .unwrap()
         };
         round_trips::<Gpt, GptStage>(&spec("gpt"), &[(2, 1), (1, 2), (2, 2)]);
+        // The mlp's three blocks (two hidden layers, the output layer) are one per stage at
+        // pp 3; at tp 2 × pp 2 the first stage holds one, the second two.
+        let mlp = spec("mlp");
+        let (pp3, tp2pp2) = (Mesh::new(2, 1, 3), Mesh::new(1, 2, 2));
+        // A last stage at pp 3 (rank 5) reads the two tp shards of the saved second stage, a
+        // first stage (rank 0) those of the first.
+        assert_eq!(sources(&mlp, tp2pp2, pp3, 5), [2, 3]);
+        assert_eq!(sources(&mlp, tp2pp2, pp3, 0), [0, 1]);
+        // The other way, the second stage reads the first replica's stages 2 and 3.
+        assert_eq!(sources(&mlp, pp3, tp2pp2, 2), [2, 4]);
+        // One process reads them all.
+        assert_eq!(sources(&mlp, tp2pp2, Mesh::new(1, 1, 1), 0), [0, 1, 2, 3]);
         round_trips::<Mlp, MlpStage>(&spec("mlp"), &[(1, 2), (1, 3)]);
     }
 }

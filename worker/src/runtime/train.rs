@@ -13,7 +13,7 @@ use crate::runtime::comm::{Communicator, ReduceOp};
 use crate::runtime::data::{Dataset, Split, shard};
 use crate::runtime::rank::{Drained, drain_requested};
 use crate::runtime::report::{Reporter, StepReport};
-use crate::runtime::reshard::reshard;
+use crate::runtime::reshard::{reshard, sources};
 use crate::runtime::stage::{Stage, StepContext};
 use backon::{ExponentialBuilder, Retryable};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -411,8 +411,9 @@ fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> u32 {
 /// makes every rank skip a step that any rank cannot use, so all resume from the same one.
 ///
 /// A checkpoint written at another tensor- or pipeline-parallel layout is resharded: the rank
-/// reads one data-parallel replica's shards and cuts its own from them (`reshard`), for which
-/// `fresh` gives the record of its freshly built stage.
+/// reads the shards of one data-parallel replica that hold its stage's blocks (`sources`) and
+/// cuts its own from them (`reshard`), for which `fresh` gives the record of its freshly built
+/// stage.
 fn restore_point(
     job: &RankJob,
     mesh: Mesh,
@@ -446,10 +447,9 @@ fn restore_point(
             }
             Ok(manifest) => {
                 let saved = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
-                let replica = (0..saved.world_size()).filter(|&r| saved.coords(r).dp == 0);
                 let read = io.block_on(async {
                     let mut shards = BTreeMap::new();
-                    for rank in replica {
+                    for rank in sources(&job.spec, saved, mesh, job.rank) {
                         shards.insert(rank, store.read_verified_shard(&manifest, rank).await?);
                     }
                     Ok(shards)
