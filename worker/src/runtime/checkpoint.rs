@@ -2,7 +2,9 @@
 //!
 //! Layout under `{url}/{job}/`:
 //! - `step-{N:08}/rank-{r}.model.bpk`, `rank-{r}.optim.bpk` (burnpack records, bit-exact),
-//!   `rank-{r}.state.json` (step, data cursor, CRC-32C checksums of the rank's other files);
+//!   `rank-{r}.state.json` (step, data cursor, CRC-32C checksums of the rank's other files),
+//!   for each rank `r` of the first data-parallel replica: the others hold the same state
+//!   ([`Manifest::writers`]);
 //! - `step-{N:08}/manifest.json`, written last by rank 0 with a conditional put (`Create`):
 //!   a step directory without a manifest is partial and never resumed from;
 //! - `latest`: the newest committed step; it never moves backwards;
@@ -73,6 +75,47 @@ pub struct Manifest {
     pub pp: u32,
     pub files: Vec<FileEntry>,
     pub total_bytes: u64,
+}
+
+/// The format of the checkpoints this build writes. 3: only the first data-parallel replica's
+/// ranks write shards; 2 (still read): every rank did.
+pub const FORMAT: u32 = 3;
+
+impl Manifest {
+    /// The ranks whose shards the checkpoint holds. Data-parallel replicas hold the same state
+    /// bit for bit, so only the first replica's ranks write theirs: a checkpoint at dp = N is
+    /// not N copies of the model (DDP jobs save on rank 0; PyTorch DCP keeps one copy of a
+    /// replicated tensor). Format 2 checkpoints hold every rank's.
+    pub fn writers(&self) -> Vec<u32> {
+        let mesh = self.mesh();
+        (0..self.world_size)
+            .filter(|&r| self.format < 3 || mesh.coords(r).dp == 0)
+            .collect()
+    }
+
+    /// The layout the checkpoint was written at (a manifest that passed
+    /// [`CheckpointStore::committed`] has a valid one).
+    pub fn mesh(&self) -> gantry_core::Mesh {
+        gantry_core::Mesh::new(self.dp, self.tp, self.pp)
+    }
+
+    /// What is wrong with the manifest's own fields, if anything.
+    fn flaw(&self) -> Option<String> {
+        let (dp, tp, pp) = (self.dp, self.tp, self.pp);
+        if !(2..=FORMAT).contains(&self.format) {
+            return Some(format!(
+                "manifest format {} is not one this build reads (2 to {FORMAT})",
+                self.format
+            ));
+        }
+        let world = u64::from(dp) * u64::from(tp) * u64::from(pp);
+        (dp == 0 || tp == 0 || pp == 0 || world != u64::from(self.world_size)).then(|| {
+            format!(
+                "manifest layout dp={dp} tp={tp} pp={pp} does not make its world of {}",
+                self.world_size
+            )
+        })
+    }
 }
 
 /// Files above this size are uploaded in parts of this size.
@@ -362,7 +405,7 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// Commits `step` once every rank's shard is written (the caller has passed a barrier):
+    /// Commits `step` once every writer's shard is written (the caller has passed a barrier):
     /// the manifest with every file's checksum, then the `latest` pointer, then retention.
     /// Returns the checkpoint's total size and the steps retention deleted. An attempt older
     /// than the fence is refused ([`CheckpointError::Stale`]).
@@ -383,7 +426,7 @@ impl CheckpointStore {
         }
         let dir = self.step_dir(step);
         let mut files = Vec::new();
-        for rank in 0..manifest_base.world_size {
+        for rank in manifest_base.writers() {
             let name = format!("rank-{rank}.state.json");
             let bytes = self
                 .store
@@ -493,6 +536,9 @@ impl CheckpointStore {
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some(flaw) = manifest.flaw() {
+            return Err(invalid(flaw));
+        }
         for file in &manifest.files {
             let path = dir.clone().join(file.path.as_str());
             match objects.iter().find(|o| o.location == path) {
@@ -674,33 +720,124 @@ mod tests {
         panic!("no whole checkpoint")
     }
 
+    /// Two ranks at tp = 2, both writers.
     fn manifest(step: u64) -> Manifest {
         Manifest {
-            format: 2,
+            format: FORMAT,
             job_id: "j".into(),
             step,
             attempt: 1,
             world_size: 2,
-            dp: 2,
-            tp: 1,
+            dp: 1,
+            tp: 2,
             pp: 1,
             files: vec![],
             total_bytes: 0,
         }
     }
 
-    async fn save(store: &CheckpointStore, step: u64) {
-        for rank in 0..2 {
-            let shard = Shard {
-                model: vec![rank as u8; 10].into(),
-                optimizer: vec![7; 5].into(),
-                data_cursor: step,
-                loss: Some(0.5),
-                eval_loss: None,
-            };
-            store.write_shard(step, rank, shard).await.unwrap();
+    fn shard(rank: u32, step: u64) -> Shard {
+        Shard {
+            model: vec![rank as u8; 10].into(),
+            optimizer: vec![7; 5].into(),
+            data_cursor: step,
+            loss: Some(0.5),
+            eval_loss: None,
         }
-        store.commit(manifest(step), 2).await.unwrap();
+    }
+
+    /// Every writer's shard of `manifest`'s step, then the commit.
+    async fn save_as(store: &CheckpointStore, manifest: Manifest) -> Result<(), CheckpointError> {
+        for rank in manifest.writers() {
+            store
+                .write_shard(manifest.step, rank, shard(rank, manifest.step))
+                .await?;
+        }
+        store.commit(manifest, 2).await.map(drop)
+    }
+
+    async fn save(store: &CheckpointStore, step: u64) {
+        save_as(store, manifest(step)).await.unwrap();
+    }
+
+    /// Only the first data-parallel replica writes its shards, and the commit asks for no
+    /// others; a checkpoint every rank wrote (format 2) still commits and reads; a manifest
+    /// that cannot be one (a layout that does not make its world, an unknown format) is damage.
+    #[tokio::test]
+    async fn only_the_first_replica_writes_and_older_checkpoints_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = CheckpointStore::open(&url, "j").unwrap();
+        let names =
+            |m: &Manifest| -> Vec<String> { m.files.iter().map(|f| f.path.clone()).collect() };
+        let dp2 = Manifest {
+            world_size: 4,
+            dp: 2,
+            ..manifest(40)
+        };
+        assert_eq!(dp2.writers(), [0, 1]);
+        save_as(&store, dp2.clone()).await.unwrap();
+        let committed = store.verify(40).await.unwrap();
+        assert_eq!(
+            names(&committed),
+            [0, 1]
+                .map(|r| ["model.bpk", "optim.bpk", "state.json"].map(|f| format!("rank-{r}.{f}")))
+                .concat()
+        );
+        assert!(store.read_verified_shard(&committed, 1).await.is_ok());
+
+        let every_rank = Manifest {
+            format: 2,
+            ..Manifest {
+                step: 50,
+                ..dp2.clone()
+            }
+        };
+        assert_eq!(every_rank.writers(), [0, 1, 2, 3]);
+        save_as(&store, every_rank).await.unwrap();
+        let committed = store.verify(50).await.unwrap();
+        assert_eq!(committed.files.len(), 12);
+        assert!(store.read_verified_shard(&committed, 3).await.is_ok());
+
+        for (step, flawed, why) in [
+            (
+                60,
+                Manifest {
+                    dp: 0,
+                    ..dp2.clone()
+                },
+                "does not make its world of 4",
+            ),
+            (
+                70,
+                Manifest {
+                    tp: 3,
+                    ..dp2.clone()
+                },
+                "does not make its world of 4",
+            ),
+            (
+                80,
+                Manifest {
+                    format: 9,
+                    ..dp2.clone()
+                },
+                "format 9 is not one this build reads",
+            ),
+        ] {
+            let path = dir.path().join(format!("j/step-{step:08}/manifest.json"));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(
+                &path,
+                serde_json::to_vec(&Manifest { step, ..flawed }).unwrap(),
+            )
+            .unwrap();
+            let err = store.committed(step).await.err().unwrap();
+            assert!(
+                store.is_damage(&err) && err.to_string().contains(why),
+                "{err}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -210,7 +210,7 @@ pub fn train<S: Stage>(
             )
         };
         reporter.log(&format!(
-            "resumed from checkpoint at step {} (attempt {}, written by {} ranks{layout})",
+            "resumed from checkpoint at step {} (attempt {}, saved at world size {}{layout})",
             manifest.step, manifest.attempt, manifest.world_size
         ));
         if let Some(loss) = shard.loss {
@@ -245,6 +245,7 @@ pub fn train<S: Stage>(
     let micro = t.micro_batches as usize;
     let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
     let world = comm.world_size();
+    let writes = coords.dp == 0;
     let mut upload: Option<Upload> = None;
     // Rank 0's commit of the checkpoint in flight, once every rank uploaded it.
     let mut committing: Option<Commit> = None;
@@ -361,10 +362,13 @@ pub fn train<S: Stage>(
                 commit.wait()?;
             }
             let started = Instant::now();
-            let taken = snapshot(&model, &optimizer, done, reported);
+            // Only the first data-parallel replica writes; the others hold the same state.
+            let taken = writes.then(|| snapshot(&model, &optimizer, done, reported));
             if last || draining || !spec.checkpoint.async_upload {
                 // The run ends here (or asked to wait): write and commit before going on.
-                io.block_on(store.write_shard(done, job.rank, taken.into_shard()?))?;
+                if let Some(taken) = taken {
+                    io.block_on(store.write_shard(done, job.rank, taken.into_shard()?))?;
+                }
                 comm.world().barrier()?;
                 if job.rank == 0 {
                     let keep_last = spec.checkpoint.keep_last;
@@ -374,7 +378,10 @@ pub fn train<S: Stage>(
                 // Nobody moves on (and possibly exits) before the commit is known.
                 comm.world().barrier()?;
             } else {
-                upload = Some(Upload::start(store.clone(), done, job.rank, taken, started));
+                upload = Some(match taken {
+                    Some(taken) => Upload::start(store.clone(), done, job.rank, taken, started),
+                    None => Upload::nothing(done, started),
+                });
             }
         }
         if draining && !last {
@@ -396,13 +403,13 @@ pub fn train<S: Stage>(
 }
 
 /// The rank whose shard this rank restores when the tensor- and pipeline-parallel layout is
-/// unchanged: itself when the data-parallel degree is too, otherwise the first data-parallel
-/// replica of the same position (replicas are identical).
+/// unchanged: the first data-parallel replica's rank of the same position, whatever the
+/// data-parallel degree (replicas are identical, and only the first writes its shards).
 fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> u32 {
-    let saved = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
-    let mine = mesh.coords(rank);
-    let dp = if manifest.dp == mesh.dp { mine.dp } else { 0 };
-    saved.rank(Coords { dp, ..mine })
+    manifest.mesh().rank(Coords {
+        dp: 0,
+        ..mesh.coords(rank)
+    })
 }
 
 /// The checkpoint to resume from and this rank's shard of it: the newest committed step
@@ -558,7 +565,7 @@ impl<M: Module> Snapshot<M> {
 fn manifest(job: &RankJob, world: u32, step: u64) -> Manifest {
     let p = job.spec.parallel;
     Manifest {
-        format: 2,
+        format: checkpoint::FORMAT,
         job_id: job.job_id.clone(),
         step,
         attempt: job.attempt,
@@ -635,6 +642,13 @@ impl Background {
             let _ = result.set(ended);
         });
         Self { outcome }
+    }
+
+    /// A task with nothing to do: it has ended well.
+    fn done() -> Self {
+        Self {
+            outcome: Arc::new(OnceLock::from(Ok(()))),
+        }
     }
 
     /// How the task ended, if it has.
@@ -748,6 +762,17 @@ impl Upload {
             step,
             started,
             task,
+        }
+    }
+
+    /// The part of a checkpoint of a rank that writes nothing (a data-parallel replica other
+    /// than the first): it has ended well, and takes part in settling the checkpoint as an
+    /// upload does.
+    pub fn nothing(step: u64, started: Instant) -> Self {
+        Self {
+            step,
+            started,
+            task: Background::done(),
         }
     }
 

@@ -9,7 +9,7 @@
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use gantry_core::JobSpec;
-use gantry_worker::runtime::checkpoint::{CheckpointStore, Manifest, Shard};
+use gantry_worker::runtime::checkpoint::{self, CheckpointStore, Manifest, Shard};
 use gantry_worker::runtime::data::{Dataset, Split};
 use gantry_worker::runtime::model::{Gpt, TrainModel, materialize};
 use gantry_worker::runtime::train::{Background, Upload, snapshot};
@@ -279,7 +279,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
 
 fn manifest(step: u64) -> Manifest {
     Manifest {
-        format: 2,
+        format: checkpoint::FORMAT,
         job_id: "bench".into(),
         step,
         attempt: 1,
