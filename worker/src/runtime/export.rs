@@ -174,7 +174,7 @@ pub async fn whole_model(
     store: &CheckpointStore,
     manifest: &Manifest,
 ) -> anyhow::Result<BTreeMap<String, Tensor32>> {
-    let mesh = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
+    let mesh = manifest.mesh();
     let split = mesh.pp > 1 || mesh.tp > 1;
     let mut pieces: BTreeMap<String, (Split, Vec<Tensor32>)> = BTreeMap::new();
     for rank in 0..mesh.world_size() {

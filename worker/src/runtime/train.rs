@@ -453,7 +453,7 @@ fn restore_point(
                     .map_err(unusable)
             }
             Ok(manifest) => {
-                let saved = Mesh::new(manifest.dp, manifest.tp, manifest.pp);
+                let saved = manifest.mesh();
                 let read = io.block_on(async {
                     let mut shards = BTreeMap::new();
                     for rank in sources(&job.spec, saved, mesh, job.rank) {
