@@ -3,8 +3,8 @@
 //! Layout under `{url}/{job}/`:
 //! - `step-{N:08}/rank-{r}.model.bpk`, `rank-{r}.optim.bpk` (burnpack records, bit-exact),
 //!   `rank-{r}.state.json` (step, data cursor, CRC-32C checksums of the rank's other files),
-//!   for each rank `r` of the first data-parallel replica: the others hold the same state
-//!   ([`Manifest::writers`]);
+//!   for one rank `r` of each position, since data-parallel replicas hold the same state
+//!   ([`writes_shard`]);
 //! - `step-{N:08}/manifest.json`, written last by rank 0 with a conditional put (`Create`):
 //!   a step directory without a manifest is partial and never resumed from;
 //! - `latest`: the newest committed step; it never moves backwards;
@@ -77,20 +77,41 @@ pub struct Manifest {
     pub total_bytes: u64,
 }
 
-/// The format of the checkpoints this build writes. 3: only the first data-parallel replica's
-/// ranks write shards; 2 (still read): every rank did.
+/// The format of the checkpoints this build writes. 3: one data-parallel replica writes each
+/// position's shard ([`writes_shard`]); 2 (still read): every rank did.
 pub const FORMAT: u32 = 3;
 
+/// Whether the rank at `at` of layout `mesh` writes its shard of a checkpoint. Data-parallel
+/// replicas hold the same state bit for bit, so each position of the model (a pipeline stage's
+/// tensor-parallel slice) is written once, not once per replica: a checkpoint at dp = N is not
+/// N copies of the model (DDP jobs save on rank 0; PyTorch DCP keeps one copy of a replicated
+/// tensor). The positions take turns over the replicas, so the uploads of a 3-D job spread
+/// over the replicas' workers instead of all landing on the first's.
+pub fn writes_shard(mesh: gantry_core::Mesh, at: gantry_core::Coords) -> bool {
+    at.dp == writing_replica(mesh, at)
+}
+
+/// The data-parallel replica that writes the shard of position `at`.
+fn writing_replica(mesh: gantry_core::Mesh, at: gantry_core::Coords) -> u32 {
+    (at.pp * mesh.tp + at.tp) % mesh.dp
+}
+
 impl Manifest {
-    /// The ranks whose shards the checkpoint holds. Data-parallel replicas hold the same state
-    /// bit for bit, so only the first replica's ranks write theirs: a checkpoint at dp = N is
-    /// not N copies of the model (DDP jobs save on rank 0; PyTorch DCP keeps one copy of a
-    /// replicated tensor). Format 2 checkpoints hold every rank's.
+    /// The ranks whose shards the checkpoint holds: one per position ([`writes_shard`]), or,
+    /// in format 2, every rank.
     pub fn writers(&self) -> Vec<u32> {
         let mesh = self.mesh();
         (0..self.world_size)
-            .filter(|&r| self.format < 3 || mesh.coords(r).dp == 0)
+            .filter(|&r| self.format < 3 || writes_shard(mesh, mesh.coords(r)))
             .collect()
+    }
+
+    /// The rank whose shard holds the state of position `at` of the checkpoint's layout (its
+    /// data-parallel coordinate aside): the writer's (in format 2, that rank wrote one too).
+    pub fn holder(&self, at: gantry_core::Coords) -> u32 {
+        let mesh = self.mesh();
+        let dp = writing_replica(mesh, at);
+        mesh.rank(gantry_core::Coords { dp, ..at })
     }
 
     /// The layout the checkpoint was written at (a manifest that passed
@@ -760,11 +781,10 @@ mod tests {
         save_as(store, manifest(step)).await.unwrap();
     }
 
-    /// Only the first data-parallel replica writes its shards, and the commit asks for no
-    /// others; a checkpoint every rank wrote (format 2) still commits and reads; a manifest
+    /// One replica writes each position's shard, and the commit asks for no others; a checkpoint every rank wrote (format 2) still commits and reads; a manifest
     /// that cannot be one (a layout that does not make its world, an unknown format) is damage.
     #[tokio::test]
-    async fn only_the_first_replica_writes_and_older_checkpoints_still_read() {
+    async fn one_replica_writes_each_shard_and_older_checkpoints_still_read() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
         let store = CheckpointStore::open(&url, "j").unwrap();
@@ -775,16 +795,20 @@ mod tests {
             dp: 2,
             ..manifest(40)
         };
-        assert_eq!(dp2.writers(), [0, 1]);
+        // Two positions (tp slices) at dp = 2: the first replica writes the first slice's
+        // shard, the second the second's.
+        assert_eq!(dp2.writers(), [0, 3]);
+        let at = |r| dp2.mesh().coords(r);
+        assert_eq!([0, 1, 2, 3].map(|r| dp2.holder(at(r))), [0, 3, 0, 3]);
         save_as(&store, dp2.clone()).await.unwrap();
         let committed = store.verify(40).await.unwrap();
         assert_eq!(
             names(&committed),
-            [0, 1]
+            [0, 3]
                 .map(|r| ["model.bpk", "optim.bpk", "state.json"].map(|f| format!("rank-{r}.{f}")))
                 .concat()
         );
-        assert!(store.read_verified_shard(&committed, 1).await.is_ok());
+        assert!(store.read_verified_shard(&committed, 3).await.is_ok());
 
         let every_rank = Manifest {
             format: 2,

@@ -2,7 +2,7 @@
 //! in the unsplit model, tensor-parallel slices joined, and written as one safetensors file
 //! that PyTorch, NumPy or any safetensors reader opens.
 
-use crate::runtime::checkpoint::{self, CheckpointStore, Manifest};
+use crate::runtime::checkpoint::{self, CheckpointStore, Manifest, writes_shard};
 use crate::runtime::model::{Gpt, GptStage, Mlp, MlpStage, pipeline_blocks, stage_blocks};
 use crate::runtime::stage::Stage;
 use burn::module::{Module, ModuleVisitor, Param};
@@ -167,8 +167,9 @@ fn load<S: Stage>(
     Ok(named_parameters(&stage))
 }
 
-/// The whole model's parameters in the checkpoint `manifest` of a job run with `spec`: one
-/// data-parallel replica's shards, tensor-parallel slices joined, stages named as in pp = 1.
+/// The whole model's parameters in the checkpoint `manifest` of a job run with `spec`: the
+/// shard of each position (one replica's each), tensor-parallel slices joined, stages named as
+/// in pp = 1.
 pub async fn whole_model(
     spec: &JobSpec,
     store: &CheckpointStore,
@@ -179,7 +180,7 @@ pub async fn whole_model(
     let mut pieces: BTreeMap<String, (Split, Vec<Tensor32>)> = BTreeMap::new();
     for rank in 0..mesh.world_size() {
         let at = mesh.coords(rank);
-        if at.dp != 0 {
+        if !writes_shard(mesh, at) {
             continue;
         }
         // Each file is checked against the manifest as it is read: read once, never trusted.

@@ -1,21 +1,22 @@
 //! Resuming at another tensor- or pipeline-parallel layout.
 //!
-//! A checkpoint holds, for each rank, two burnpack records: the stage's parameters, named by
-//! module path and carrying their parameter ids, and the optimizer's state, as tensors and
-//! scalars named `{param_id}.{leaf}` (burn-optim's documented record format). Both can be
-//! translated to the whole model's names: a parameter through its stage's path
-//! ([`whole_name`]), its optimizer state through its id. One data-parallel replica's shards,
-//! joined that way, are the whole state, which this module then cuts for a rank of the new
-//! layout, under the ids of that rank's freshly built stage. A rank joins only the part its
-//! stage needs: the shards of the saved stages that share a block with it ([`sources`]). Nothing is computed: every value
-//! is copied bit for bit, so the model and optimizer state after a resume at another layout are
-//! the state that was saved.
+//! A checkpoint holds, for each position of the model (a pipeline stage's tensor-parallel
+//! slice), two burnpack records: the stage's parameters, named by module path and carrying
+//! their parameter ids, and the optimizer's state, as tensors and scalars named
+//! `{param_id}.{leaf}` (burn-optim's documented record format). Both can be translated to the
+//! whole model's names: a parameter through its stage's path ([`whole_name`]), its optimizer
+//! state through its id. Every position's shards, joined that way, are the whole state, which
+//! this module then cuts for a rank of the new layout, under the ids of that rank's freshly
+//! built stage. A rank joins only the part its stage needs: the shards of the saved stages
+//! that share a block with it ([`sources`]). Nothing is computed: every value is copied bit
+//! for bit, so the model and optimizer state after a resume at another layout are the state
+//! that was saved.
 //!
 //! Optimizer state shaped like its parameter (Adam's moments) is split like the parameter;
 //! anything else (a step count) must be replicated, and a parameter split over tensor-parallel
 //! ranks with state of another shape is refused rather than guessed at.
 
-use crate::runtime::checkpoint::Shard;
+use crate::runtime::checkpoint::{Shard, writes_shard};
 use crate::runtime::export::{Split, join_slices, slice_of, whole_name};
 use crate::runtime::model::{pipeline_blocks, stage_blocks};
 use burn_pack::{DType, Reader, Scalar, Writer};
@@ -261,8 +262,8 @@ impl Whole {
 }
 
 /// The ranks of a checkpoint written at layout `saved` whose shards rank `rank` of layout
-/// `mesh` reads to reshard: in the first data-parallel replica, every tensor-parallel rank of
-/// each pipeline stage that shares a block with the rank's own stage. (Every stage holds a
+/// `mesh` reads to reshard: the shards (one replica's each, [`writes_shard`]) of every
+/// tensor-parallel slice of each pipeline stage that shares a block with the rank's own stage. (Every stage holds a
 /// block at least, and the gpt's first- and last-stage parameters come with the first and
 /// last blocks.) A rank reads its stage's part of the state, not the whole model's.
 pub fn sources(spec: &JobSpec, saved: Mesh, mesh: Mesh, rank: u32) -> Vec<u32> {
@@ -272,7 +273,7 @@ pub fn sources(spec: &JobSpec, saved: Mesh, mesh: Mesh, rank: u32) -> Vec<u32> {
         .filter(|&r| {
             let at = saved.coords(r);
             let theirs = stage_blocks(blocks, at.pp as usize, saved.pp as usize);
-            at.dp == 0 && theirs.start < mine.end && mine.start < theirs.end
+            writes_shard(saved, at) && theirs.start < mine.end && mine.start < theirs.end
         })
         .collect()
 }
@@ -428,8 +429,9 @@ mod tests {
         // first stage (rank 0) those of the first.
         assert_eq!(sources(&mlp, tp2pp2, pp3, 5), [2, 3]);
         assert_eq!(sources(&mlp, tp2pp2, pp3, 0), [0, 1]);
-        // The other way, the second stage reads the first replica's stages 2 and 3.
-        assert_eq!(sources(&mlp, pp3, tp2pp2, 2), [2, 4]);
+        // The other way, the second stage reads saved stages 2 and 3, whose shards replicas 1
+        // and 0 wrote (the positions take turns).
+        assert_eq!(sources(&mlp, pp3, tp2pp2, 2), [3, 4]);
         // One process reads them all.
         assert_eq!(sources(&mlp, tp2pp2, Mesh::new(1, 1, 1), 0), [0, 1, 2, 3]);
         round_trips::<Mlp, MlpStage>(&spec("mlp"), &[(1, 2), (1, 3)]);

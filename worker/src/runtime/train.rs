@@ -20,7 +20,7 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::store::ModuleRecord;
-use gantry_core::{Coords, JobSpec, Mesh};
+use gantry_core::{JobSpec, Mesh};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -245,7 +245,7 @@ pub fn train<S: Stage>(
     let micro = t.micro_batches as usize;
     let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
     let world = comm.world_size();
-    let writes = coords.dp == 0;
+    let writes = checkpoint::writes_shard(mesh, coords);
     let mut upload: Option<Upload> = None;
     // Rank 0's commit of the checkpoint in flight, once every rank uploaded it.
     let mut committing: Option<Commit> = None;
@@ -362,7 +362,7 @@ pub fn train<S: Stage>(
                 commit.wait()?;
             }
             let started = Instant::now();
-            // Only the first data-parallel replica writes; the others hold the same state.
+            // One replica writes each position's shard; the others hold the same state.
             let taken = writes.then(|| snapshot(&model, &optimizer, done, reported));
             if last || draining || !spec.checkpoint.async_upload {
                 // The run ends here (or asked to wait): write and commit before going on.
@@ -402,16 +402,6 @@ pub fn train<S: Stage>(
     Ok(())
 }
 
-/// The rank whose shard this rank restores when the tensor- and pipeline-parallel layout is
-/// unchanged: the first data-parallel replica's rank of the same position, whatever the
-/// data-parallel degree (replicas are identical, and only the first writes its shards).
-fn source_rank(manifest: &Manifest, mesh: Mesh, rank: u32) -> u32 {
-    manifest.mesh().rank(Coords {
-        dp: 0,
-        ..mesh.coords(rank)
-    })
-}
-
 /// The checkpoint to resume from and this rank's shard of it: the newest committed step
 /// (or `job.resume_step`) whose shards every rank read and found intact. Each rank reads only
 /// the shard it needs and checks it against the manifest; an all-reduce of "mine is damaged"
@@ -447,7 +437,9 @@ fn restore_point(
         // anywhere, or a layout that cannot be resumed at all, is an error.
         let mine = match io.block_on(store.committed(step)) {
             Ok(manifest) if manifest.tp == mesh.tp && manifest.pp == mesh.pp => {
-                let source = source_rank(&manifest, mesh, job.rank);
+                // The layout is the same: the shard of this rank's position, whichever
+                // replica wrote it, at whatever data-parallel degree.
+                let source = manifest.holder(mesh.coords(job.rank));
                 io.block_on(store.read_verified_shard(&manifest, source))
                     .map(|shard| (manifest, shard))
                     .map_err(unusable)
