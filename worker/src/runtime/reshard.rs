@@ -312,6 +312,7 @@ mod tests {
     use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer};
     use burn::prelude::*;
     use burn::store::ModuleRecord;
+    use gantry_core::Coords;
 
     fn shard_of<M: Module>(model: M, optimizer: &ModuleOptimizer) -> Shard {
         Shard {
@@ -403,6 +404,27 @@ mod tests {
             assert!(
                 tensors(&back[&0]) == tensors(&saved[&0]),
                 "from tp={tp} pp={pp}"
+            );
+            // The same layout saved at dp = 2, where each position's shard is one replica's
+            // (the positions take turns): only the writers' shards exist.
+            let dp2 = Mesh::new(2, tp, pp);
+            let written: BTreeMap<u32, Shard> = (0..dp2.world_size())
+                .filter(|&r| writes_shard(dp2, dp2.coords(r)))
+                .map(|r| {
+                    (
+                        r,
+                        split[&mesh.rank(Coords {
+                            dp: 0,
+                            ..dp2.coords(r)
+                        })]
+                            .clone(),
+                    )
+                })
+                .collect();
+            let back = resumed_at::<One>(spec, dp2, &written, one);
+            assert!(
+                Whole::join(spec, one, &back).unwrap() == whole,
+                "from dp=2 tp={tp} pp={pp}"
             );
         }
     }
