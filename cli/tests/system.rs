@@ -202,6 +202,20 @@ impl Cluster {
         }
     }
 
+    /// Waits until `job` has committed a checkpoint at `step` or later, then cancels it.
+    fn cancel_after_checkpoint(&self, job: &str, step: u64) {
+        self.wait_for(
+            |c| {
+                c.status(job)["last_checkpoint"]["step"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    >= step
+            },
+            &format!("a checkpoint at step {step} or later"),
+        );
+        assert_eq!(self.gantry(&["cancel", job]).status.code(), Some(0));
+    }
+
     /// Submits an example spec with overrides and returns the job id.
     fn submit(&self, example: &str, set: &[&str]) -> String {
         let spec = examples().join(example);
@@ -914,16 +928,7 @@ fn reference_and_cancelled_run(
     let reference_end = cluster.wait_until_ended(&reference);
     assert_eq!(reference_end["state"], "Succeeded");
     let job = cluster.submit(example, set);
-    cluster.wait_for(
-        |c| {
-            c.status(&job)["last_checkpoint"]["step"]
-                .as_u64()
-                .unwrap_or(0)
-                >= step
-        },
-        "a checkpoint",
-    );
-    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    cluster.cancel_after_checkpoint(&job, step);
     assert_eq!(cluster.status(&job)["state"], "Cancelled");
     cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
     (reference_end, job)
@@ -1059,16 +1064,7 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
     );
     // Its first checkpoint after the resume, then it is stopped: the rest adds nothing.
     let compare_at = from + 20;
-    cluster.wait_for(
-        |c| {
-            c.status(&job)["last_checkpoint"]["step"]
-                .as_u64()
-                .unwrap_or(0)
-                >= compare_at
-        },
-        "a checkpoint after the resume",
-    );
-    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    cluster.cancel_after_checkpoint(&job, compare_at);
     let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
     assert!(
         logs.contains(&format!("resumed from checkpoint at step {from}"))
@@ -1107,16 +1103,7 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
     let from = newest_committed(&cluster, &job);
     cluster.resume_from(&job, from, &["parallel.tp=1"]);
     let compare_at = from + 20;
-    cluster.wait_for(
-        |c| {
-            c.status(&job)["last_checkpoint"]["step"]
-                .as_u64()
-                .unwrap_or(0)
-                >= compare_at
-        },
-        "a checkpoint after the second resume",
-    );
-    assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
+    cluster.cancel_after_checkpoint(&job, compare_at);
     let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
     assert!(logs.contains("resharded from dp=1 tp=2 pp=2"), "{logs}");
     let (one, two) = (
