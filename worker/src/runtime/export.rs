@@ -1,6 +1,6 @@
-//! Whole-model parameters from a checkpoint: every rank's shard loaded into its stage, named as
-//! in the unsplit model, tensor-parallel slices joined, and written as one safetensors file
-//! that PyTorch, NumPy or any safetensors reader opens.
+//! Whole-model parameters from a checkpoint: each position's shard loaded into its stage,
+//! named as in the unsplit model, tensor-parallel slices joined, and written as one
+//! safetensors file that PyTorch, NumPy or any safetensors reader opens.
 
 use crate::runtime::checkpoint::{self, CheckpointStore, Manifest, writes_shard};
 use crate::runtime::model::{Gpt, GptStage, Mlp, MlpStage, pipeline_blocks, stage_blocks};

@@ -88,8 +88,8 @@ struct Whole {
 }
 
 impl Whole {
-    /// Joins shards (by rank) of a checkpoint written at `saved`: one data-parallel replica's,
-    /// or the part of it that some stages need.
+    /// Joins shards (by rank) of a checkpoint written at `saved`: one of each position, or
+    /// those of the stages a rank needs.
     fn join(spec: &JobSpec, saved: Mesh, shards: &BTreeMap<u32, Shard>) -> anyhow::Result<Self> {
         // Pieces by tensor-parallel rank, joined once all are in.
         type Pieces<K> = BTreeMap<K, (Split, Vec<(u32, Entry)>)>;

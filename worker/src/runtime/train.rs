@@ -247,7 +247,7 @@ pub fn train<S: Stage>(
     let world = comm.world_size();
     let writes = checkpoint::writes_shard(mesh, coords);
     let mut upload: Option<Upload> = None;
-    // Rank 0's commit of the checkpoint in flight, once every rank uploaded it.
+    // Rank 0's commit of the checkpoint in flight, once every shard of it is uploaded.
     let mut committing: Option<Commit> = None;
     let mut flat = Vec::new();
     for step in start..t.steps {
@@ -408,9 +408,8 @@ pub fn train<S: Stage>(
 /// makes every rank skip a step that any rank cannot use, so all resume from the same one.
 ///
 /// A checkpoint written at another tensor- or pipeline-parallel layout is resharded: the rank
-/// reads the shards of one data-parallel replica that hold its stage's blocks (`sources`) and
-/// cuts its own from them (`reshard`), for which `fresh` gives the record of its freshly built
-/// stage.
+/// reads the shards that hold its stage's blocks (`sources`) and cuts its own from them
+/// (`reshard`), for which `fresh` gives the record of its freshly built stage.
 fn restore_point(
     job: &RankJob,
     mesh: Mesh,
@@ -570,7 +569,7 @@ fn manifest(job: &RankJob, world: u32, step: u64) -> Manifest {
     }
 }
 
-/// Rank 0's commit of a step once every rank's shard is written.
+/// Rank 0's commit of a step once every shard of it is written.
 fn commit(
     store: &CheckpointStore,
     manifest: Manifest,
@@ -654,8 +653,8 @@ impl Background {
     }
 }
 
-/// Rank 0's commit of a checkpoint that every rank uploaded, on a thread of its own like the
-/// uploads: reading the ranks' states, the manifest's conditional put, the `latest` pointer
+/// Rank 0's commit of a checkpoint whose every shard is uploaded, on a thread of its own like
+/// the uploads: reading the ranks' states, the manifest's conditional put, the `latest` pointer
 /// and retention are store round trips (tens of milliseconds on a local disk, more on a
 /// network store) that training need not wait for. It is part of the checkpoint in flight:
 /// the next checkpoint and the end of the run wait for it, and a failed commit fails the
@@ -757,8 +756,8 @@ impl Upload {
         }
     }
 
-    /// The part of a checkpoint of a rank that writes nothing (a data-parallel replica other
-    /// than the first): it has ended well, and takes part in settling the checkpoint as an
+    /// The part of a checkpoint of a rank that writes nothing (another replica writes its
+    /// position's shard): it has ended well, and takes part in settling the checkpoint as an
     /// upload does.
     pub fn nothing(step: u64, started: Instant) -> Self {
         Self {
@@ -788,8 +787,8 @@ impl Upload {
     }
 
     /// Settles the upload once every rank's has ended, given whether any failed: rank 0
-    /// starts the commit of a checkpoint every rank uploaded; otherwise nobody commits, and the
-    /// logs say why.
+    /// starts the commit of a checkpoint whose every shard is uploaded; otherwise nobody
+    /// commits, and the logs say why.
     fn settle(
         self,
         any_failed: bool,
