@@ -8,6 +8,9 @@ must say (GPUs, DNS names, hardening), and invalid values refused with a clear m
 
 Run: python -m unittest discover -s helm/tests  (scripts/test installs the tools: helm-python-sdk,
 kubernetes-validate, PyYAML; checkov from the CHECKOV variable, its own virtualenv).
+
+Every rendered document is parsed strictly: a key repeated in one mapping is an error, as YAML
+says and as `helm install` enforces (PyYAML's own loaders keep the last value silently).
 """
 
 import json
@@ -17,6 +20,7 @@ import subprocess
 import tempfile
 import tomllib
 import unittest
+from unittest import mock
 
 import helm_python
 import kubernetes_validate
@@ -30,10 +34,40 @@ RELEASE = "gantry"
 KUBE_VERSIONS = ["1.29.0", "1.33.0"]
 
 
+class StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key repeated in one mapping (YAML forbids it)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key; the base constructor reports it
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"found duplicate key {key!r} (first on line {first.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def strict_load_all(text):
+    return list(yaml.load_all(text, Loader=StrictLoader))
+
+
 def scenarios():
     yield "default", {}
     for path in sorted((HERE / "scenarios").glob("*.yaml")):
-        yield path.stem, yaml.safe_load(path.read_text())
+        (values,) = strict_load_all(path.read_text())
+        yield path.stem, values
 
 
 def render(values):
@@ -44,7 +78,7 @@ def render(values):
     for template, text in sorted(manifests.items()):
         if template.endswith("NOTES.txt"):
             continue
-        for doc in yaml.safe_load_all(text):
+        for doc in strict_load_all(text):
             if doc:
                 objects.append(doc)
     return manifests, objects
@@ -92,6 +126,11 @@ class ChartTest(unittest.TestCase):
                      "NetworkPolicy", "PodDisruptionBudget"} <= kinds,
                     kinds,
                 )
+                for sts in find(objects, "StatefulSet"):
+                    # The API server refuses a selector its pod template's labels don't match.
+                    selector = sts["spec"]["selector"]["matchLabels"]
+                    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+                    self.assertLessEqual(selector.items(), pod_labels.items(), sts["metadata"]["name"])
                 for obj in objects:
                     self.assertEqual(obj["metadata"].get("namespace"), NAMESPACE, obj["kind"])
                     for version in KUBE_VERSIONS:
@@ -121,6 +160,37 @@ class ChartTest(unittest.TestCase):
             passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
             self.assertEqual(failed, [], "checkov findings")
             self.assertGreater(passed, 50, f"checkov ran no checks: {run.stderr[-2000:]}")
+
+    def test_the_strict_parse_refuses_a_duplicate_key(self):
+        duplicated = (
+            "kind: ConfigMap\n"
+            "---\n"
+            "kind: StatefulSet\n"
+            "spec:\n"
+            "  template:\n"
+            "    metadata:\n"
+            "      labels:\n"
+            "        app.kubernetes.io/name: gantry\n"
+            "        app.kubernetes.io/component: worker\n"
+            "        app.kubernetes.io/name: gantry\n"
+        )
+        # PyYAML's own loader keeps the last value silently: the leniency this guards against.
+        self.assertEqual(len(list(yaml.safe_load_all(duplicated))), 2)
+        with self.assertRaisesRegex(
+            yaml.constructor.ConstructorError, "duplicate key 'app.kubernetes.io/name'"
+        ):
+            strict_load_all(duplicated)
+        # Inside a sequence too, and the same key in two different mappings is fine.
+        with self.assertRaisesRegex(yaml.constructor.ConstructorError, "duplicate key 'name'"):
+            strict_load_all("containers:\n  - name: a\n    image: x\n    name: b\n")
+        self.assertEqual(
+            strict_load_all("a: {name: x}\nb: {name: x}\n"),
+            [{"a": {"name": "x"}, "b": {"name": "x"}}],
+        )
+        # And render() parses what Helm renders with it.
+        with mock.patch.object(Chart, "render", return_value={"templates/x.yaml": duplicated}):
+            with self.assertRaisesRegex(yaml.constructor.ConstructorError, "duplicate key"):
+                render({})
 
     def test_gpu_workers_ask_for_gpus_and_cpu_workers_do_not(self):
         scenario = dict(scenarios())

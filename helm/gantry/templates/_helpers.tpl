@@ -19,18 +19,38 @@
 {{- default (include "gantry.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
-{{- define "gantry.labels" -}}
+{{/*
+Labels. Each key is emitted by exactly one helper, and a labels mapping includes exactly one
+of "gantry.labels" or "gantry.componentLabels": YAML forbids a key twice in one mapping, and
+`helm install` refuses such a manifest.
+*/}}
+
+{{/* The release's selector labels: which chart, which release. */}}
+{{- define "gantry.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Selector labels of one component (coordinator or worker): the release's, and the component. */}}
+{{- define "gantry.selector" -}}
+{{ include "gantry.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Common labels of every object: the release's selector labels and the chart's metadata. */}}
+{{- define "gantry.labels" -}}
+{{ include "gantry.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
-{{/* Selector labels of one component (coordinator or worker). */}}
-{{- define "gantry.selector" -}}
-app.kubernetes.io/name: {{ .root.Chart.Name }}
-app.kubernetes.io/instance: {{ .root.Release.Name }}
+{{/*
+Labels of one component's objects and pods: the common labels and the component, so a
+superset of "gantry.selector" for that component (its Service and StatefulSet select the pods).
+*/}}
+{{- define "gantry.componentLabels" -}}
+{{ include "gantry.labels" .root }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
