@@ -1,5 +1,6 @@
 //! Plain data shared by every Gantry component.
 
+pub mod defaults;
 pub mod ids;
 pub mod mesh;
 pub mod rank;

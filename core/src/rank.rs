@@ -20,6 +20,9 @@ pub struct RankAssignment {
     /// The worker's checkpoint store options (`object_store` in its config file).
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,
+    /// Whether the rank logs JSON lines (as its daemon does) rather than text.
+    #[serde(default)]
+    pub log_json: bool,
 }
 
 /// Why a rank process ended, as its exit code. Anything not listed is a failure.

@@ -4,9 +4,8 @@
 //! with backoff and reports what it is running and what exited meanwhile.
 
 use crate::metrics::WorkerMetrics;
-use crate::runtime::rank::RankAssignment;
-use crate::runtime::report::RankEvent;
 use backon::{ExponentialBuilder, Retryable};
+use gantry_core::{ExitCode, RankAssignment, RankEvent};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use pb::worker_message::Body;
@@ -38,6 +37,8 @@ pub struct AgentOptions {
     /// Checkpoint store options for the ranks (endpoints, regions; never credentials), by
     /// object_store's configuration key; a job's `checkpoint.options` go over them.
     pub store_options: std::collections::BTreeMap<String, String>,
+    /// How this daemon logs; its ranks log the same way.
+    pub log_format: gantry_ops::LogFormat,
 }
 
 type Key = (String, u64, u32);
@@ -87,9 +88,38 @@ pub async fn run(
     let mut undelivered: Vec<Body> = Vec::new();
 
     'connect: loop {
-        let registered = tokio::select! {
-            _ = shutdown.cancelled() => break 'connect,
-            r = register(&options, &worker_id) => r,
+        // Registering retries until the coordinator answers. Meanwhile the daemon still
+        // drains when asked (a pod terminated during a coordinator outage checkpoints its
+        // ranks), keeps track of its ranks' exits, and ends a drain once they are gone.
+        let registered = {
+            let registering = register(&options, &worker_id);
+            tokio::pin!(registering);
+            loop {
+                let deadline = drain_deadline
+                    .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'connect,
+                    _ = drain.cancelled(), if drain_deadline.is_none() => {
+                        drain_deadline = Some(start_drain(&ranks, &readiness, &options));
+                    }
+                    _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
+                        tracing::warn!(ranks = ranks.len(), "drain timed out; killing the ranks left");
+                        break 'connect;
+                    }
+                    Some(body) = events.recv() => {
+                        if settle(&mut ranks, &body) {
+                            keep_undelivered(&mut undelivered, body);
+                        }
+                    }
+                    r = &mut registering => break r,
+                }
+                if drain_deadline.is_some() && ranks.is_empty() {
+                    tracing::info!(
+                        "drained while the coordinator is unreachable: every rank has stopped"
+                    );
+                    break 'connect;
+                }
+            }
         };
         let (mut client, reg) = match registered {
             Ok(ok) => ok,
@@ -168,18 +198,8 @@ pub async fn run(
             tokio::select! {
                 _ = shutdown.cancelled() => break 'connect,
                 _ = drain.cancelled(), if drain_deadline.is_none() => {
-                    tracing::info!(ranks = ranks.len(), "draining: ranks checkpoint and stop");
-                    readiness.set(false);
-                    drain_deadline = Some(
-                        tokio::time::Instant::now() + Duration::from_secs(options.drain_timeout_secs),
-                    );
+                    drain_deadline = Some(start_drain(&ranks, &readiness, &options));
                     let _ = out.send(message(Body::Draining(pb::Draining {})));
-                    for proc in ranks.values() {
-                        if let Some(pid) = proc.pid {
-                            // SAFETY: a plain kill(2) of a child this daemon started.
-                            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-                        }
-                    }
                 }
                 _ = tokio::time::sleep_until(deadline), if drain_deadline.is_some() => {
                     tracing::warn!(ranks = ranks.len(), "drain timed out; killing the ranks left");
@@ -197,7 +217,7 @@ pub async fn run(
                             if let Some(key) = a.key {
                                 let _ = events_tx.send(Body::Exited(pb::RankExited {
                                     key: Some(key),
-                                    exit_code: Some(crate::runtime::rank::EXIT_DRAINED),
+                                    exit_code: Some(ExitCode::Drained.code()),
                                     signal: None,
                                     message: "not started: the worker is draining".into(),
                                     stopped: false,
@@ -247,6 +267,24 @@ pub async fn run(
     }
     kill_all(&mut ranks);
     Ok(())
+}
+
+/// Starts a drain: this daemon takes no more work, and every rank is asked (SIGTERM) to save a
+/// checkpoint and stop at its next step. Returns when the drain gives up on them.
+fn start_drain(
+    ranks: &HashMap<Key, RankProcess>,
+    readiness: &gantry_ops::Readiness,
+    options: &AgentOptions,
+) -> tokio::time::Instant {
+    tracing::info!(ranks = ranks.len(), "draining: ranks checkpoint and stop");
+    readiness.set(false);
+    for proc in ranks.values() {
+        if let Some(pid) = proc.pid {
+            // SAFETY: a plain kill(2) of a child this daemon started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    tokio::time::Instant::now() + Duration::from_secs(options.drain_timeout_secs)
 }
 
 /// Forgets a rank that exited, and says whether `body` must reach a coordinator even across a
@@ -365,6 +403,7 @@ fn launch(
         spec_json: a.spec_json.clone(),
         resume_step: a.resume_step,
         store_options: options.store_options.clone(),
+        log_json: options.log_format == gantry_ops::LogFormat::Json,
     };
     std::fs::write(&file, serde_json::to_vec_pretty(&assignment)?)?;
     let child = Command::new(&options.rank_command[0])

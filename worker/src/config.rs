@@ -58,16 +58,17 @@ pub struct DaemonArgs {
     pub print_config: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The daemon's settings once every layer is applied, as the config file spells them.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
-    coordinator: Option<String>,
-    slots: Option<u32>,
-    work_dir: Option<PathBuf>,
-    advertise_host: Option<String>,
+struct Settings {
+    coordinator: String,
+    slots: u32,
+    work_dir: PathBuf,
+    advertise_host: String,
     metrics_listen: Option<std::net::SocketAddr>,
-    log_format: Option<gantry_ops::LogFormat>,
-    drain_timeout_secs: Option<u64>,
+    log_format: gantry_ops::LogFormat,
+    drain_timeout_secs: u64,
     /// Checkpoint store options for every job's ranks, e.g. `aws_endpoint`, `aws_region`,
     /// `azure_storage_account_name`; never a credential.
     #[serde(
@@ -87,52 +88,65 @@ pub fn hostname() -> String {
 }
 
 impl DaemonArgs {
-    /// The effective options; ranks are run by this same executable's `rank` subcommand.
+    /// The effective options, from the `config` crate's layers: the defaults
+    /// (`gantry_core::defaults`), then the config file (read once), then `GANTRY_*` variables
+    /// and flags (clap reads both), then validation. Ranks are run by this same executable's
+    /// `rank` subcommand.
     pub fn options(&self) -> anyhow::Result<AgentOptions> {
-        let file: FileConfig =
-            gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
-        let slots = self.slots.or(file.slots).unwrap_or(1);
-        anyhow::ensure!(slots > 0, "slots: must be at least 1");
-        for key in file.object_store.keys() {
+        use gantry_core::defaults;
+        let work_dir = std::env::temp_dir().join("gantry-worker");
+        let log_format = self.log_format.map(|f| match f {
+            gantry_ops::LogFormat::Text => "text",
+            gantry_ops::LogFormat::Json => "json",
+        });
+        let mut layers = config::Config::builder()
+            .set_default("coordinator", defaults::COORDINATOR_URL)?
+            .set_default("slots", defaults::WORKER_SLOTS)?
+            .set_default("work_dir", work_dir.display().to_string())?
+            .set_default("advertise_host", defaults::ADVERTISE_HOST)?
+            .set_default("log_format", "text")?
+            .set_default("drain_timeout_secs", defaults::DRAIN_TIMEOUT_SECS)?;
+        if let Some(path) = &self.config {
+            layers = layers.add_source(config::File::from(path.as_path()));
+        }
+        let layers = layers
+            .set_override_option("coordinator", self.coordinator.clone())?
+            .set_override_option("slots", self.slots)?
+            .set_override_option(
+                "work_dir",
+                self.work_dir.as_ref().map(|p| p.display().to_string()),
+            )?
+            .set_override_option("advertise_host", self.advertise_host.clone())?
+            .set_override_option("metrics_listen", self.metrics_listen.map(|a| a.to_string()))?
+            .set_override_option("log_format", log_format)?
+            .set_override_option("drain_timeout_secs", self.drain_timeout_secs)?;
+        let settings: Settings = layers
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| match &self.config {
+                Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+                None => anyhow::anyhow!("{e}"),
+            })?;
+        anyhow::ensure!(settings.slots > 0, "slots: must be at least 1");
+        for key in settings.object_store.keys() {
             gantry_core::store_options::canonical(None, key)
                 .map_err(|e| anyhow::anyhow!("object_store.{key}: {e}"))?;
         }
         Ok(AgentOptions {
-            coordinator: self
-                .coordinator
-                .clone()
-                .or(file.coordinator)
-                .unwrap_or_else(|| "http://127.0.0.1:7070".into()),
-            slots,
-            work_dir: self
-                .work_dir
-                .clone()
-                .or(file.work_dir)
-                .unwrap_or_else(|| std::env::temp_dir().join("gantry-worker")),
+            coordinator: settings.coordinator,
+            slots: settings.slots,
+            work_dir: settings.work_dir,
             hostname: hostname(),
-            advertise_host: self
-                .advertise_host
-                .clone()
-                .or(file.advertise_host)
-                .unwrap_or_else(|| "127.0.0.1".into()),
+            advertise_host: settings.advertise_host,
             rank_command: vec![
                 std::env::current_exe()?.display().to_string(),
                 "rank".into(),
             ],
-            metrics_listen: self.metrics_listen.or(file.metrics_listen),
-            drain_timeout_secs: self
-                .drain_timeout_secs
-                .or(file.drain_timeout_secs)
-                .unwrap_or(60),
-            store_options: file.object_store,
+            metrics_listen: settings.metrics_listen,
+            drain_timeout_secs: settings.drain_timeout_secs,
+            store_options: settings.object_store,
+            log_format: settings.log_format,
         })
-    }
-
-    /// The log format: flag or variable, then the file, then text.
-    pub fn log_format(&self) -> anyhow::Result<gantry_ops::LogFormat> {
-        let file: FileConfig =
-            gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
-        Ok(self.log_format.or(file.log_format).unwrap_or_default())
     }
 }
 

@@ -1,0 +1,114 @@
+//! The checkpoint format: the manifest written last, what each rank writes beside its shard,
+//! the format versions this build reads, and which rank of a layout writes each shard.
+
+use serde::{Deserialize, Serialize};
+
+/// What a step directory holds, as `gantry checkpoints` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepListing {
+    pub step: u64,
+    pub bytes: u64,
+    /// "committed" (manifest and every checksum verify), "partial" (no manifest: torn or still
+    /// being written) or "corrupt" (a file is missing or fails its checksum).
+    pub state: &'static str,
+    pub attempt: Option<u64>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    /// CRC-32C of the contents (hardware-accelerated; the checksum S3 itself offers).
+    pub crc32c: u32,
+}
+
+/// Written by each rank next to its shard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankState {
+    pub rank: u32,
+    pub step: u64,
+    /// The next training step to run; the data order is a pure function of it and the seed.
+    pub data_cursor: u64,
+    /// The training and validation loss last reported before this checkpoint, so a resumed run
+    /// reports where it stands even when it has no step left to run.
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub job_id: String,
+    pub step: u64,
+    pub attempt: u64,
+    pub world_size: u32,
+    pub dp: u32,
+    pub tp: u32,
+    pub pp: u32,
+    pub files: Vec<FileEntry>,
+    pub total_bytes: u64,
+}
+
+/// The format of the checkpoints this build writes. 3: one data-parallel replica writes each
+/// position's shard ([`writes_shard`]); 2 (still read): every rank did.
+pub const FORMAT: u32 = 3;
+
+/// Whether the rank at `at` of layout `mesh` writes its shard of a checkpoint. Data-parallel
+/// replicas hold the same state bit for bit, so each position of the model (a pipeline stage's
+/// tensor-parallel slice) is written once, not once per replica: a checkpoint at dp = N is not
+/// N copies of the model (DDP jobs save on rank 0; PyTorch DCP keeps one copy of a replicated
+/// tensor). The positions take turns over the replicas, so the uploads of a 3-D job spread
+/// over the replicas' workers instead of all landing on the first's.
+pub fn writes_shard(mesh: gantry_core::Mesh, at: gantry_core::Coords) -> bool {
+    at.dp == writing_replica(mesh, at)
+}
+
+/// The data-parallel replica that writes the shard of position `at`.
+fn writing_replica(mesh: gantry_core::Mesh, at: gantry_core::Coords) -> u32 {
+    (at.pp * mesh.tp + at.tp) % mesh.dp
+}
+
+impl Manifest {
+    /// The ranks whose shards the checkpoint holds: one per position ([`writes_shard`]), or,
+    /// in format 2, every rank.
+    pub fn writers(&self) -> Vec<u32> {
+        let mesh = self.mesh();
+        (0..self.world_size)
+            .filter(|&r| self.format < 3 || writes_shard(mesh, mesh.coords(r)))
+            .collect()
+    }
+
+    /// The rank whose shard holds the state of position `at` of the checkpoint's layout (its
+    /// data-parallel coordinate aside): the writer's (in format 2, that rank wrote one too).
+    pub fn holder(&self, at: gantry_core::Coords) -> u32 {
+        let mesh = self.mesh();
+        let dp = writing_replica(mesh, at);
+        mesh.rank(gantry_core::Coords { dp, ..at })
+    }
+
+    /// The layout the checkpoint was written at (a manifest that passed
+    /// [`CheckpointStore::committed`] has a valid one).
+    pub fn mesh(&self) -> gantry_core::Mesh {
+        gantry_core::Mesh::new(self.dp, self.tp, self.pp)
+    }
+
+    /// What is wrong with the manifest's own fields, if anything.
+    pub(crate) fn flaw(&self) -> Option<String> {
+        let (dp, tp, pp) = (self.dp, self.tp, self.pp);
+        if !(2..=FORMAT).contains(&self.format) {
+            return Some(format!(
+                "manifest format {} is not one this build reads (2 to {FORMAT})",
+                self.format
+            ));
+        }
+        let world = u64::from(dp) * u64::from(tp) * u64::from(pp);
+        (dp == 0 || tp == 0 || pp == 0 || world != u64::from(self.world_size)).then(|| {
+            format!(
+                "manifest layout dp={dp} tp={tp} pp={pp} does not make its world of {}",
+                self.world_size
+            )
+        })
+    }
+}

@@ -1,0 +1,21 @@
+//! Everything that runs inside a rank process: the rank entry point, the step loop, gradients,
+//! the control flags of each step, stages and pipeline schedules, the burn models, data,
+//! resharding and export. A rank process is this crate behind a binary entry point
+//! ([`rank::run`]); collectives come from `gantry-collective` through its `World` trait and
+//! checkpoints from `gantry-checkpoint`.
+
+pub mod control;
+pub mod data;
+pub mod export;
+pub mod gradients;
+pub mod job;
+pub mod layout;
+pub mod model;
+pub mod rank;
+pub mod records;
+pub mod report;
+pub mod reshard;
+pub mod restore;
+pub mod stage;
+pub mod train;
+pub mod upload;
