@@ -41,11 +41,12 @@ impl LocalCluster {
                     slots: slots_per_worker,
                     work_dir: state_dir.join("workers").join(format!("worker-{i}")),
                     hostname: format!("{host}-w{i}"),
-                    advertise_host: "127.0.0.1".into(),
+                    advertise_host: gantry_core::defaults::ADVERTISE_HOST.into(),
                     rank_command: vec![exe.clone(), "rank".into()],
                     metrics_listen: None,
-                    drain_timeout_secs: 60,
+                    drain_timeout_secs: gantry_core::defaults::DRAIN_TIMEOUT_SECS,
                     store_options: Default::default(),
+                    log_format: Default::default(),
                 };
                 tokio::spawn(agent::run(
                     options,

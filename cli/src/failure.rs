@@ -1,0 +1,62 @@
+//! How a command fails: the message, and the exit code it maps to (0 ok; 1 the job failed or
+//! was cancelled; 2 bad usage or invalid input; 3 coordinator unreachable).
+
+use gantry_proto::v1 as pb;
+use pb::job_service_client::JobServiceClient;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let code = match s.code() {
+            Code::Unavailable | Code::DeadlineExceeded => 3,
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists => 2,
+            _ => 1,
+        };
+        Self {
+            code,
+            message: s.message().to_string(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self {
+            code: 1,
+            message: format!("{e:#}"),
+        }
+    }
+}
+
+/// A client of the coordinator at `url`, or the failure that says why not (exit code 3).
+pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>, Failure> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| Failure::usage(format!("--coordinator: {url:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.map_err(|e| Failure {
+        code: 3,
+        message: format!("cannot reach the coordinator at {url}: {e}"),
+    })?;
+    Ok(JobServiceClient::new(channel))
+}

@@ -1,0 +1,142 @@
+//! What reads a job's checkpoint store directly from this machine: `gantry checkpoints` and
+//! `gantry export`.
+
+use crate::failure::{Failure, connect};
+use crate::render::{self, Output};
+use gantry_checkpoint::{CheckpointError, CheckpointStore};
+use gantry_core::JobSpec;
+use gantry_proto::v1 as pb;
+use gantry_trainer::export;
+
+pub async fn checkpoints(
+    coordinator: &str,
+    out: Output,
+    job: String,
+    verify: bool,
+) -> Result<i32, Failure> {
+    let mut client = connect(coordinator).await?;
+    let recorded = client
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            job_id: job.clone(),
+        })
+        .await?
+        .into_inner()
+        .checkpoints;
+    let job = client
+        .get_job(pb::GetJobRequest { job_id: job })
+        .await?
+        .into_inner();
+    // What the store holds: committed, partial or corrupt. Without access to the store
+    // (no credentials here), the coordinator's record of commits.
+    let checkpoints = match stored_checkpoints(&job, &recorded, verify).await {
+        Ok(listed) => listed,
+        Err(e) => {
+            eprintln!("showing the coordinator's records; cannot read the store: {e:#}");
+            recorded
+        }
+    };
+    render::checkpoints(&checkpoints, out);
+    Ok(0)
+}
+
+/// Every step directory in `job`'s checkpoint store, oldest first, checked (every byte when
+/// `verify`).
+async fn stored_checkpoints(
+    job: &pb::Job,
+    recorded: &[pb::Checkpoint],
+    verify: bool,
+) -> anyhow::Result<Vec<pb::Checkpoint>> {
+    let spec = JobSpec::from_json(&job.spec_json)?;
+    let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
+    let mut listed: Vec<pb::Checkpoint> = store
+        .list(verify)
+        .await?
+        .into_iter()
+        .map(|l| {
+            let record = recorded.iter().find(|r| r.step == l.step);
+            let state = match l.state {
+                "committed" => pb::CheckpointState::Committed,
+                "partial" => pb::CheckpointState::Partial,
+                _ => pb::CheckpointState::Corrupt,
+            };
+            pb::Checkpoint {
+                step: l.step,
+                url: store.step_url(l.step),
+                attempt: l.attempt.or(record.map(|r| r.attempt)).unwrap_or(0),
+                size_bytes: l.bytes,
+                committed_at_ms: record.map_or(0, |r| r.committed_at_ms),
+                state: state as i32,
+            }
+        })
+        .collect();
+    if listed.is_empty() && !recorded.is_empty() {
+        // A file:// store on another machine's disk looks empty from here.
+        anyhow::bail!(
+            "it holds none of the {} checkpoints the coordinator recorded",
+            recorded.len()
+        );
+    }
+    listed.sort_by_key(|c| c.step);
+    Ok(listed)
+}
+
+/// `gantry export`: reads a checkpoint of `job` straight from its object store and writes the
+/// whole model as one safetensors file.
+pub async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
+    let spec = JobSpec::from_json(&job.spec_json)?;
+    let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
+    // The shards are checked as they are read; without --step, a step whose shards are torn
+    // or damaged is skipped for the one before (a store that cannot be read is an error).
+    let candidates = match step {
+        Some(step) => vec![step],
+        None => store.steps().await?,
+    };
+    let mut exported = None;
+    for candidate in candidates {
+        let read = async {
+            let manifest = store.committed(candidate).await?;
+            let params = export::whole_model(&spec, &store, &manifest).await?;
+            Ok::<_, anyhow::Error>((manifest, params))
+        };
+        match read.await {
+            Ok(found) => {
+                exported = Some(found);
+                break;
+            }
+            Err(e)
+                if step.is_none()
+                    && e.downcast_ref::<CheckpointError>()
+                        .is_some_and(|e| store.is_damage(e)) =>
+            {
+                eprintln!("skipping step {candidate}: {e:#}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let (manifest, params) =
+        exported.ok_or_else(|| anyhow::anyhow!("{} has no usable checkpoint", job.id))?;
+    let metadata = [
+        ("format", "pt".to_string()),
+        ("gantry.job", job.id.clone()),
+        ("gantry.step", manifest.step.to_string()),
+        ("gantry.model", serde_json::to_string(&spec.model)?),
+        (
+            "gantry.layout",
+            format!("dp={} tp={} pp={}", manifest.dp, manifest.tp, manifest.pp),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    export::write_safetensors(&params, metadata, out)?;
+    let bytes: usize = params.values().map(|t| t.values.len() * 4).sum();
+    println!(
+        "wrote {} tensors ({:.1} MiB) of {} at step {} to {}",
+        params.len(),
+        bytes as f64 / (1 << 20) as f64,
+        job.id,
+        manifest.step,
+        out.display()
+    );
+    Ok(())
+}
