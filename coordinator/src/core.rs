@@ -8,7 +8,7 @@ use crate::error::CoordinatorError;
 use crate::scheduler::{self, FreeSlots};
 use crate::state::{CheckpointRecord, Job, JobState, Worker, WorkerState};
 use crate::store::{AttemptRow, EventRow, Store};
-use gantry_core::{Attempt, JobId, JobSpec, Mesh, Rank, WorkerId};
+use gantry_core::{Attempt, ExitCode, JobId, JobSpec, Mesh, Rank, WorkerId};
 use gantry_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -74,12 +74,6 @@ pub struct Core {
 /// long, when the job fits elsewhere.
 const FLAKY_FAILURES: usize = 2;
 const FLAKY_WINDOW_MS: i64 = 10 * 60 * 1000;
-
-/// Exit code of a rank that saved a checkpoint and stopped because its worker is draining
-/// (`gantry_worker::runtime::rank::EXIT_DRAINED`).
-const EXIT_DRAINED: i32 = 76;
-/// Exit code of a rank whose worker daemon went away (`gantry_worker::runtime::rank`).
-const EXIT_ORPHANED: i32 = 70;
 
 impl Core {
     /// Rebuilds the coordinator's view from the store. Workers get a fresh lease so they have
@@ -602,8 +596,9 @@ impl Core {
         if !self.is_live(key) {
             // An attempt ends on the first failure reported, often a peer that saw a broken
             // collective; the rank that really died may report after. Keep that in the history.
-            let failed_on_its_own =
-                !exit.stopped && exit.exit_code != Some(0) && exit.exit_code != Some(EXIT_DRAINED);
+            let failed_on_its_own = !exit.stopped
+                && !ExitCode::Finished.is(exit.exit_code)
+                && !ExitCode::Drained.is(exit.exit_code);
             if failed_on_its_own
                 && self
                     .jobs
@@ -621,7 +616,7 @@ impl Core {
             }
             return Ok(());
         }
-        if exit.exit_code == Some(0) {
+        if ExitCode::Finished.is(exit.exit_code) {
             let world = self.jobs[&key.job].spec.parallel.world_size() as usize;
             self.update_job(&key.job, now_ms, |job| {
                 if !job.finished_ranks.contains(&key.rank) {
@@ -643,7 +638,7 @@ impl Core {
             .placement()
             .and_then(|p| p.get(key.rank as usize))
             .cloned();
-        if exit.exit_code == Some(EXIT_DRAINED) {
+        if ExitCode::Drained.is(exit.exit_code) {
             let cause = if exit.message.is_empty() {
                 format!(
                     "a worker is draining; rank {} checkpointed and stopped",
@@ -666,7 +661,7 @@ impl Core {
         // A rank killed by a signal, or orphaned by its daemon, says something about its worker;
         // a peer's broken collective does not.
         if let Some(host) = host
-            && (exit.signal.is_some() || exit.exit_code == Some(EXIT_ORPHANED))
+            && (exit.signal.is_some() || ExitCode::Orphaned.is(exit.exit_code))
         {
             self.record_worker_failure(&host, now_ms);
         }
