@@ -1,0 +1,73 @@
+//! The event log: every change to a job is stored, then cached, then published to watchers;
+//! the coordinator's own lines go into the job's history next to its ranks' logs.
+
+use super::Core;
+use crate::error::CoordinatorError;
+use crate::state::Job;
+use crate::store::EventRow;
+use gantry_core::{Attempt, JobId};
+
+/// Something that happened to a job, for watchers.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// The job as it is now (state change or progress).
+    Job(Box<Job>),
+    /// A stored event line.
+    Line(EventRow),
+}
+
+impl Core {
+    /// Applies `change` to a job, stores it, and tells watchers.
+    pub(super) fn update_job(
+        &mut self,
+        id: &JobId,
+        now_ms: i64,
+        change: impl FnOnce(&mut Job),
+    ) -> Result<(), CoordinatorError> {
+        let mut job = self.jobs[id].clone();
+        change(&mut job);
+        job.updated_at_ms = now_ms;
+        self.store.put_job(&job)?;
+        let _ = self.updates.send(Update::Job(Box::new(job.clone())));
+        self.jobs.insert(id.clone(), job);
+        Ok(())
+    }
+
+    /// A coordinator line in the job's history (`gantry logs`).
+    pub(super) fn note(
+        &mut self,
+        id: &JobId,
+        now_ms: i64,
+        line: &str,
+    ) -> Result<(), CoordinatorError> {
+        let attempt = self.jobs[id].attempt;
+        tracing::info!(job = %id, attempt, "{line}");
+        let seq = self
+            .store
+            .append_event(id, now_ms, attempt, -1, "event", line)?;
+        self.publish_line(id, seq, attempt, -1, "event", line, now_ms);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn publish_line(
+        &self,
+        id: &JobId,
+        seq: u64,
+        attempt: Attempt,
+        rank: i32,
+        stream: &str,
+        line: &str,
+        now_ms: i64,
+    ) {
+        let _ = self.updates.send(Update::Line(EventRow {
+            seq,
+            job_id: id.clone(),
+            at_ms: now_ms,
+            attempt,
+            rank,
+            stream: stream.to_string(),
+            line: line.to_string(),
+        }));
+    }
+}

@@ -1,0 +1,120 @@
+//! The scheduling loop: waiting jobs are placed oldest first, and a job that does not fit
+//! leaves room for later, smaller ones (backfill). Where ranks go is `scheduler::plan`'s call.
+
+use super::Core;
+use crate::error::CoordinatorError;
+use crate::scheduler::{self, FreeSlots};
+use gantry_core::{JobId, Mesh, Rank, WorkerId};
+use gantry_proto::v1 as pb;
+use std::collections::{HashMap, HashSet};
+
+impl Core {
+    pub(super) fn used_slots(&self) -> HashMap<WorkerId, u32> {
+        let mut used = HashMap::new();
+        for job in self.jobs.values() {
+            for w in job.state.placement().unwrap_or_default() {
+                *used.entry(w.clone()).or_default() += 1;
+            }
+        }
+        used
+    }
+
+    /// Places waiting jobs, oldest first; a job that does not fit gets the reason and later,
+    /// smaller jobs may still start (backfill).
+    pub(super) fn schedule(&mut self, now_ms: i64) -> Result<(), CoordinatorError> {
+        let used = self.used_slots();
+        let mut free: Vec<FreeSlots> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.is_alive() && self.sessions.contains_key(&w.id) && !self.draining.contains(&w.id)
+            })
+            .map(|w| FreeSlots {
+                worker: w.id.clone(),
+                free: w
+                    .slots
+                    .saturating_sub(used.get(&w.id).copied().unwrap_or(0)),
+            })
+            .collect();
+        let waiting: Vec<JobId> = self
+            .order
+            .iter()
+            .filter(|id| self.jobs[*id].state.wants_slots())
+            .cloned()
+            .collect();
+        let flaky: HashSet<WorkerId> = free
+            .iter()
+            .filter(|f| self.is_flaky(&f.worker, now_ms))
+            .map(|f| f.worker.clone())
+            .collect();
+        for id in waiting {
+            if self.jobs[&id].not_before_ms > now_ms {
+                continue; // restart backoff; a later tick places it
+            }
+            let p = self.jobs[&id].spec.parallel;
+            let mesh = Mesh::new(p.dp, p.tp, p.pp);
+            let reliable: Vec<FreeSlots> = free
+                .iter()
+                .filter(|f| !flaky.contains(&f.worker))
+                .cloned()
+                .collect();
+            let planned =
+                scheduler::plan(&reliable, mesh).or_else(|_| scheduler::plan(&free, mesh));
+            match planned {
+                Ok(placement) => {
+                    for w in &placement {
+                        let slot = free.iter_mut().find(|f| &f.worker == w).expect("planned");
+                        slot.free -= 1;
+                    }
+                    self.update_job(&id, now_ms, |job| job.to_scheduled(placement.clone()))?;
+                    self.last_progress_ms.insert(id.clone(), now_ms);
+                    let attempt = self.jobs[&id].attempt;
+                    self.store.start_attempt(&id, attempt, &placement, now_ms)?;
+                    let mut hosts: Vec<&str> = placement.iter().map(|w| w.0.as_str()).collect();
+                    hosts.dedup();
+                    self.note(
+                        &id,
+                        now_ms,
+                        &format!("attempt {attempt} scheduled on {}", hosts.join(", ")),
+                    )?;
+                    for (rank, w) in placement.iter().enumerate() {
+                        self.send_assignment(&id, rank as Rank, w);
+                    }
+                }
+                Err(why) => {
+                    let why = Some(why.to_string());
+                    if self
+                        .jobs
+                        .get_mut(&id)
+                        .expect("listed")
+                        .set_waiting_reason(why)
+                    {
+                        self.update_job(&id, now_ms, |_| {})?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn send_assignment(&mut self, id: &JobId, rank: Rank, worker: &WorkerId) {
+        let job = &self.jobs[id];
+        let p = job.spec.parallel;
+        let assign = pb::Assignment {
+            key: Some(pb::RankKey {
+                job_id: id.0.clone(),
+                attempt: job.attempt,
+                rank,
+            }),
+            world_size: p.world_size(),
+            parallel: Some(pb::Parallel {
+                dp: p.dp,
+                tp: p.tp,
+                pp: p.pp,
+            }),
+            spec_json: job.spec.to_json(),
+            resume_step: job.resume_step,
+        };
+        self.send(worker, pb::coordinator_message::Body::Assign(assign));
+    }
+}

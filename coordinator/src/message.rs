@@ -1,0 +1,59 @@
+//! What workers report to the core, as plain core types; `convert.rs` decodes them from the
+//! wire, so the core never sees a proto message.
+
+use gantry_core::{Attempt, JobId, Rank};
+
+/// Identifies one rank of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankKey {
+    pub job: JobId,
+    pub attempt: Attempt,
+    pub rank: Rank,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankExit {
+    pub key: RankKey,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: String,
+    /// Stopped by the worker on the coordinator's order.
+    pub stopped: bool,
+}
+
+/// A worker session message, decoded and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerReport {
+    Heartbeat,
+    /// The worker is shutting down: place nothing more on it.
+    Draining,
+    Running {
+        ranks: Vec<RankKey>,
+        exited: Vec<RankExit>,
+    },
+    Progress {
+        key: RankKey,
+        step: u64,
+        loss: f64,
+        eval_loss: Option<f64>,
+    },
+    Exited(RankExit),
+    Logs {
+        key: RankKey,
+        stream: String,
+        lines: Vec<String>,
+    },
+    Checkpoint {
+        key: RankKey,
+        step: u64,
+        url: String,
+        size_bytes: u64,
+        /// Older checkpoints that retention deleted after this commit.
+        deleted_steps: Vec<u64>,
+    },
+    Test {
+        key: RankKey,
+        loss: f64,
+        accuracy: Option<f64>,
+    },
+}
