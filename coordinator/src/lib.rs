@@ -10,6 +10,7 @@ pub mod core;
 pub mod error;
 pub mod message;
 pub mod metrics;
+pub mod policy;
 pub mod scheduler;
 pub mod service;
 pub mod state;

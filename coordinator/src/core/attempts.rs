@@ -1,10 +1,11 @@
-//! How attempts end: a rank's exit, a failure (restart or give up), a drained worker, and
-//! stopping an ended attempt's ranks everywhere.
+//! How attempts end: a rank's exit, a failure (restart or give up, as `policy::restart`
+//! decides), a drained worker, and stopping an ended attempt's ranks everywhere.
 
-use super::{Core, FLAKY_FAILURES, FLAKY_WINDOW_MS, RankExit};
+use super::{Core, FLAKY_FAILURES, FLAKY_WINDOW_MS, RankExit, RankKey};
 use crate::error::CoordinatorError;
+use crate::policy::restart::{self, AfterFailure, ExitVerdict};
 use crate::state::Job;
-use gantry_core::{ExitCode, JobId, WorkerId};
+use gantry_core::{JobId, WorkerId};
 use gantry_proto::v1 as pb;
 
 impl Core {
@@ -15,79 +16,70 @@ impl Core {
     ) -> Result<(), CoordinatorError> {
         let key = &exit.key;
         if !self.is_live(key) {
-            // An attempt ends on the first failure reported, often a peer that saw a broken
-            // collective; the rank that really died may report after. Keep that in the history.
-            let failed_on_its_own = !exit.stopped
-                && !ExitCode::Finished.is(exit.exit_code)
-                && !ExitCode::Drained.is(exit.exit_code);
-            if failed_on_its_own
-                && self
-                    .jobs
-                    .get(&key.job)
-                    // `==`: the attempt ended and the next waits out its backoff.
-                    .is_some_and(|j| j.attempt >= key.attempt)
-            {
-                let line = format!(
-                    "attempt {}: rank {} {} (reported after the attempt ended)",
-                    key.attempt,
-                    key.rank,
-                    describe_exit(&exit)
-                );
+            let newest = self.jobs.get(&key.job).map(|j| j.attempt);
+            if let Some(line) = restart::late_exit_line(&exit, newest) {
                 self.note(&key.job, now_ms, &line)?;
             }
             return Ok(());
         }
-        if ExitCode::Finished.is(exit.exit_code) {
-            let world = self.jobs[&key.job].spec.parallel.world_size() as usize;
-            self.update_job(&key.job, now_ms, |job| {
-                if !job.finished_ranks.contains(&key.rank) {
-                    job.finished_ranks.push(key.rank);
+        match restart::judge_exit(&exit) {
+            ExitVerdict::Finished => self.finish_rank(key, now_ms),
+            ExitVerdict::Drained { cause } => self.requeue_drained(&key.job, cause, now_ms),
+            ExitVerdict::Failed {
+                cause,
+                blames_worker,
+            } => {
+                let host = self.jobs[&key.job]
+                    .state
+                    .placement()
+                    .and_then(|p| p.get(key.rank as usize))
+                    .cloned();
+                if let Some(host) = host.filter(|_| blames_worker) {
+                    self.record_worker_failure(&host, now_ms);
                 }
-            })?;
-            if self.jobs[&key.job].finished_ranks.len() == world {
-                self.store
-                    .end_attempt(&key.job, key.attempt, "succeeded", now_ms)?;
-                self.rendezvous.remove(&(key.job.clone(), key.attempt));
-                self.update_job(&key.job, now_ms, Job::to_succeeded)?;
+                self.fail_attempt(&key.job, cause, now_ms)
+            }
+        }
+    }
+
+    /// A rank of the live attempt trained all its steps; the job succeeds with the last one.
+    fn finish_rank(&mut self, key: &RankKey, now_ms: i64) -> Result<(), CoordinatorError> {
+        let world = self.jobs[&key.job].spec.parallel.world_size() as usize;
+        self.update_job(&key.job, now_ms, |job| {
+            if !job.finished_ranks.contains(&key.rank) {
+                job.finished_ranks.push(key.rank);
+            }
+            Ok(())
+        })?;
+        if self.jobs[&key.job].finished_ranks.len() == world {
+            self.store
+                .end_attempt(&key.job, key.attempt, "succeeded", now_ms)?;
+            self.rendezvous.remove(&(key.job.clone(), key.attempt));
+            if self.update_job(&key.job, now_ms, Job::to_succeeded)? {
                 self.note(&key.job, now_ms, "job succeeded")?;
             }
+        }
+        Ok(())
+    }
+
+    /// The live attempt checkpointed and stopped because a worker is draining: it starts
+    /// again elsewhere at once, at no cost to the restart budget.
+    fn requeue_drained(
+        &mut self,
+        id: &JobId,
+        cause: String,
+        now_ms: i64,
+    ) -> Result<(), CoordinatorError> {
+        let attempt = self.jobs[id].attempt;
+        self.end_live_attempt(id, &format!("drained: {cause}"), now_ms)?;
+        if !self.update_job(id, now_ms, |job| job.requeue(cause.clone()))? {
             return Ok(());
         }
-        let job = &self.jobs[&key.job];
-        let host = job
-            .state
-            .placement()
-            .and_then(|p| p.get(key.rank as usize))
-            .cloned();
-        if ExitCode::Drained.is(exit.exit_code) {
-            let cause = if exit.message.is_empty() {
-                format!(
-                    "a worker is draining; rank {} checkpointed and stopped",
-                    key.rank
-                )
-            } else {
-                format!("a worker is draining; rank {}: {}", key.rank, exit.message)
-            };
-            let attempt = job.attempt;
-            self.end_live_attempt(&key.job, &format!("drained: {cause}"), now_ms)?;
-            self.update_job(&key.job, now_ms, |job| job.requeue(cause.clone()))?;
-            return self.note(
-                &key.job,
-                now_ms,
-                &format!(
-                    "attempt {attempt} ended: {cause}; restarting elsewhere from that checkpoint"
-                ),
-            );
-        }
-        // A rank killed by a signal, or orphaned by its daemon, says something about its worker;
-        // a peer's broken collective does not.
-        if let Some(host) = host
-            && (exit.signal.is_some() || ExitCode::Orphaned.is(exit.exit_code))
-        {
-            self.record_worker_failure(&host, now_ms);
-        }
-        let cause = format!("rank {} {}", key.rank, describe_exit(&exit));
-        self.fail_attempt(&key.job, cause, now_ms)
+        self.note(
+            id,
+            now_ms,
+            &format!("attempt {attempt} ended: {cause}; restarting elsewhere from that checkpoint"),
+        )
     }
 
     pub(super) fn record_worker_failure(&mut self, worker: &WorkerId, now_ms: i64) {
@@ -113,21 +105,41 @@ impl Core {
         cause: String,
         now_ms: i64,
     ) -> Result<(), CoordinatorError> {
-        let attempt = self.jobs[id].attempt;
-        self.end_live_attempt(id, &format!("failed: {cause}"), now_ms)?;
-        let mut restarting = false;
-        self.update_job(id, now_ms, |job| {
-            restarting = job.end_attempt_with_error(cause.clone(), now_ms)
-        })?;
         let job = &self.jobs[id];
-        let line = if restarting {
-            format!(
-                "attempt {attempt} failed: {cause}; restarting from the latest checkpoint ({}/{})",
-                job.restarts_since_resume, job.spec.fault_tolerance.max_restarts
-            )
-        } else {
-            format!("attempt {attempt} failed: {cause}; no restarts left, job failed")
+        let attempt = job.attempt;
+        let decision = restart::after_failure(
+            now_ms,
+            &cause,
+            job.restarts_since_resume,
+            &job.spec.fault_tolerance,
+        );
+        self.end_live_attempt(id, &format!("failed: {cause}"), now_ms)?;
+        let (applied, line, reason) = match decision {
+            AfterFailure::Restart {
+                restart,
+                max_restarts,
+                not_before_ms,
+                reason,
+                ..
+            } => (
+                self.update_job(id, now_ms, |job| {
+                    job.to_restarting(cause.clone(), not_before_ms)
+                })?,
+                format!(
+                    "attempt {attempt} failed: {cause}; restarting from the latest checkpoint ({restart}/{max_restarts})"
+                ),
+                reason,
+            ),
+            AfterFailure::GiveUp { error, reason } => (
+                self.update_job(id, now_ms, |job| job.to_failed(error))?,
+                format!("attempt {attempt} failed: {cause}; no restarts left, job failed"),
+                reason,
+            ),
         };
+        if !applied {
+            return Ok(());
+        }
+        tracing::debug!(job = %id, attempt, %reason, "decided after a failed attempt");
         self.note(id, now_ms, &line)
     }
 
@@ -159,19 +171,5 @@ impl Core {
             );
         }
         Ok(())
-    }
-}
-
-/// How a rank ended, for people: "was killed by signal 9", "exited with code 1: …".
-pub(super) fn describe_exit(exit: &RankExit) -> String {
-    let how = match (exit.exit_code, exit.signal) {
-        (_, Some(signal)) => format!("was killed by signal {signal}"),
-        (Some(code), None) => format!("exited with code {code}"),
-        (None, None) => "exited".to_string(),
-    };
-    if exit.message.is_empty() {
-        how
-    } else {
-        format!("{how}: {}", exit.message)
     }
 }

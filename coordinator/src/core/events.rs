@@ -3,7 +3,7 @@
 
 use super::Core;
 use crate::error::CoordinatorError;
-use crate::state::Job;
+use crate::state::{Job, TransitionError};
 use crate::store::EventRow;
 use gantry_core::{Attempt, JobId};
 
@@ -17,20 +17,25 @@ pub enum Update {
 }
 
 impl Core {
-    /// Applies `change` to a job, stores it, and tells watchers.
+    /// Applies `change` to a job, stores it, and tells watchers; returns whether it applied.
+    /// A transition the state diagram lacks changes nothing: the callers ask for one only
+    /// when the job's state allows it, so it is logged as the bug it would be, not raised.
     pub(super) fn update_job(
         &mut self,
         id: &JobId,
         now_ms: i64,
-        change: impl FnOnce(&mut Job),
-    ) -> Result<(), CoordinatorError> {
+        change: impl FnOnce(&mut Job) -> Result<(), TransitionError>,
+    ) -> Result<bool, CoordinatorError> {
         let mut job = self.jobs[id].clone();
-        change(&mut job);
+        if let Err(refused) = change(&mut job) {
+            tracing::warn!(job = %id, error = %refused, "transition refused; job left as it was");
+            return Ok(false);
+        }
         job.updated_at_ms = now_ms;
         self.store.put_job(&job)?;
         let _ = self.updates.send(Update::Job(Box::new(job.clone())));
         self.jobs.insert(id.clone(), job);
-        Ok(())
+        Ok(true)
     }
 
     /// A coordinator line in the job's history (`gantry logs`).

@@ -84,7 +84,7 @@ impl Core {
         self.check_memory(&spec)?;
         self.update_job(id, now_ms, |job| {
             job.spec = spec;
-            job.to_resumed(from_step);
+            job.to_resumed(from_step)
         })?;
         let from = from_step.map_or("the newest checkpoint".to_string(), |s| format!("step {s}"));
         self.note(id, now_ms, &format!("job resumed by hand from {from}"))?;

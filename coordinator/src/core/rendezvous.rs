@@ -62,8 +62,10 @@ impl Core {
                 addresses,
                 nccl_unique_id: table.nccl_unique_id.clone(),
             });
-        if complete.is_some() && matches!(self.jobs[&key.job].state, JobState::Scheduled { .. }) {
-            self.update_job(&key.job, now_ms, Job::to_running)?;
+        if complete.is_some()
+            && matches!(self.jobs[&key.job].state, JobState::Scheduled { .. })
+            && self.update_job(&key.job, now_ms, Job::to_running)?
+        {
             self.note(
                 &key.job,
                 now_ms,

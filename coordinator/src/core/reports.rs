@@ -3,7 +3,7 @@
 
 use super::{Core, RankKey};
 use crate::error::CoordinatorError;
-use crate::state::CheckpointRecord;
+use crate::state::{CheckpointRecord, JobState};
 
 impl Core {
     /// A step of the job's progress rank: the job's numbers, and a sign of life for hang
@@ -21,13 +21,19 @@ impl Core {
         }
         self.last_progress_ms.insert(key.job.clone(), now_ms);
         self.update_job(&key.job, now_ms, |job| {
-            job.to_running();
+            // A step before the rendezvous completed (it is lost when the coordinator
+            // restarts): the ranks run all the same.
+            if matches!(job.state, JobState::Scheduled { .. }) {
+                job.to_running()?;
+            }
             job.step = step;
             job.loss = Some(loss);
             if eval_loss.is_some() {
                 job.eval_loss = eval_loss;
             }
-        })
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// The final evaluation on the test split.
@@ -44,7 +50,9 @@ impl Core {
         self.update_job(&key.job, now_ms, |job| {
             job.test_loss = Some(loss);
             job.test_accuracy = accuracy;
-        })
+            Ok(())
+        })?;
+        Ok(())
     }
 
     /// Lines a rank printed, into the job's history. Late lines of an ended attempt are kept:
@@ -104,7 +112,10 @@ impl Core {
             .as_ref()
             .is_none_or(|c| c.step < step);
         if newer {
-            self.update_job(&key.job, now_ms, |job| job.last_checkpoint = Some(record))?;
+            self.update_job(&key.job, now_ms, |job| {
+                job.last_checkpoint = Some(record);
+                Ok(())
+            })?;
         }
         self.note(
             &key.job,

@@ -62,11 +62,13 @@ impl Core {
                 scheduler::plan(&reliable, mesh).or_else(|_| scheduler::plan(&free, mesh));
             match planned {
                 Ok(placement) => {
+                    if !self.update_job(&id, now_ms, |job| job.to_scheduled(placement.clone()))? {
+                        continue;
+                    }
                     for w in &placement {
                         let slot = free.iter_mut().find(|f| &f.worker == w).expect("planned");
                         slot.free -= 1;
                     }
-                    self.update_job(&id, now_ms, |job| job.to_scheduled(placement.clone()))?;
                     self.last_progress_ms.insert(id.clone(), now_ms);
                     let attempt = self.jobs[&id].attempt;
                     self.store.start_attempt(&id, attempt, &placement, now_ms)?;
@@ -89,7 +91,7 @@ impl Core {
                         .expect("listed")
                         .set_waiting_reason(why)
                     {
-                        self.update_job(&id, now_ms, |_| {})?;
+                        self.update_job(&id, now_ms, |_| Ok(()))?;
                     }
                 }
             }
