@@ -1,8 +1,9 @@
 //! How attempts end: a rank's exit, a failure (restart or give up, as `policy::restart`
 //! decides), a drained worker, and stopping an ended attempt's ranks everywhere.
 
-use super::{Core, FLAKY_FAILURES, FLAKY_WINDOW_MS, RankExit, RankKey};
+use super::{Core, RankExit, RankKey};
 use crate::error::CoordinatorError;
+use crate::policy::avoid::FLAKY_FAILURES;
 use crate::policy::restart::{self, AfterFailure, ExitVerdict};
 use crate::state::Job;
 use gantry_core::{JobId, WorkerId};
@@ -83,19 +84,9 @@ impl Core {
     }
 
     pub(super) fn record_worker_failure(&mut self, worker: &WorkerId, now_ms: i64) {
-        let failures = self.worker_failures.entry(worker.clone()).or_default();
-        failures.retain(|t| now_ms - t < FLAKY_WINDOW_MS);
-        failures.push(now_ms);
-        if failures.len() == FLAKY_FAILURES {
-            tracing::warn!(worker = %worker, "worker failed {FLAKY_FAILURES} times recently; avoiding it where possible");
+        if self.worker_failures.record(worker, now_ms) {
+            tracing::warn!(worker = %worker, failures = FLAKY_FAILURES, "worker failed repeatedly; avoiding it where possible");
         }
-    }
-
-    /// Whether recent failures of its own make `worker` a last resort for placement.
-    pub(super) fn is_flaky(&self, worker: &WorkerId, now_ms: i64) -> bool {
-        self.worker_failures.get(worker).is_some_and(|f| {
-            f.iter().filter(|t| now_ms - **t < FLAKY_WINDOW_MS).count() >= FLAKY_FAILURES
-        })
     }
 
     /// Ends the live attempt because of `cause`; restarts the job if its budget allows.

@@ -1,7 +1,9 @@
-//! What the periodic tick checks: workers whose lease ran out, and attempts that hang.
+//! What the periodic tick checks: workers whose lease ran out, and attempts that hang
+//! (`policy::hang` decides).
 
 use super::Core;
 use crate::error::CoordinatorError;
+use crate::policy::hang::{self, Hang};
 use crate::state::WorkerState;
 use gantry_core::{JobId, WorkerId};
 
@@ -31,25 +33,21 @@ impl Core {
                 self.fail_attempt(&job, format!("worker {id} lost (lease expired)"), now_ms)?;
             }
         }
-        // A placed attempt that has shown no life for its hang timeout is stuck somewhere
-        // collectives' timeouts do not see (a rank spinning, a deadlock outside a collective).
-        let hung: Vec<(JobId, u64)> = self
+        let hung: Vec<(JobId, String)> = self
             .jobs
             .values()
             .filter(|j| j.state.placement().is_some())
             .filter_map(|j| {
-                let limit = j.spec.fault_tolerance.hang_timeout_secs;
-                let since = *self.last_progress_ms.get(&j.id)?;
-                (limit > 0 && now_ms - since > limit as i64 * 1000).then(|| (j.id.clone(), limit))
+                let last_life = self.last_progress_ms.get(&j.id).copied();
+                match hang::check(now_ms, last_life, j.spec.fault_tolerance.hang_timeout_secs) {
+                    Hang::Hung { cause } => Some((j.id.clone(), cause)),
+                    Hang::Alive { .. } | Hang::Unwatched { .. } => None,
+                }
             })
             .collect();
-        for (job, limit) in hung {
+        for (job, cause) in hung {
             self.last_progress_ms.remove(&job);
-            self.fail_attempt(
-                &job,
-                format!("no step reported for {limit} s (hung)"),
-                now_ms,
-            )?;
+            self.fail_attempt(&job, cause, now_ms)?;
         }
         self.schedule(now_ms)
     }

@@ -23,6 +23,7 @@ pub use crate::message::{RankExit, RankKey, WorkerReport};
 
 use self::rendezvous::RendezvousTable;
 use crate::error::CoordinatorError;
+use crate::policy::avoid::FailureLog;
 use crate::state::{Job, Worker, WorkerState};
 use crate::store::Store;
 use gantry_core::{Attempt, JobId, WorkerId};
@@ -75,13 +76,8 @@ pub struct Core {
     /// When each placed job last showed life (placement or a reported step), for hang detection.
     last_progress_ms: HashMap<JobId, i64>,
     /// Recent failures that were a worker's own (its lease expired, its rank was killed).
-    worker_failures: HashMap<WorkerId, Vec<i64>>,
+    worker_failures: FailureLog,
 }
-
-/// A worker with this many failures of its own within [`FLAKY_WINDOW_MS`] is avoided for as
-/// long, when the job fits elsewhere.
-const FLAKY_FAILURES: usize = 2;
-const FLAKY_WINDOW_MS: i64 = 10 * 60 * 1000;
 
 impl Core {
     /// Rebuilds the coordinator's view from the store. Workers get a fresh lease so they have
@@ -112,7 +108,7 @@ impl Core {
             updates,
             draining: HashSet::new(),
             last_progress_ms: HashMap::new(),
-            worker_failures: HashMap::new(),
+            worker_failures: FailureLog::default(),
         })
     }
 

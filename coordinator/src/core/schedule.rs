@@ -1,12 +1,14 @@
 //! The scheduling loop: waiting jobs are placed oldest first, and a job that does not fit
-//! leaves room for later, smaller ones (backfill). Where ranks go is `scheduler::plan`'s call.
+//! leaves room for later, smaller ones (backfill). Where ranks go is `scheduler::plan`'s call;
+//! which workers it may use, `policy::avoid`'s.
 
 use super::Core;
 use crate::error::CoordinatorError;
-use crate::scheduler::{self, FreeSlots};
+use crate::policy::avoid::{self, Candidate};
+use crate::scheduler;
 use gantry_core::{JobId, Mesh, Rank, WorkerId};
 use gantry_proto::v1 as pb;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 impl Core {
     pub(super) fn used_slots(&self) -> HashMap<WorkerId, u32> {
@@ -23,29 +25,26 @@ impl Core {
     /// smaller jobs may still start (backfill).
     pub(super) fn schedule(&mut self, now_ms: i64) -> Result<(), CoordinatorError> {
         let used = self.used_slots();
-        let mut free: Vec<FreeSlots> = self
+        let candidates: Vec<Candidate> = self
             .workers
             .values()
-            .filter(|w| {
-                w.is_alive() && self.sessions.contains_key(&w.id) && !self.draining.contains(&w.id)
-            })
-            .map(|w| FreeSlots {
+            .map(|w| Candidate {
                 worker: w.id.clone(),
                 free: w
                     .slots
                     .saturating_sub(used.get(&w.id).copied().unwrap_or(0)),
+                alive: w.is_alive(),
+                connected: self.sessions.contains_key(&w.id),
+                draining: self.draining.contains(&w.id),
+                recent_failures: self.worker_failures.recent(&w.id, now_ms),
             })
             .collect();
+        let mut pools = avoid::pools(&candidates);
         let waiting: Vec<JobId> = self
             .order
             .iter()
             .filter(|id| self.jobs[*id].state.wants_slots())
             .cloned()
-            .collect();
-        let flaky: HashSet<WorkerId> = free
-            .iter()
-            .filter(|f| self.is_flaky(&f.worker, now_ms))
-            .map(|f| f.worker.clone())
             .collect();
         for id in waiting {
             if self.jobs[&id].not_before_ms > now_ms {
@@ -53,20 +52,19 @@ impl Core {
             }
             let p = self.jobs[&id].spec.parallel;
             let mesh = Mesh::new(p.dp, p.tp, p.pp);
-            let reliable: Vec<FreeSlots> = free
-                .iter()
-                .filter(|f| !flaky.contains(&f.worker))
-                .cloned()
-                .collect();
-            let planned =
-                scheduler::plan(&reliable, mesh).or_else(|_| scheduler::plan(&free, mesh));
+            let planned = scheduler::plan(&pools.preferred(), mesh)
+                .or_else(|_| scheduler::plan(&pools.usable, mesh));
             match planned {
                 Ok(placement) => {
                     if !self.update_job(&id, now_ms, |job| job.to_scheduled(placement.clone()))? {
                         continue;
                     }
                     for w in &placement {
-                        let slot = free.iter_mut().find(|f| &f.worker == w).expect("planned");
+                        let slot = pools
+                            .usable
+                            .iter_mut()
+                            .find(|f| &f.worker == w)
+                            .expect("planned");
                         slot.free -= 1;
                     }
                     self.last_progress_ms.insert(id.clone(), now_ms);

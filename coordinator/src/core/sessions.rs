@@ -3,8 +3,9 @@
 
 use super::{Core, RankKey, Session, SessionSender, WorkerReport};
 use crate::error::CoordinatorError;
-use crate::state::{JobState, Worker, WorkerState};
-use gantry_core::{JobId, Rank, WorkerId};
+use crate::policy::reconcile::{self, Action};
+use crate::state::{Worker, WorkerState};
+use gantry_core::WorkerId;
 use gantry_proto::v1 as pb;
 
 impl Core {
@@ -149,64 +150,34 @@ impl Core {
         Ok(())
     }
 
-    /// Brings a reconnected worker's ranks in line with the live attempts.
+    /// Brings a reconnected worker's ranks in line with the live attempts, as
+    /// `policy::reconcile` decides.
     pub(super) fn reconcile(
         &mut self,
         worker: &WorkerId,
         running: &[RankKey],
         now_ms: i64,
     ) -> Result<(), CoordinatorError> {
-        for key in running {
-            if !self.is_live(key) {
-                let below = self
-                    .jobs
-                    .get(&key.job)
-                    .filter(|j| !j.state.is_terminal())
-                    .map_or(u64::MAX, |j| j.attempt);
-                self.send(
+        for action in reconcile::reconcile(worker, running, &self.jobs) {
+            match action {
+                Action::Stop {
+                    job,
+                    below_attempt,
+                    reason,
+                } => self.send(
                     worker,
                     pb::coordinator_message::Body::Stop(pb::StopRanks {
-                        job_id: key.job.0.clone(),
-                        below_attempt: below.max(key.attempt + 1),
-                        reason: "stale attempt".into(),
+                        job_id: job.0,
+                        below_attempt,
+                        reason: reason.into(),
                     }),
-                );
-            }
-        }
-        let expected: Vec<(JobId, Rank, bool)> = self
-            .jobs
-            .values()
-            .filter_map(|j| j.state.placement().map(|p| (j, p)))
-            .flat_map(|(j, p)| {
-                p.iter()
-                    .enumerate()
-                    .filter(|(rank, w)| *w == worker && !j.finished_ranks.contains(&(*rank as u32)))
-                    .map(|(rank, _)| {
-                        (
-                            j.id.clone(),
-                            rank as Rank,
-                            matches!(j.state, JobState::Running { .. }),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        for (job, rank, running_state) in expected {
-            let attempt = self.jobs[&job].attempt;
-            if running
-                .iter()
-                .any(|k| k.job == job && k.attempt == attempt && k.rank == rank)
-            {
-                continue;
-            }
-            if running_state {
-                self.fail_attempt(
-                    &job,
-                    format!("rank {rank} is no longer running on worker {worker}"),
-                    now_ms,
-                )?;
-            } else {
-                self.send_assignment(&job, rank, worker);
+                ),
+                Action::Resend { job, rank, reason } => {
+                    tracing::info!(job = %job, rank, worker = %worker, "resending an assignment: {reason}");
+                    self.send_assignment(&job, rank, worker);
+                }
+                Action::FailAttempt { job, cause } => self.fail_attempt(&job, cause, now_ms)?,
+                Action::Continue { .. } => {}
             }
         }
         Ok(())
