@@ -1,13 +1,14 @@
 //! The core driven directly, with virtual workers and an injected clock: no sockets, no sleeps.
 
-use crate::core::{Core, CoreOptions, RankExit, RankKey, WorkerReport};
+use crate::convert;
+use crate::core::{Core, CoreOptions, RankExit, RankKey, WorkerCommand, WorkerReport};
 use crate::state::JobState;
 use crate::store::Store;
 use gantry_core::{JobId, WorkerId};
 use gantry_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-type Inbox = mpsc::UnboundedReceiver<Result<pb::CoordinatorMessage, tonic::Status>>;
+type Inbox = mpsc::UnboundedReceiver<WorkerCommand>;
 
 fn options() -> CoreOptions {
     CoreOptions {
@@ -41,8 +42,9 @@ fn join(core: &mut Core, name: &str, now: i64) -> (WorkerId, Inbox) {
 
 fn assignments(inbox: &mut Inbox) -> Vec<pb::RankKey> {
     let mut out = Vec::new();
-    while let Ok(Ok(msg)) = inbox.try_recv() {
-        if let Some(pb::coordinator_message::Body::Assign(a)) = msg.body {
+    while let Ok(command) = inbox.try_recv() {
+        // As its worker receives it, so the encoding is checked too.
+        if let Some(pb::coordinator_message::Body::Assign(a)) = convert::command(command).body {
             out.push(a.key.unwrap());
         }
     }

@@ -1,7 +1,8 @@
-//! What workers report to the core, as plain core types; `convert.rs` decodes them from the
-//! wire, so the core never sees a proto message.
+//! What workers report to the core and what the core tells workers to do, as plain core types.
+//! `convert.rs` maps them from and to the wire; the core never sees a proto message, so its
+//! decisions can be tested without gRPC.
 
-use gantry_core::{Attempt, JobId, Rank};
+use gantry_core::{Attempt, JobId, JobSpec, Rank};
 
 /// Identifies one rank of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,4 +57,26 @@ pub enum WorkerReport {
         loss: f64,
         accuracy: Option<f64>,
     },
+}
+
+/// What the core tells one worker to do, down its session stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerCommand {
+    /// Start one rank of an attempt.
+    Assign(Assignment),
+    /// Stop every rank of `job` whose attempt is below `below_attempt`.
+    Stop {
+        job: JobId,
+        below_attempt: Attempt,
+        reason: String,
+    },
+}
+
+/// One rank's assignment: the spec it trains and where it resumes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub key: RankKey,
+    pub spec: JobSpec,
+    /// The checkpoint step a manual resume pinned; none: the newest.
+    pub resume_step: Option<u64>,
 }

@@ -1,13 +1,12 @@
 //! How attempts end: a rank's exit, a failure (restart or give up, as `policy::restart`
 //! decides), a drained worker, and stopping an ended attempt's ranks everywhere.
 
-use super::{Core, RankExit, RankKey};
+use super::{Core, RankExit, RankKey, WorkerCommand};
 use crate::error::CoordinatorError;
 use crate::policy::avoid::FLAKY_FAILURES;
 use crate::policy::restart::{self, AfterFailure, ExitVerdict};
 use crate::state::Job;
 use gantry_core::{JobId, WorkerId};
-use gantry_proto::v1 as pb;
 
 impl Core {
     pub(super) fn on_rank_exit(
@@ -154,11 +153,11 @@ impl Core {
         for host in hosts {
             self.send(
                 &host,
-                pb::coordinator_message::Body::Stop(pb::StopRanks {
-                    job_id: id.0.clone(),
+                WorkerCommand::Stop {
+                    job: id.clone(),
                     below_attempt: attempt + 1,
                     reason: outcome.to_string(),
-                }),
+                },
             );
         }
         Ok(())

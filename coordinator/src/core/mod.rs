@@ -19,7 +19,7 @@ mod sessions;
 
 pub use self::events::Update;
 pub use self::rendezvous::PeerTable;
-pub use crate::message::{RankExit, RankKey, WorkerReport};
+pub use crate::message::{Assignment, RankExit, RankKey, WorkerCommand, WorkerReport};
 
 use self::rendezvous::RendezvousTable;
 use crate::error::CoordinatorError;
@@ -27,13 +27,12 @@ use crate::policy::avoid::FailureLog;
 use crate::state::{Job, Worker, WorkerState};
 use crate::store::Store;
 use gantry_core::{Attempt, JobId, WorkerId};
-use gantry_proto::v1 as pb;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use tokio::sync::{broadcast, mpsc};
 
-/// What goes down a worker's session stream.
-pub type SessionSender = mpsc::UnboundedSender<Result<pb::CoordinatorMessage, tonic::Status>>;
+/// Where a worker's commands go; the service encodes them onto its session stream.
+pub type SessionSender = mpsc::UnboundedSender<WorkerCommand>;
 
 #[derive(Debug, Clone)]
 pub struct CoreOptions {

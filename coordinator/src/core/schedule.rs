@@ -2,12 +2,11 @@
 //! leaves room for later, smaller ones (backfill). Where ranks go is `scheduler::plan`'s call;
 //! which workers it may use, `policy::avoid`'s.
 
-use super::Core;
+use super::{Assignment, Core, RankKey, WorkerCommand};
 use crate::error::CoordinatorError;
 use crate::policy::avoid::{self, Candidate};
 use crate::scheduler;
 use gantry_core::{JobId, Mesh, Rank, WorkerId};
-use gantry_proto::v1 as pb;
 use std::collections::HashMap;
 
 impl Core {
@@ -99,22 +98,15 @@ impl Core {
 
     pub(super) fn send_assignment(&mut self, id: &JobId, rank: Rank, worker: &WorkerId) {
         let job = &self.jobs[id];
-        let p = job.spec.parallel;
-        let assign = pb::Assignment {
-            key: Some(pb::RankKey {
-                job_id: id.0.clone(),
+        let assignment = Assignment {
+            key: RankKey {
+                job: id.clone(),
                 attempt: job.attempt,
                 rank,
-            }),
-            world_size: p.world_size(),
-            parallel: Some(pb::Parallel {
-                dp: p.dp,
-                tp: p.tp,
-                pp: p.pp,
-            }),
-            spec_json: job.spec.to_json(),
+            },
+            spec: job.spec.clone(),
             resume_step: job.resume_step,
         };
-        self.send(worker, pb::coordinator_message::Body::Assign(assign));
+        self.send(worker, WorkerCommand::Assign(assignment));
     }
 }

@@ -1,12 +1,11 @@
 //! Workers and their sessions: registration, the session stream commands go down, each
 //! message a worker sends, and reconciling a reconnected worker's ranks with the live attempts.
 
-use super::{Core, RankKey, Session, SessionSender, WorkerReport};
+use super::{Core, RankKey, Session, SessionSender, WorkerCommand, WorkerReport};
 use crate::error::CoordinatorError;
 use crate::policy::reconcile::{self, Action};
 use crate::state::{Worker, WorkerState};
 use gantry_core::WorkerId;
-use gantry_proto::v1 as pb;
 
 impl Core {
     pub fn register(
@@ -166,11 +165,11 @@ impl Core {
                     reason,
                 } => self.send(
                     worker,
-                    pb::coordinator_message::Body::Stop(pb::StopRanks {
-                        job_id: job.0,
+                    WorkerCommand::Stop {
+                        job,
                         below_attempt,
                         reason: reason.into(),
-                    }),
+                    },
                 ),
                 Action::Resend { job, rank, reason } => {
                     tracing::info!(job = %job, rank, worker = %worker, "resending an assignment: {reason}");
@@ -183,12 +182,12 @@ impl Core {
         Ok(())
     }
 
-    pub(super) fn send(&mut self, worker: &WorkerId, body: pb::coordinator_message::Body) {
-        if let Some(session) = self.sessions.get(worker) {
-            let msg = pb::CoordinatorMessage { body: Some(body) };
-            if session.tx.send(Ok(msg)).is_err() {
-                self.sessions.remove(worker);
-            }
+    /// Sends `command` down `worker`'s session, if it has one open; a closed one is dropped.
+    pub(super) fn send(&mut self, worker: &WorkerId, command: WorkerCommand) {
+        if let Some(session) = self.sessions.get(worker)
+            && session.tx.send(command).is_err()
+        {
+            self.sessions.remove(worker);
         }
     }
 }
