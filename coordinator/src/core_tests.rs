@@ -408,3 +408,56 @@ fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() 
     core.on_worker_message(&w, report(1, 300), 60).unwrap();
     assert_eq!(last_checkpoint(&core).step, 200);
 }
+
+#[test]
+fn a_running_attempt_gets_a_hang_deadline_when_the_coordinator_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let ft = r#"{"max_restarts":1,"restart_backoff_secs":0.0,"hang_timeout_secs":3}"#;
+    let job = {
+        let mut core = Core::load(Store::open(&db).unwrap(), options(), 0).unwrap();
+        let (w, _inbox) = join(&mut core, "w", 0);
+        let job = core.submit(&spec_with(1, ft), 0).unwrap().id;
+        let progress = WorkerReport::Progress {
+            key: key(&job, 1, 0),
+            step: 1,
+            loss: 1.0,
+            eval_loss: None,
+        };
+        core.on_worker_message(&w, progress, 100).unwrap();
+        assert!(matches!(
+            core.job(&job).unwrap().state,
+            JobState::Running { .. }
+        ));
+        job
+    };
+    // The coordinator comes back at 10 s, long after the last step: the attempt is not
+    // declared hung for the time it was away, but its deadline runs from the restart.
+    let mut core = Core::load(Store::open(&db).unwrap(), options(), 10_000).unwrap();
+    let (w, _inbox) = join(&mut core, "w", 10_000);
+    let running = WorkerReport::Running {
+        ranks: vec![key(&job, 1, 0)],
+        exited: vec![],
+    };
+    core.on_worker_message(&w, running, 10_000).unwrap();
+    for t in [10_000, 10_900, 11_800, 12_700, 13_000] {
+        core.on_worker_message(&w, WorkerReport::Heartbeat, t)
+            .unwrap();
+        core.tick(t).unwrap();
+    }
+    assert_eq!(
+        core.job(&job).unwrap().state.name(),
+        "Running",
+        "not hung yet"
+    );
+    core.on_worker_message(&w, WorkerReport::Heartbeat, 13_001)
+        .unwrap();
+    core.tick(13_001).unwrap();
+    let history = core.events_after(&job, 0, 100).unwrap();
+    assert!(
+        history.iter().any(|e| e
+            .line
+            .contains("attempt 1 failed: no step reported for 3 s (hung)")),
+        "{history:?}"
+    );
+}

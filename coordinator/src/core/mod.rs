@@ -80,10 +80,17 @@ pub struct Core {
 
 impl Core {
     /// Rebuilds the coordinator's view from the store. Workers get a fresh lease so they have
-    /// time to reconnect before they are declared lost.
+    /// time to reconnect before they are declared lost, and placed attempts a fresh hang
+    /// deadline: when they last showed life was not stored, and a hung attempt must not go
+    /// unwatched until it reports a step it may never report.
     pub fn load(store: Store, options: CoreOptions, now_ms: i64) -> Result<Self, CoordinatorError> {
         let jobs_list = store.jobs()?;
         let order = jobs_list.iter().map(|j| j.id.clone()).collect();
+        let last_progress_ms = jobs_list
+            .iter()
+            .filter(|j| j.state.placement().is_some())
+            .map(|j| (j.id.clone(), now_ms))
+            .collect();
         let jobs = jobs_list.into_iter().map(|j| (j.id.clone(), j)).collect();
         let mut workers = BTreeMap::new();
         for mut w in store.workers()? {
@@ -106,7 +113,7 @@ impl Core {
             rendezvous: HashMap::new(),
             updates,
             draining: HashSet::new(),
-            last_progress_ms: HashMap::new(),
+            last_progress_ms,
             worker_failures: FailureLog::default(),
         })
     }
