@@ -4,7 +4,7 @@
 use super::Core;
 use crate::error::CoordinatorError;
 use crate::state::{Job, TransitionError};
-use crate::store::EventRow;
+use crate::store::{EventRow, Progress};
 use gantry_core::{Attempt, JobId};
 
 /// Something that happened to a job, for watchers.
@@ -36,6 +36,30 @@ impl Core {
         let _ = self.updates.send(Update::Job(Box::new(job.clone())));
         self.jobs.insert(id.clone(), job);
         Ok(true)
+    }
+
+    /// Records a step of the job's progress: the store's narrow write (no document, no spec),
+    /// then the cache, then watchers.
+    pub(super) fn record_progress(
+        &mut self,
+        id: &JobId,
+        now_ms: i64,
+        step: u64,
+        loss: f64,
+        eval_loss: Option<f64>,
+    ) -> Result<(), CoordinatorError> {
+        let job = &self.jobs[id];
+        let progress = Progress {
+            step,
+            loss: Some(loss),
+            eval_loss: eval_loss.or(job.eval_loss),
+            updated_at_ms: now_ms,
+        };
+        self.store.put_progress(id, &progress)?;
+        let job = self.jobs.get_mut(id).expect("indexed above");
+        progress.apply(job);
+        let _ = self.updates.send(Update::Job(Box::new(job.clone())));
+        Ok(())
     }
 
     /// A coordinator line in the job's history (`gantry logs`).

@@ -20,12 +20,13 @@ impl Core {
             return Ok(());
         }
         self.last_progress_ms.insert(key.job.clone(), now_ms);
+        if !matches!(self.jobs[&key.job].state, JobState::Scheduled { .. }) {
+            return self.record_progress(&key.job, now_ms, step, loss, eval_loss);
+        }
+        // A step before the rendezvous completed (it is lost when the coordinator restarts):
+        // the ranks run all the same, and the state change needs the whole job written.
         self.update_job(&key.job, now_ms, |job| {
-            // A step before the rendezvous completed (it is lost when the coordinator
-            // restarts): the ranks run all the same.
-            if matches!(job.state, JobState::Scheduled { .. }) {
-                job.to_running()?;
-            }
+            job.to_running()?;
             job.step = step;
             job.loss = Some(loss);
             if eval_loss.is_some() {
