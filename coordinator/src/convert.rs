@@ -107,6 +107,7 @@ pub fn command(command: WorkerCommand) -> pb::CoordinatorMessage {
     use pb::coordinator_message::Body;
     let body = match command {
         WorkerCommand::Assign(a) => {
+            let a = *a;
             let p = a.spec.parallel;
             Body::Assign(pb::Assignment {
                 key: Some(pb::RankKey {

@@ -62,8 +62,8 @@ pub enum WorkerReport {
 /// What the core tells one worker to do, down its session stream.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerCommand {
-    /// Start one rank of an attempt.
-    Assign(Assignment),
+    /// Start one rank of an attempt (boxed: it carries the whole spec, and stops are many).
+    Assign(Box<Assignment>),
     /// Stop every rank of `job` whose attempt is below `below_attempt`.
     Stop {
         job: JobId,

@@ -91,10 +91,10 @@ impl Core {
         // Fencing: only the job's newest attempt may advance its checkpoint. That attempt may
         // have ended (cancelled, or failed and backing off) after its rank 0 committed: no
         // newer attempt has fenced the store, so the commit stands.
-        if !self
+        if self
             .jobs
             .get(&key.job)
-            .is_some_and(|j| j.attempt == key.attempt)
+            .is_none_or(|j| j.attempt != key.attempt)
         {
             tracing::warn!(job = %key.job, attempt = key.attempt, "refused checkpoint from a stale attempt");
             return Ok(());

@@ -107,6 +107,6 @@ impl Core {
             spec: job.spec.clone(),
             resume_step: job.resume_step,
         };
-        self.send(worker, WorkerCommand::Assign(assignment));
+        self.send(worker, WorkerCommand::Assign(Box::new(assignment)));
     }
 }
