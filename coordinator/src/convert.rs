@@ -1,8 +1,8 @@
 //! Conversions between the wire types and the core's types. Proto fields are never unwrapped:
 //! a missing or empty one is an INVALID_ARGUMENT that names it.
 
-use crate::core::{RankExit, RankKey, WorkerReport};
 use crate::error::CoordinatorError;
+use crate::message::{RankExit, RankKey, WorkerCommand, WorkerReport};
 use crate::state::{CheckpointRecord, Job, JobState, Worker};
 use crate::store::{AttemptRow, EventRow};
 use gantry_core::JobId;
@@ -100,6 +100,42 @@ pub fn worker_report(
             }
         }
     })
+}
+
+/// A command of the core as its worker receives it.
+pub fn command(command: WorkerCommand) -> pb::CoordinatorMessage {
+    use pb::coordinator_message::Body;
+    let body = match command {
+        WorkerCommand::Assign(a) => {
+            let a = *a;
+            let p = a.spec.parallel;
+            Body::Assign(pb::Assignment {
+                key: Some(pb::RankKey {
+                    job_id: a.key.job.0,
+                    attempt: a.key.attempt,
+                    rank: a.key.rank,
+                }),
+                world_size: p.world_size(),
+                parallel: Some(pb::Parallel {
+                    dp: p.dp,
+                    tp: p.tp,
+                    pp: p.pp,
+                }),
+                spec_json: a.spec.to_json(),
+                resume_step: a.resume_step,
+            })
+        }
+        WorkerCommand::Stop {
+            job,
+            below_attempt,
+            reason,
+        } => Body::Stop(pb::StopRanks {
+            job_id: job.0,
+            below_attempt,
+            reason,
+        }),
+    };
+    pb::CoordinatorMessage { body: Some(body) }
 }
 
 pub fn job(job: &Job) -> pb::Job {

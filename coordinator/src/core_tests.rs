@@ -1,13 +1,14 @@
 //! The core driven directly, with virtual workers and an injected clock: no sockets, no sleeps.
 
-use crate::core::{Core, CoreOptions, RankExit, RankKey, WorkerReport};
+use crate::convert;
+use crate::core::{Core, CoreOptions, RankExit, RankKey, WorkerCommand, WorkerReport};
 use crate::state::JobState;
 use crate::store::Store;
 use gantry_core::{JobId, WorkerId};
 use gantry_proto::v1 as pb;
 use tokio::sync::mpsc;
 
-type Inbox = mpsc::UnboundedReceiver<Result<pb::CoordinatorMessage, tonic::Status>>;
+type Inbox = mpsc::UnboundedReceiver<WorkerCommand>;
 
 fn options() -> CoreOptions {
     CoreOptions {
@@ -41,8 +42,9 @@ fn join(core: &mut Core, name: &str, now: i64) -> (WorkerId, Inbox) {
 
 fn assignments(inbox: &mut Inbox) -> Vec<pb::RankKey> {
     let mut out = Vec::new();
-    while let Ok(Ok(msg)) = inbox.try_recv() {
-        if let Some(pb::coordinator_message::Body::Assign(a)) = msg.body {
+    while let Ok(command) = inbox.try_recv() {
+        // As its worker receives it, so the encoding is checked too.
+        if let Some(pb::coordinator_message::Body::Assign(a)) = convert::command(command).body {
             out.push(a.key.unwrap());
         }
     }
@@ -405,4 +407,57 @@ fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() 
     assert_eq!(core.job(&job).unwrap().attempt, 2);
     core.on_worker_message(&w, report(1, 300), 60).unwrap();
     assert_eq!(last_checkpoint(&core).step, 200);
+}
+
+#[test]
+fn a_running_attempt_gets_a_hang_deadline_when_the_coordinator_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let ft = r#"{"max_restarts":1,"restart_backoff_secs":0.0,"hang_timeout_secs":3}"#;
+    let job = {
+        let mut core = Core::load(Store::open(&db).unwrap(), options(), 0).unwrap();
+        let (w, _inbox) = join(&mut core, "w", 0);
+        let job = core.submit(&spec_with(1, ft), 0).unwrap().id;
+        let progress = WorkerReport::Progress {
+            key: key(&job, 1, 0),
+            step: 1,
+            loss: 1.0,
+            eval_loss: None,
+        };
+        core.on_worker_message(&w, progress, 100).unwrap();
+        assert!(matches!(
+            core.job(&job).unwrap().state,
+            JobState::Running { .. }
+        ));
+        job
+    };
+    // The coordinator comes back at 10 s, long after the last step: the attempt is not
+    // declared hung for the time it was away, but its deadline runs from the restart.
+    let mut core = Core::load(Store::open(&db).unwrap(), options(), 10_000).unwrap();
+    let (w, _inbox) = join(&mut core, "w", 10_000);
+    let running = WorkerReport::Running {
+        ranks: vec![key(&job, 1, 0)],
+        exited: vec![],
+    };
+    core.on_worker_message(&w, running, 10_000).unwrap();
+    for t in [10_000, 10_900, 11_800, 12_700, 13_000] {
+        core.on_worker_message(&w, WorkerReport::Heartbeat, t)
+            .unwrap();
+        core.tick(t).unwrap();
+    }
+    assert_eq!(
+        core.job(&job).unwrap().state.name(),
+        "Running",
+        "not hung yet"
+    );
+    core.on_worker_message(&w, WorkerReport::Heartbeat, 13_001)
+        .unwrap();
+    core.tick(13_001).unwrap();
+    let history = core.events_after(&job, 0, 100).unwrap();
+    assert!(
+        history.iter().any(|e| e
+            .line
+            .contains("attempt 1 failed: no step reported for 3 s (hung)")),
+        "{history:?}"
+    );
 }

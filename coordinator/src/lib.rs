@@ -1,13 +1,16 @@
 //! Gantry's coordinator: durable job state, gang scheduling, worker leases and rendezvous.
 //!
-//! `core` owns the state and makes every decision; `scheduler` is the pure placement function;
-//! `service` adapts gRPC to the core; `store` is the SQLite database the core caches.
+//! `core` owns the state and carries out every decision; `scheduler` is the pure placement
+//! function; `message` holds what workers report, in core types; `service` adapts gRPC to the
+//! core; `store` is the SQLite database the core caches.
 
 pub mod config;
 pub mod convert;
 pub mod core;
 pub mod error;
+pub mod message;
 pub mod metrics;
+pub mod policy;
 pub mod scheduler;
 pub mod service;
 pub mod state;

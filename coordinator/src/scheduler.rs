@@ -59,6 +59,7 @@ pub fn plan(workers: &[FreeSlots], mesh: Mesh) -> Result<Vec<WorkerId>, Unplacea
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::collections::HashMap;
 
     fn workers(free: &[u32]) -> Vec<FreeSlots> {
@@ -71,25 +72,48 @@ mod tests {
             .collect()
     }
 
-    /// Post-conditions of any successful plan.
-    fn check(workers: &[FreeSlots], mesh: Mesh, placement: &[WorkerId]) {
-        assert_eq!(placement.len() as u32, mesh.world_size());
+    /// Post-conditions of any successful plan, read off `plan`'s contract.
+    fn check(
+        workers: &[FreeSlots],
+        mesh: Mesh,
+        placement: &[WorkerId],
+    ) -> Result<(), TestCaseError> {
+        // Gang: every rank has a worker.
+        prop_assert_eq!(placement.len() as u32, mesh.world_size());
+        // No worker gets more ranks than it has free slots (and an unknown or full one none).
         let mut used: HashMap<&WorkerId, u32> = HashMap::new();
         for w in placement {
             *used.entry(w).or_default() += 1;
         }
-        for (w, n) in used {
-            let cap = workers.iter().find(|f| &f.worker == w).unwrap().free;
-            assert!(n <= cap, "{w} over capacity: {n} > {cap}");
+        for (w, n) in &used {
+            let cap = workers
+                .iter()
+                .find(|f| &f.worker == *w)
+                .map_or(0, |f| f.free);
+            prop_assert!(*n <= cap, "{} over capacity: {} > {}", w, n, cap);
         }
-        // A TP group is co-located whenever any worker could hold it.
-        if workers.iter().all(|w| w.free % mesh.tp == 0) {
-            for rank in (0..mesh.world_size()).step_by(mesh.tp as usize) {
-                let group = mesh.tp_group(rank);
-                let first = &placement[group[0] as usize];
-                assert!(group.iter().all(|r| &placement[*r as usize] == first));
+        // Tensor-parallel groups (consecutive ranks, TP innermost as Megatron lays them out)
+        // are placed in rank order; a group is split over workers only when, after the groups
+        // before it, no worker had room for all of it.
+        for first in (0..mesh.world_size()).step_by(mesh.tp as usize) {
+            let group = mesh.tp_group(first);
+            let host = &placement[group[0] as usize];
+            if group.iter().all(|r| &placement[*r as usize] == host) {
+                continue;
+            }
+            let before = &placement[..first as usize];
+            for w in workers {
+                let left = w.free - before.iter().filter(|p| **p == w.worker).count() as u32;
+                prop_assert!(
+                    left < mesh.tp,
+                    "tp group of rank {} split although {} had {} free",
+                    first,
+                    w.worker,
+                    left
+                );
             }
         }
+        Ok(())
     }
 
     #[test]
@@ -102,29 +126,67 @@ mod tests {
     fn dp_spreads_over_single_slot_workers() {
         let ws = workers(&[1, 1, 1]);
         let p = plan(&ws, Mesh::new(2, 1, 1)).unwrap();
-        check(&ws, Mesh::new(2, 1, 1), &p);
+        check(&ws, Mesh::new(2, 1, 1), &p).unwrap();
         assert_ne!(p[0], p[1]);
     }
 
     #[test]
-    fn random_clusters_satisfy_the_post_conditions() {
-        // A small deterministic generator: the property is checked on many shapes.
-        let mut state = 0x9e3779b97f4a7c15u64;
-        let mut next = |n: u32| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state % n as u64) as u32
-        };
-        for _ in 0..2000 {
-            let n_workers = 1 + next(6);
-            let free: Vec<u32> = (0..n_workers).map(|_| next(9)).collect();
-            let ws = workers(&free);
-            let mesh = Mesh::new(1 + next(3), 1 + next(4), 1 + next(3));
+    fn replicas_pack_onto_the_roomiest_worker_first() {
+        let ws = workers(&[2, 4]);
+        let p = plan(&ws, Mesh::new(2, 2, 1)).unwrap();
+        let names: Vec<&str> = p.iter().map(|w| w.0.as_str()).collect();
+        assert_eq!(names, ["w1", "w1", "w1", "w1"]);
+    }
+
+    fn clusters() -> impl Strategy<Value = Vec<FreeSlots>> {
+        prop::collection::vec(0u32..9, 1..7).prop_map(|free| workers(&free))
+    }
+
+    fn meshes() -> impl Strategy<Value = Mesh> {
+        (1u32..4, 1u32..5, 1u32..4).prop_map(|(dp, tp, pp)| Mesh::new(dp, tp, pp))
+    }
+
+    proptest! {
+        /// A job is placed exactly when the free slots suffice, and then whole and within
+        /// every worker's room, its tensor-parallel groups together where they can be.
+        #[test]
+        fn every_plan_meets_the_post_conditions(ws in clusters(), mesh in meshes()) {
+            let free: u32 = ws.iter().map(|w| w.free).sum();
             match plan(&ws, mesh) {
-                Ok(p) => check(&ws, mesh, &p),
-                Err(e) => assert!(free.iter().sum::<u32>() < mesh.world_size(), "{e}"),
+                Ok(p) => check(&ws, mesh, &p)?,
+                Err(e) => {
+                    prop_assert!(free < mesh.world_size(), "refused with room: {}", e);
+                    prop_assert_eq!(e, Unplaceable { needed: mesh.world_size(), free });
+                }
             }
+        }
+
+        /// When every worker's room is a whole number of tensor-parallel groups, no group is
+        /// ever split.
+        #[test]
+        fn tp_groups_are_never_split_when_slots_come_in_groups(
+            groups in prop::collection::vec(0u32..4, 1..6),
+            mesh in meshes(),
+        ) {
+            let free: Vec<u32> = groups.iter().map(|g| g * mesh.tp).collect();
+            let ws = workers(&free);
+            if let Ok(p) = plan(&ws, mesh) {
+                for first in (0..mesh.world_size()).step_by(mesh.tp as usize) {
+                    let group = mesh.tp_group(first);
+                    let host = &p[group[0] as usize];
+                    prop_assert!(group.iter().all(|r| &p[*r as usize] == host));
+                }
+            }
+        }
+
+        /// The placement depends on the workers and their room, not on the order they are
+        /// listed in: the same cluster gives the same plan, so a replan is stable.
+        #[test]
+        fn a_plan_does_not_depend_on_the_order_of_the_workers(
+            (ws, shuffled) in clusters().prop_flat_map(|ws| (Just(ws.clone()), Just(ws).prop_shuffle())),
+            mesh in meshes(),
+        ) {
+            prop_assert_eq!(plan(&ws, mesh), plan(&shuffled, mesh));
         }
     }
 }

@@ -10,8 +10,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 /// Where time comes from; tests may supply their own.
@@ -256,9 +256,12 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         }
         let worker = WorkerId(first.worker_id);
         let report = convert::worker_report(first.body)?;
-        let (tx, rx) = mpsc::unbounded_channel();
+        // The core holds the only sender of commands, so the stream ends when it lets the
+        // session go; an error closing the session follows the commands sent before it.
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (closing, closing_rx) = mpsc::unbounded_channel::<Status>();
         let session = self.0.with(|core, now| {
-            let session = core.open_session(&worker, tx.clone(), now)?;
+            let session = core.open_session(&worker, commands, now)?;
             core.on_worker_message(&worker, report, now)?;
             Ok::<_, CoordinatorError>(session)
         })?;
@@ -284,13 +287,16 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 });
                 if let Err(status) = outcome {
                     tracing::warn!(worker = %worker, error = %status, "closing session on a bad message");
-                    let _ = tx.send(Err(status));
+                    let _ = closing.send(status);
                     break;
                 }
             }
             handle.with(|core, _| core.close_session(&worker, session));
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+        let outbound = UnboundedReceiverStream::new(command_rx)
+            .map(|command| Ok(convert::command(command)))
+            .chain(UnboundedReceiverStream::new(closing_rx).map(Err));
+        Ok(Response::new(Box::pin(outbound)))
     }
 
     async fn rendezvous(

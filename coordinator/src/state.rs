@@ -7,11 +7,22 @@
 //!     ▲                     │  ▲                                  │
 //!     │ resume              │  └──────── schedule ─────┐          │ rank exit / worker lost
 //!     │                     ▼                          │          ▼
-//!  Failed | Cancelled ◀── attempt ends, no restarts ── Restarting ◀┘ (restarts left)
+//!  Failed | Cancelled ◀── attempt ends, no restarts ── Restarting ◀┘ (restarts left, or drained)
 //! ```
+//!
+//! Any job that has not ended can be cancelled. A transition the diagram lacks returns a
+//! [`TransitionError`] and leaves the job unchanged.
 
 use gantry_core::{Attempt, JobId, JobSpec, WorkerId};
 use serde::{Deserialize, Serialize};
+
+/// A transition the state diagram does not have; the job is left as it was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a {from} job cannot become {to}")]
+pub struct TransitionError {
+    pub from: &'static str,
+    pub to: &'static str,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state")]
@@ -138,73 +149,101 @@ impl Job {
     }
 
     /// Starts the next attempt on `placement`.
-    pub fn to_scheduled(&mut self, placement: Vec<WorkerId>) {
-        debug_assert!(self.state.wants_slots());
+    pub fn to_scheduled(&mut self, placement: Vec<WorkerId>) -> Result<(), TransitionError> {
+        self.guard("Scheduled", self.state.wants_slots())?;
         self.attempt += 1;
         self.finished_ranks.clear();
         self.state = JobState::Scheduled { placement };
+        Ok(())
     }
 
-    pub fn to_running(&mut self) {
-        if let JobState::Scheduled { placement } = &self.state {
-            self.state = JobState::Running {
-                placement: placement.clone(),
-            };
-        }
+    /// Every rank of the live attempt met at the rendezvous (or reported a step).
+    pub fn to_running(&mut self) -> Result<(), TransitionError> {
+        let JobState::Scheduled { placement } = &mut self.state else {
+            return Err(self.refuse("Running"));
+        };
+        let placement = std::mem::take(placement);
+        self.state = JobState::Running { placement };
+        Ok(())
     }
 
-    /// The live attempt ended with an error: restart if the budget allows (after the backoff
-    /// of this many restarts), otherwise fail. Returns whether the job will restart.
-    pub fn end_attempt_with_error(&mut self, cause: String, now_ms: i64) -> bool {
-        if self.restarts_since_resume < self.spec.fault_tolerance.max_restarts {
-            self.restarts += 1;
-            self.restarts_since_resume += 1;
-            let base = self.spec.fault_tolerance.restart_backoff_secs * 1000.0;
-            let doublings = self.restarts_since_resume.saturating_sub(1).min(16);
-            let delay = (base * f64::from(1u32 << doublings)).min(60_000.0);
-            self.not_before_ms = now_ms + delay as i64;
-            // A restart resumes from the newest checkpoint, not a pinned one.
-            self.resume_step = None;
-            self.state = JobState::Restarting {
-                cause,
-                reason: None,
-            };
-            true
-        } else {
-            self.state = JobState::Failed {
-                error: format!("{cause} (after {} restarts)", self.restarts_since_resume),
-            };
-            false
-        }
-    }
-
-    /// The live attempt ended because a worker it ran on is shutting down (its ranks saved a
-    /// checkpoint first): start again at once, without using the restart budget.
-    pub fn requeue(&mut self, cause: String) {
+    /// The live attempt failed and the job will start again, not before `not_before_ms`
+    /// (the restart backoff). This uses one restart of the budget.
+    pub fn to_restarting(
+        &mut self,
+        cause: String,
+        not_before_ms: i64,
+    ) -> Result<(), TransitionError> {
+        self.guard("Restarting", self.state.placement().is_some())?;
+        self.restarts += 1;
+        self.restarts_since_resume += 1;
+        self.not_before_ms = not_before_ms;
+        // A restart resumes from the newest checkpoint, not a pinned one.
         self.resume_step = None;
         self.state = JobState::Restarting {
             cause,
             reason: None,
         };
+        Ok(())
     }
 
-    pub fn to_succeeded(&mut self) {
+    /// The live attempt failed and no restarts are left.
+    pub fn to_failed(&mut self, error: String) -> Result<(), TransitionError> {
+        self.guard("Failed", self.state.placement().is_some())?;
+        self.state = JobState::Failed { error };
+        Ok(())
+    }
+
+    /// The live attempt ended because a worker it ran on is shutting down (its ranks saved a
+    /// checkpoint first): start again at once, without using the restart budget.
+    pub fn requeue(&mut self, cause: String) -> Result<(), TransitionError> {
+        self.guard("Restarting", self.state.placement().is_some())?;
+        self.resume_step = None;
+        self.state = JobState::Restarting {
+            cause,
+            reason: None,
+        };
+        Ok(())
+    }
+
+    /// Every rank of the live attempt exited successfully.
+    pub fn to_succeeded(&mut self) -> Result<(), TransitionError> {
+        self.guard("Succeeded", self.state.placement().is_some())?;
         self.state = JobState::Succeeded;
+        Ok(())
     }
 
-    pub fn to_cancelled(&mut self) {
+    pub fn to_cancelled(&mut self) -> Result<(), TransitionError> {
+        self.guard("Cancelled", !self.state.is_terminal())?;
         self.state = JobState::Cancelled;
+        Ok(())
     }
 
     /// A manual resume of a failed or cancelled job.
-    pub fn to_resumed(&mut self, from_step: Option<u64>) {
-        debug_assert!(matches!(
-            self.state,
-            JobState::Failed { .. } | JobState::Cancelled
-        ));
+    pub fn to_resumed(&mut self, from_step: Option<u64>) -> Result<(), TransitionError> {
+        self.guard(
+            "Pending",
+            matches!(self.state, JobState::Failed { .. } | JobState::Cancelled),
+        )?;
         self.restarts_since_resume = 0;
         self.resume_step = from_step;
         self.state = JobState::Pending { reason: None };
+        Ok(())
+    }
+
+    fn guard(&self, to: &'static str, allowed: bool) -> Result<(), TransitionError> {
+        if allowed {
+            Ok(())
+        } else {
+            Err(self.refuse(to))
+        }
+    }
+
+    fn refuse(&self, to: &'static str) -> TransitionError {
+        TransitionError {
+            from: self.state.name(),
+            to,
+        }
     }
 
     pub fn set_waiting_reason(&mut self, why: Option<String>) -> bool {
@@ -262,5 +301,134 @@ impl Worker {
     /// Pure lease decision: has this worker's lease run out at `now_ms`?
     pub fn lease_expired(&self, now_ms: i64) -> bool {
         matches!(self.state, WorkerState::Alive { lease_expires_at_ms } if now_ms >= lease_expires_at_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job_in(state: &JobState) -> Job {
+        let spec = JobSpec::from_json(
+            r#"{"name":"j","model":{"kind":"mlp"},"train":{"steps":1,"global_batch":2,"lr":0.1}}"#,
+        )
+        .unwrap();
+        Job {
+            state: state.clone(),
+            attempt: 3,
+            ..Job::new(JobId("j".into()), spec, 0)
+        }
+    }
+
+    fn states() -> Vec<JobState> {
+        let placement = vec![WorkerId("w".into())];
+        vec![
+            JobState::Pending { reason: None },
+            JobState::Restarting {
+                cause: "c".into(),
+                reason: None,
+            },
+            JobState::Scheduled {
+                placement: placement.clone(),
+            },
+            JobState::Running { placement },
+            JobState::Succeeded,
+            JobState::Failed { error: "e".into() },
+            JobState::Cancelled,
+        ]
+    }
+
+    type Transition = fn(&mut Job) -> Result<(), TransitionError>;
+
+    /// Every transition, the state it leads to, and the states it may start from.
+    fn transitions() -> Vec<(Transition, &'static str, &'static [&'static str])> {
+        const WAITING: &[&str] = &["Pending", "Restarting"];
+        const SCHEDULED: &[&str] = &["Scheduled"];
+        const LIVE: &[&str] = &["Scheduled", "Running"];
+        const NOT_ENDED: &[&str] = &["Pending", "Restarting", "Scheduled", "Running"];
+        const ENDED_BADLY: &[&str] = &["Failed", "Cancelled"];
+        let scheduled: Transition = |j| j.to_scheduled(vec![WorkerId("w".into())]);
+        let running: Transition = |j| j.to_running();
+        let restarting: Transition = |j| j.to_restarting("c".into(), 5);
+        let failed: Transition = |j| j.to_failed("e".into());
+        let requeued: Transition = |j| j.requeue("c".into());
+        let succeeded: Transition = |j| j.to_succeeded();
+        let cancelled: Transition = |j| j.to_cancelled();
+        let resumed: Transition = |j| j.to_resumed(None);
+        vec![
+            (scheduled, "Scheduled", WAITING),
+            (running, "Running", SCHEDULED),
+            (restarting, "Restarting", LIVE),
+            (failed, "Failed", LIVE),
+            (requeued, "Restarting", LIVE),
+            (succeeded, "Succeeded", LIVE),
+            (cancelled, "Cancelled", NOT_ENDED),
+            (resumed, "Pending", ENDED_BADLY),
+        ]
+    }
+
+    #[test]
+    fn every_transition_runs_only_from_the_states_that_allow_it() {
+        for (transition, to, from) in transitions() {
+            for state in states() {
+                let before = job_in(&state);
+                let mut job = before.clone();
+                let outcome = transition(&mut job);
+                if from.contains(&state.name()) {
+                    assert_eq!(outcome, Ok(()), "{} -> {to}", state.name());
+                    assert_eq!(job.state.name(), to);
+                } else {
+                    assert_eq!(
+                        outcome,
+                        Err(TransitionError {
+                            from: state.name(),
+                            to
+                        }),
+                        "{} -> {to} must be refused",
+                        state.name()
+                    );
+                    assert_eq!(job, before, "a refused transition changes nothing");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refused_transition_says_what_was_asked() {
+        let mut job = job_in(&JobState::Succeeded);
+        assert_eq!(
+            job.to_cancelled().unwrap_err().to_string(),
+            "a Succeeded job cannot become Cancelled"
+        );
+    }
+
+    #[test]
+    fn transitions_keep_the_attempt_bookkeeping() {
+        let mut job = job_in(&JobState::Restarting {
+            cause: "c".into(),
+            reason: None,
+        });
+        job.finished_ranks = vec![0];
+        job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
+        assert_eq!((job.attempt, job.finished_ranks.len()), (4, 0));
+        job.resume_step = Some(7);
+        job.to_restarting("c".into(), 1_500).unwrap();
+        assert_eq!(
+            (
+                job.restarts,
+                job.restarts_since_resume,
+                job.not_before_ms,
+                job.resume_step
+            ),
+            (1, 1, 1_500, None),
+            "a restart uses the budget and takes the newest checkpoint"
+        );
+        job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
+        job.requeue("drained".into()).unwrap();
+        assert_eq!(job.restarts, 1, "a drained attempt costs no restart");
+        job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
+        job.to_failed("e".into()).unwrap();
+        job.to_resumed(Some(3)).unwrap();
+        assert_eq!((job.restarts_since_resume, job.resume_step), (0, Some(3)));
     }
 }

@@ -1,6 +1,10 @@
 //! Durable coordinator state in an embedded SQLite database (WAL, so a `kill -9` loses nothing
 //! that was acknowledged). Jobs and workers are stored as JSON documents of their in-memory
 //! types; attempts, events and checkpoints are rows. The in-memory state is a cache of this.
+//!
+//! A job's progress (step, losses) changes with every step its progress rank reports, so it
+//! has a row of its own, `job_progress`, written without touching the job's document (and its
+//! spec). The document stays authoritative up to its own write, which drops that row.
 
 use crate::state::{CheckpointRecord, Job, Worker};
 use gantry_core::{Attempt, JobId, WorkerId};
@@ -37,6 +41,33 @@ pub struct AttemptRow {
     pub outcome: Option<String>,
 }
 
+/// The part of a job that each reported step changes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub step: u64,
+    pub loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub updated_at_ms: i64,
+}
+
+impl Progress {
+    pub fn of(job: &Job) -> Self {
+        Self {
+            step: job.step,
+            loss: job.loss,
+            eval_loss: job.eval_loss,
+            updated_at_ms: job.updated_at_ms,
+        }
+    }
+
+    pub fn apply(&self, job: &mut Job) {
+        job.step = self.step;
+        job.loss = self.loss;
+        job.eval_loss = self.eval_loss;
+        job.updated_at_ms = self.updated_at_ms;
+    }
+}
+
 pub struct Store {
     conn: Connection,
 }
@@ -70,29 +101,68 @@ impl Store {
              CREATE TABLE IF NOT EXISTS checkpoints (
                  job_id TEXT NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL,
                  url TEXT NOT NULL, size_bytes INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL,
-                 PRIMARY KEY (job_id, step));",
+                 PRIMARY KEY (job_id, step));
+             CREATE TABLE IF NOT EXISTS job_progress (
+                 job_id TEXT PRIMARY KEY, step INTEGER NOT NULL, loss REAL, eval_loss REAL,
+                 updated_at_ms INTEGER NOT NULL);",
         )?;
         Ok(Self { conn })
     }
 
     pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
         let doc = serde_json::to_string(job)?;
-        self.conn.execute(
+        // One transaction: the document carries the newest progress, so the progress row it
+        // supersedes goes with the same commit.
+        let tx = self.conn.unchecked_transaction()?;
+        tx.execute(
             "INSERT INTO jobs (id, created_seq, doc)
              VALUES (?1, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM jobs), ?2)
              ON CONFLICT (id) DO UPDATE SET doc = excluded.doc",
             params![job.id.0, doc],
         )?;
+        tx.execute("DELETE FROM job_progress WHERE job_id = ?1", [&job.id.0])?;
+        tx.commit()?;
         Ok(())
     }
 
-    /// Every job, oldest first.
+    /// Records a job's progress without rewriting its document.
+    pub fn put_progress(&self, job: &JobId, p: &Progress) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO job_progress (job_id, step, loss, eval_loss, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![job.0, p.step, p.loss, p.eval_loss, p.updated_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Every job, oldest first, with its newest progress.
     pub fn jobs(&self) -> Result<Vec<Job>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT doc FROM jobs ORDER BY created_seq")?;
-        let docs = stmt.query_map([], |row| row.get::<_, String>(0))?;
-        docs.map(|doc| Ok(serde_json::from_str(&doc?)?)).collect()
+        let mut stmt = self.conn.prepare(
+            "SELECT j.doc, p.step, p.loss, p.eval_loss, p.updated_at_ms
+             FROM jobs j LEFT JOIN job_progress p ON p.job_id = j.id
+             ORDER BY j.created_seq",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            let progress = match row.get::<_, Option<u64>>(1)? {
+                Some(step) => Some(Progress {
+                    step,
+                    loss: row.get(2)?,
+                    eval_loss: row.get(3)?,
+                    updated_at_ms: row.get(4)?,
+                }),
+                None => None,
+            };
+            Ok((row.get::<_, String>(0)?, progress))
+        })?;
+        rows.map(|row| {
+            let (doc, progress) = row?;
+            let mut job: Job = serde_json::from_str(&doc)?;
+            if let Some(p) = progress {
+                p.apply(&mut job);
+            }
+            Ok(job)
+        })
+        .collect()
     }
 
     pub fn put_worker(&self, worker: &Worker) -> Result<(), StoreError> {
@@ -274,5 +344,46 @@ mod tests {
         let events = store.events_after(&"j1".into(), 0, 10).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].line, "hello");
+    }
+
+    #[test]
+    fn progress_is_stored_apart_from_the_document_until_the_next_write_of_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let spec = JobSpec::from_json(
+            r#"{"name":"a","model":{"kind":"mlp"},"train":{"steps":9,"global_batch":1,"lr":0.1}}"#,
+        )
+        .unwrap();
+        let mut job = Job::new("j".into(), spec, 5);
+        let progress = Progress {
+            step: 7,
+            loss: Some(0.5),
+            eval_loss: Some(0.25),
+            updated_at_ms: 70,
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            store.put_job(&job).unwrap();
+            store.put_progress(&job.id, &progress).unwrap();
+            let doc: String = store
+                .conn
+                .query_row("SELECT doc FROM jobs WHERE id = 'j'", [], |r| r.get(0))
+                .unwrap();
+            assert!(
+                doc.contains(r#""step":0"#),
+                "the document is untouched: {doc}"
+            );
+        }
+        let store = Store::open(&path).unwrap();
+        let loaded = store.jobs().unwrap().remove(0);
+        assert_eq!(Progress::of(&loaded), progress);
+        assert_eq!(loaded.spec, job.spec);
+        // A write of the whole job supersedes the progress row.
+        job.step = 8;
+        job.loss = None;
+        job.eval_loss = None;
+        store.put_job(&job).unwrap();
+        let loaded = store.jobs().unwrap().remove(0);
+        assert_eq!((loaded.step, loaded.loss), (8, None));
     }
 }

@@ -1,0 +1,82 @@
+//! What workers report to the core and what the core tells workers to do, as plain core types.
+//! `convert.rs` maps them from and to the wire; the core never sees a proto message, so its
+//! decisions can be tested without gRPC.
+
+use gantry_core::{Attempt, JobId, JobSpec, Rank};
+
+/// Identifies one rank of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankKey {
+    pub job: JobId,
+    pub attempt: Attempt,
+    pub rank: Rank,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankExit {
+    pub key: RankKey,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub message: String,
+    /// Stopped by the worker on the coordinator's order.
+    pub stopped: bool,
+}
+
+/// A worker session message, decoded and checked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerReport {
+    Heartbeat,
+    /// The worker is shutting down: place nothing more on it.
+    Draining,
+    Running {
+        ranks: Vec<RankKey>,
+        exited: Vec<RankExit>,
+    },
+    Progress {
+        key: RankKey,
+        step: u64,
+        loss: f64,
+        eval_loss: Option<f64>,
+    },
+    Exited(RankExit),
+    Logs {
+        key: RankKey,
+        stream: String,
+        lines: Vec<String>,
+    },
+    Checkpoint {
+        key: RankKey,
+        step: u64,
+        url: String,
+        size_bytes: u64,
+        /// Older checkpoints that retention deleted after this commit.
+        deleted_steps: Vec<u64>,
+    },
+    Test {
+        key: RankKey,
+        loss: f64,
+        accuracy: Option<f64>,
+    },
+}
+
+/// What the core tells one worker to do, down its session stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerCommand {
+    /// Start one rank of an attempt (boxed: it carries the whole spec, and stops are many).
+    Assign(Box<Assignment>),
+    /// Stop every rank of `job` whose attempt is below `below_attempt`.
+    Stop {
+        job: JobId,
+        below_attempt: Attempt,
+        reason: String,
+    },
+}
+
+/// One rank's assignment: the spec it trains and where it resumes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub key: RankKey,
+    pub spec: JobSpec,
+    /// The checkpoint step a manual resume pinned; none: the newest.
+    pub resume_step: Option<u64>,
+}
