@@ -90,6 +90,10 @@ fn job(spec_path: &std::path::Path, set: &[String], batch: f64) -> anyhow::Resul
 }
 
 pub fn overhead(o: &OverheadOptions) -> anyhow::Result<()> {
+    // The allocator settings a rank process runs with, so the two differ by Gantry's code
+    // alone (without them, glibc hands each step's large buffers back and faults them in
+    // again: about a tenth of this model's step).
+    gantry_trainer::rank::keep_freed_memory();
     let total = o.warmup + o.steps;
     let set: Vec<String> = [
         "parallel.dp=1".to_string(),
