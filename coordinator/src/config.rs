@@ -75,7 +75,9 @@ impl Args {
         let file: FileConfig =
             gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
         let defaults = Options::new(
-            "127.0.0.1:7070".parse().expect("valid"),
+            gantry_core::defaults::COORDINATOR_LISTEN
+                .parse()
+                .expect("valid"),
             PathBuf::from(".gantry"),
         );
         let options = Options {

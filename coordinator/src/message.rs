@@ -2,6 +2,8 @@
 //! `convert.rs` maps them from and to the wire; the core never sees a proto message, so its
 //! decisions can be tested without gRPC.
 
+use crate::state::Job;
+use crate::store::EventRow;
 use gantry_core::{Attempt, JobId, JobSpec, Rank};
 
 /// Identifies one rank of one attempt.
@@ -79,4 +81,27 @@ pub struct Assignment {
     pub spec: JobSpec,
     /// The checkpoint step a manual resume pinned; none: the newest.
     pub resume_step: Option<u64>,
+}
+
+/// Something that happened to a job, for watchers.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// The job as it is now (state change or progress).
+    Job(Box<Job>),
+    /// A stored event line.
+    Line(EventRow),
+}
+
+/// Data-plane addresses by rank, and rank 0's NCCL unique id if it uses NCCL.
+#[derive(Debug, Clone, Default)]
+pub struct RendezvousTable {
+    pub addresses: Vec<Option<String>>,
+    pub nccl_unique_id: Option<Vec<u8>>,
+}
+
+/// What every rank of an attempt gets once all have reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerTable {
+    pub addresses: Vec<String>,
+    pub nccl_unique_id: Option<Vec<u8>>,
 }

@@ -3,18 +3,10 @@
 
 use super::Core;
 use crate::error::CoordinatorError;
+use crate::message::Update;
 use crate::state::{Job, TransitionError};
 use crate::store::{EventRow, Progress};
 use gantry_core::{Attempt, JobId};
-
-/// Something that happened to a job, for watchers.
-#[derive(Debug, Clone)]
-pub enum Update {
-    /// The job as it is now (state change or progress).
-    Job(Box<Job>),
-    /// A stored event line.
-    Line(EventRow),
-}
 
 impl Core {
     /// Applies `change` to a job, stores it, and tells watchers; returns whether it applied.

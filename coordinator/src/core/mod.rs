@@ -17,12 +17,12 @@ mod reports;
 mod schedule;
 mod sessions;
 
-pub use self::events::Update;
-pub use self::rendezvous::PeerTable;
-pub use crate::message::{Assignment, RankExit, RankKey, WorkerCommand, WorkerReport};
+pub use crate::message::{
+    Assignment, PeerTable, RankExit, RankKey, Update, WorkerCommand, WorkerReport,
+};
 
-use self::rendezvous::RendezvousTable;
 use crate::error::CoordinatorError;
+use crate::message::RendezvousTable;
 use crate::policy::avoid::FailureLog;
 use crate::state::{Job, Worker, WorkerState};
 use crate::store::Store;

@@ -3,6 +3,7 @@
 
 use super::{Core, RankKey};
 use crate::error::CoordinatorError;
+use crate::message::{PeerTable, RendezvousTable};
 use crate::state::{Job, JobState};
 
 impl Core {
@@ -74,18 +75,4 @@ impl Core {
         }
         Ok(complete)
     }
-}
-
-/// Data-plane addresses by rank, and rank 0's NCCL unique id if it uses NCCL.
-#[derive(Debug, Clone, Default)]
-pub(super) struct RendezvousTable {
-    pub(super) addresses: Vec<Option<String>>,
-    pub(super) nccl_unique_id: Option<Vec<u8>>,
-}
-
-/// What every rank of an attempt gets once all have reported.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PeerTable {
-    pub addresses: Vec<String>,
-    pub nccl_unique_id: Option<Vec<u8>>,
 }
