@@ -136,6 +136,19 @@ impl Moto {
         moto
     }
 
+    /// A raw S3 client of `bucket` on this server.
+    fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_endpoint(&self.url)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id("test")
+            .with_secret_access_key("test")
+            .build()
+            .unwrap()
+    }
+
     fn options(&self) -> Options {
         [
             ("aws_endpoint", self.url.as_str()),
@@ -167,17 +180,7 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
     let io = runtime();
     let first = CheckpointStore::open_with(url, "job", &options).unwrap();
     io.block_on(first.fence(1)).unwrap();
-    let store: Arc<dyn object_store::ObjectStore> = Arc::new(
-        object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name("window")
-            .with_endpoint(&moto.url)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .unwrap(),
-    );
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(moto.client("window"));
     let root = Path::from("runs/job");
     let mut reads = Vec::new();
     let outcome = io.block_on(pointer::update(store.as_ref(), None, &root, |p| {
@@ -240,15 +243,7 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
 fn one_of_two_swaps_from_the_same_version_wins_on_s3() {
     use object_store::{ObjectStoreExt, UpdateVersion};
     let moto = Moto::start("swaps");
-    let store = object_store::aws::AmazonS3Builder::new()
-        .with_bucket_name("swaps")
-        .with_endpoint(&moto.url)
-        .with_allow_http(true)
-        .with_region("us-east-1")
-        .with_access_key_id("test")
-        .with_secret_access_key("test")
-        .build()
-        .unwrap();
+    let store = moto.client("swaps");
     let path = Path::from("job/pointer.json");
     let io = runtime();
     let value = |fence| Pointer {

@@ -1,6 +1,6 @@
-//! The coordinator's settings in layers: defaults, then a config file, then `GANTRY_*`
-//! environment variables, then flags (each layer wins over the ones before). Unknown keys in
-//! the file are an error.
+//! The coordinator's settings in layers, through the `config` crate: defaults, then a config
+//! file, then `GANTRY_*` environment variables and flags (each layer wins over the ones
+//! before). Unknown keys in the file are an error.
 
 use crate::Options;
 use clap::Parser;
@@ -49,17 +49,18 @@ pub struct Args {
     pub print_config: bool,
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// The settings once every layer is applied, as the config file spells them.
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<SocketAddr>,
-    state_dir: Option<PathBuf>,
-    lease_ttl_ms: Option<u64>,
-    heartbeat_interval_ms: Option<u64>,
+struct Layered {
+    listen: SocketAddr,
+    state_dir: PathBuf,
+    lease_ttl_ms: u64,
+    heartbeat_interval_ms: u64,
     checkpoint_url: Option<String>,
     metrics_listen: Option<SocketAddr>,
-    drain_ms: Option<u64>,
-    log_format: Option<LogFormat>,
+    drain_ms: u64,
+    log_format: LogFormat,
 }
 
 /// Everything the coordinator binary runs with.
@@ -71,33 +72,52 @@ pub struct Settings {
 }
 
 impl Args {
+    /// The effective settings, from the `config` crate's layers: the defaults
+    /// (`Options::new`, `gantry_core::defaults`), then the config file (read once), then
+    /// `GANTRY_*` variables and flags (clap reads both), then validation.
     pub fn settings(&self) -> anyhow::Result<Settings> {
-        let file: FileConfig =
-            gantry_core::read_config_file(self.config.as_deref()).map_err(anyhow::Error::msg)?;
         let defaults = Options::new(
             gantry_core::defaults::COORDINATOR_LISTEN
                 .parse()
                 .expect("valid"),
             PathBuf::from(".gantry"),
         );
+        let mut layers = config::Config::builder()
+            .set_default("listen", defaults.listen.to_string())?
+            .set_default("state_dir", defaults.state_dir.display().to_string())?
+            .set_default("lease_ttl_ms", defaults.lease_ttl_ms)?
+            .set_default("heartbeat_interval_ms", defaults.heartbeat_interval_ms)?
+            .set_default("drain_ms", defaults.drain_ms)?
+            .set_default("log_format", LogFormat::default().as_str())?;
+        if let Some(path) = &self.config {
+            layers = layers.add_source(config::File::from(path.as_path()));
+        }
+        let layered: Layered = layers
+            .set_override_option("listen", self.listen.map(|a| a.to_string()))?
+            .set_override_option(
+                "state_dir",
+                self.state_dir.as_ref().map(|p| p.display().to_string()),
+            )?
+            .set_override_option("lease_ttl_ms", self.lease_ttl_ms)?
+            .set_override_option("heartbeat_interval_ms", self.heartbeat_interval_ms)?
+            .set_override_option("checkpoint_url", self.checkpoint_url.clone())?
+            .set_override_option("metrics_listen", self.metrics_listen.map(|a| a.to_string()))?
+            .set_override_option("drain_ms", self.drain_ms)?
+            .set_override_option("log_format", self.log_format.map(LogFormat::as_str))?
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| match &self.config {
+                Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+                None => anyhow::anyhow!("{e}"),
+            })?;
         let options = Options {
-            listen: self.listen.or(file.listen).unwrap_or(defaults.listen),
-            state_dir: self
-                .state_dir
-                .clone()
-                .or(file.state_dir)
-                .unwrap_or(defaults.state_dir),
-            lease_ttl_ms: self
-                .lease_ttl_ms
-                .or(file.lease_ttl_ms)
-                .unwrap_or(defaults.lease_ttl_ms),
-            heartbeat_interval_ms: self
-                .heartbeat_interval_ms
-                .or(file.heartbeat_interval_ms)
-                .unwrap_or(defaults.heartbeat_interval_ms),
-            checkpoint_url: self.checkpoint_url.clone().or(file.checkpoint_url),
-            metrics_listen: self.metrics_listen.or(file.metrics_listen),
-            drain_ms: self.drain_ms.or(file.drain_ms).unwrap_or(defaults.drain_ms),
+            listen: layered.listen,
+            state_dir: layered.state_dir,
+            lease_ttl_ms: layered.lease_ttl_ms,
+            heartbeat_interval_ms: layered.heartbeat_interval_ms,
+            checkpoint_url: layered.checkpoint_url,
+            metrics_listen: layered.metrics_listen,
+            drain_ms: layered.drain_ms,
         };
         anyhow::ensure!(
             options.heartbeat_interval_ms > 0
@@ -114,7 +134,7 @@ impl Args {
         }
         Ok(Settings {
             options,
-            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            log_format: layered.log_format,
         })
     }
 }

@@ -34,6 +34,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The name config files and `--log-format` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -95,10 +95,7 @@ impl DaemonArgs {
     pub fn options(&self) -> anyhow::Result<AgentOptions> {
         use gantry_core::defaults;
         let work_dir = std::env::temp_dir().join("gantry-worker");
-        let log_format = self.log_format.map(|f| match f {
-            gantry_ops::LogFormat::Text => "text",
-            gantry_ops::LogFormat::Json => "json",
-        });
+        let log_format = self.log_format.map(gantry_ops::LogFormat::as_str);
         let mut layers = config::Config::builder()
             .set_default("coordinator", defaults::COORDINATOR_URL)?
             .set_default("slots", defaults::WORKER_SLOTS)?
