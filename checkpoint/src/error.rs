@@ -49,16 +49,6 @@ impl From<object_store::Error> for CheckpointError {
     }
 }
 
-impl CheckpointError {
-    /// Whether the checkpoint itself is unusable (partial or corrupt), whatever the store.
-    pub fn is_unusable_checkpoint(&self) -> bool {
-        matches!(
-            self,
-            Self::Partial { .. } | Self::Corrupt { .. } | Self::Json(_)
-        )
-    }
-}
-
 /// Whether the store refused this reader access: the store said so, or the local filesystem
 /// did (an I/O error of kind `PermissionDenied` anywhere in the chain of sources).
 pub(crate) fn refused(error: &object_store::Error) -> bool {
@@ -80,11 +70,14 @@ pub(crate) fn refused(error: &object_store::Error) -> bool {
     false
 }
 
-/// A checkpoint error's message without the step it is about.
-pub(crate) fn detail_of(e: &CheckpointError) -> String {
-    match e {
-        CheckpointError::Partial { .. } => "no manifest (partial checkpoint)".into(),
-        CheckpointError::Corrupt { message, .. } => message.clone(),
-        other => other.to_string(),
+impl CheckpointError {
+    /// The message without the step it is about: what a listing shows beside the step, and
+    /// what a resume says when it skips one.
+    pub fn detail(&self) -> String {
+        match self {
+            CheckpointError::Partial { .. } => "no manifest (partial checkpoint)".into(),
+            CheckpointError::Corrupt { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
     }
 }

@@ -70,10 +70,12 @@ fn payload(p: &Pointer) -> PutPayload {
 /// A number in one of the older single-number objects (`None` when absent or unreadable).
 async fn legacy_number(store: &dyn ObjectStore, root: &Path, name: &str) -> Option<u64> {
     let found = store.get(&root.clone().join(name)).await.ok()?;
-    String::from_utf8_lossy(&found.bytes().await.ok()?)
-        .trim()
-        .parse()
-        .ok()
+    parse_number(&found.bytes().await.ok()?)
+}
+
+/// The number an older single-number object holds.
+fn parse_number(bytes: &[u8]) -> Option<u64> {
+    String::from_utf8_lossy(bytes).trim().parse().ok()
 }
 
 /// The pointer of the job at `root`, with its version, or what the older objects say (and no
@@ -151,8 +153,7 @@ pub async fn update(
     mut decide: impl FnMut(Pointer) -> Change<CheckpointError>,
 ) -> Result<Outcome, CheckpointError> {
     if let Some(dir) = local_root {
-        let legacy = legacy(store, root).await;
-        return update_local(&dir.join(root.as_ref()), legacy, decide);
+        return update_local(&dir.join(root.as_ref()), decide);
     }
     let path = root.clone().join(NAME);
     for _ in 0..MAX_ROUNDS {
@@ -176,7 +177,6 @@ pub async fn update(
 /// the write under an exclusive lock.
 fn update_local(
     dir: &std::path::Path,
-    legacy: Pointer,
     mut decide: impl FnMut(Pointer) -> Change<CheckpointError>,
 ) -> Result<Outcome, CheckpointError> {
     use std::os::fd::AsRawFd;
@@ -201,7 +201,14 @@ fn update_local(
             path: file.display().to_string(),
             message: e.to_string(),
         })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => legacy,
+        // No pointer yet: what the older single-number objects say, read only now.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let number = |name: &str| parse_number(&std::fs::read(dir.join(name)).ok()?);
+            Pointer {
+                fence: number(LEGACY_FENCE).unwrap_or(0),
+                latest: number(LEGACY_LATEST),
+            }
+        }
         Err(e) => return Err(io(e)),
     };
     let next = match decide(current) {

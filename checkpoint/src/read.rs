@@ -1,7 +1,6 @@
 //! Reading checkpoints back: which step to resume, manifests checked against the files they
 //! name, every byte checked as it is read, and listings for people.
 
-use crate::error::detail_of;
 use crate::manifest::RankState;
 use crate::{CheckpointError, CheckpointStore, Manifest, Shard, StepListing, checksum};
 use object_store::ObjectStoreExt;
@@ -149,7 +148,7 @@ impl CheckpointStore {
             };
             let (state, attempt, detail) = match checked {
                 Ok(m) => ("committed", Some(m.attempt), None),
-                Err(e @ CheckpointError::Partial { .. }) => ("partial", None, Some(detail_of(&e))),
+                Err(e @ CheckpointError::Partial { .. }) => ("partial", None, Some(e.detail())),
                 Err(CheckpointError::Corrupt { message, .. }) => ("corrupt", None, Some(message)),
                 Err(e) => return Err(e),
             };

@@ -82,17 +82,13 @@ impl Args {
                 .expect("valid"),
             PathBuf::from(".gantry"),
         );
-        let mut layers = config::Config::builder()
+        let layers = config::Config::builder()
             .set_default("listen", defaults.listen.to_string())?
             .set_default("state_dir", defaults.state_dir.display().to_string())?
             .set_default("lease_ttl_ms", defaults.lease_ttl_ms)?
             .set_default("heartbeat_interval_ms", defaults.heartbeat_interval_ms)?
             .set_default("drain_ms", defaults.drain_ms)?
-            .set_default("log_format", LogFormat::default().as_str())?;
-        if let Some(path) = &self.config {
-            layers = layers.add_source(config::File::from(path.as_path()));
-        }
-        let layered: Layered = layers
+            .set_default("log_format", LogFormat::default().as_str())?
             .set_override_option("listen", self.listen.map(|a| a.to_string()))?
             .set_override_option(
                 "state_dir",
@@ -103,13 +99,8 @@ impl Args {
             .set_override_option("checkpoint_url", self.checkpoint_url.clone())?
             .set_override_option("metrics_listen", self.metrics_listen.map(|a| a.to_string()))?
             .set_override_option("drain_ms", self.drain_ms)?
-            .set_override_option("log_format", self.log_format.map(LogFormat::as_str))?
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| match &self.config {
-                Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
-                None => anyhow::anyhow!("{e}"),
-            })?;
+            .set_override_option("log_format", self.log_format.map(LogFormat::as_str))?;
+        let layered: Layered = gantry_ops::layered_settings(layers, self.config.as_deref())?;
         let options = Options {
             listen: layered.listen,
             state_dir: layered.state_dir,

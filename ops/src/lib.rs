@@ -44,6 +44,27 @@ impl LogFormat {
     }
 }
 
+/// A daemon's settings from its layers, through the `config` crate: `layers` holds the defaults
+/// and the overrides (flags and `GANTRY_*` variables, which clap has read); the config `file`,
+/// read once when given, goes between the two (config-rs always ranks defaults lowest and
+/// overrides highest). An error names the file.
+pub fn layered_settings<T: serde::de::DeserializeOwned>(
+    layers: config::ConfigBuilder<config::builder::DefaultState>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<T> {
+    let layers = match file {
+        Some(path) => layers.add_source(config::File::from(path)),
+        None => layers,
+    };
+    layers
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| match file {
+            Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+            None => anyhow::anyhow!("{e}"),
+        })
+}
+
 /// Installs the global tracing subscriber; `RUST_LOG` overrides `default_filter`.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -119,19 +119,12 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
 /// (`RUST_LOG` filters them), inside a span that names the job, attempt and rank. The daemon
 /// forwards a rank's stderr into the job's logs.
 fn init_tracing(a: &RankAssignment) -> tracing::span::EnteredSpan {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let installed = if a.log_json {
-        builder.json().flatten_event(true).try_init()
+    let format = if a.log_json {
+        gantry_ops::LogFormat::Json
     } else {
-        builder.try_init()
+        gantry_ops::LogFormat::Text
     };
-    if let Err(e) = installed {
-        eprintln!("rank logging not set up: {e}");
-    }
+    gantry_ops::init_logging(format, "info");
     tracing::info_span!("rank", job = %a.job_id, attempt = a.attempt, rank = a.rank).entered()
 }
 

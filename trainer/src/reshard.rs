@@ -88,8 +88,13 @@ struct Whole {
 
 impl Whole {
     /// Joins shards (by rank) of a checkpoint written at `saved`: one of each position, or
-    /// those of the stages a rank needs.
-    fn join(spec: &JobSpec, saved: Mesh, shards: &BTreeMap<u32, Shard>) -> anyhow::Result<Self> {
+    /// those of the stages a rank needs; the optimizer's state too when `with_state`.
+    fn join(
+        spec: &JobSpec,
+        saved: Mesh,
+        shards: &BTreeMap<u32, Shard>,
+        with_state: bool,
+    ) -> anyhow::Result<Self> {
         // Pieces by tensor-parallel rank, joined once all are in.
         type Pieces<K> = BTreeMap<K, (Split, Vec<(u32, Entry)>)>;
         let mut params: Pieces<String> = BTreeMap::new();
@@ -109,6 +114,9 @@ impl Whole {
                 ids.insert(id, (name.clone(), split, entry.shape.clone()));
                 let pieces = params.entry(name).or_insert((split, Vec::new()));
                 pieces.1.push((at.tp, entry));
+            }
+            if !with_state {
+                continue;
             }
             let what = format!("optimizer record of rank {rank}");
             let optimizer = unpack(&what, shard.optimizer.clone())?;
@@ -274,7 +282,7 @@ pub fn whole_parameters(
     saved: Mesh,
     shards: &BTreeMap<u32, Shard>,
 ) -> anyhow::Result<BTreeMap<String, Tensor32>> {
-    Whole::join(spec, saved, shards)?
+    Whole::join(spec, saved, shards, false)?
         .params
         .into_iter()
         .map(|(name, e)| {
@@ -327,7 +335,7 @@ pub fn reshard(
     rank: u32,
     fresh: bytes::Bytes,
 ) -> anyhow::Result<Shard> {
-    let whole = Whole::join(spec, saved, shards)?;
+    let whole = Whole::join(spec, saved, shards, true)?;
     let (model, optimizer) = whole.cut(spec, mesh, rank, fresh)?;
     let first = shards.values().next().expect("a shard");
     Ok(Shard {
@@ -409,7 +417,7 @@ mod tests {
     fn round_trips<One: TrainModel + Stage, Split: Stage>(spec: &JobSpec, layouts: &[(u32, u32)]) {
         let one = Mesh::new(1, 1, 1);
         let saved = BTreeMap::from([(0, trained::<One>(spec))]);
-        let whole = Whole::join(spec, one, &saved).unwrap();
+        let whole = Whole::join(spec, one, &saved, true).unwrap();
         assert!(!whole.state.is_empty() && !whole.scalars.is_empty());
         let tensors = |shard: &Shard| -> BTreeMap<String, Entry> {
             let unpacked = unpack("model", shard.model.clone()).unwrap();
@@ -423,19 +431,19 @@ mod tests {
         for &(tp, pp) in layouts {
             let mesh = Mesh::new(1, tp, pp);
             let split = resumed_at::<Split>(spec, one, &saved, mesh);
-            let at_layout = Whole::join(spec, mesh, &split).unwrap();
+            let at_layout = Whole::join(spec, mesh, &split, true).unwrap();
             assert!(at_layout == whole, "at tp={tp} pp={pp}");
             // Straight from the layout before, where a stage reads only some stages' shards.
             if let Some((from, shards)) = previous.replace((mesh, split.clone())) {
                 let direct = resumed_at::<Split>(spec, from, &shards, mesh);
                 assert!(
-                    Whole::join(spec, mesh, &direct).unwrap() == whole,
+                    Whole::join(spec, mesh, &direct, true).unwrap() == whole,
                     "from {from:?} to tp={tp} pp={pp}"
                 );
             }
             let back = resumed_at::<One>(spec, mesh, &split, one);
             assert!(
-                Whole::join(spec, one, &back).unwrap() == whole,
+                Whole::join(spec, one, &back, true).unwrap() == whole,
                 "from tp={tp} pp={pp}"
             );
             // And the model record itself: the tensors first saved, bit for bit.
@@ -461,7 +469,7 @@ mod tests {
                 .collect();
             let back = resumed_at::<One>(spec, dp2, &written, one);
             assert!(
-                Whole::join(spec, one, &back).unwrap() == whole,
+                Whole::join(spec, one, &back, true).unwrap() == whole,
                 "from dp=2 tp={tp} pp={pp}"
             );
         }

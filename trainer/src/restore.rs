@@ -31,12 +31,7 @@ pub fn restore_point(
     // back than it must.
     let unusable = |e: CheckpointError| {
         let partial = matches!(e, CheckpointError::Partial { .. });
-        let why = match e {
-            CheckpointError::Partial { .. } => "no manifest (partial checkpoint)".to_string(),
-            CheckpointError::Corrupt { message, .. } => message,
-            other => return Unusable::of(store.is_damage(&other), partial, other.to_string()),
-        };
-        Unusable::of(true, partial, why)
+        Unusable::of(store.is_damage(&e), partial, e.detail())
     };
     // `latest` first; the listing only when there is no pointer, or the step it names turns
     // out unusable (then the older listed steps follow it).

@@ -96,17 +96,13 @@ impl DaemonArgs {
         use gantry_core::defaults;
         let work_dir = std::env::temp_dir().join("gantry-worker");
         let log_format = self.log_format.map(gantry_ops::LogFormat::as_str);
-        let mut layers = config::Config::builder()
+        let layers = config::Config::builder()
             .set_default("coordinator", defaults::COORDINATOR_URL)?
             .set_default("slots", defaults::WORKER_SLOTS)?
             .set_default("work_dir", work_dir.display().to_string())?
             .set_default("advertise_host", defaults::ADVERTISE_HOST)?
-            .set_default("log_format", "text")?
-            .set_default("drain_timeout_secs", defaults::DRAIN_TIMEOUT_SECS)?;
-        if let Some(path) = &self.config {
-            layers = layers.add_source(config::File::from(path.as_path()));
-        }
-        let layers = layers
+            .set_default("log_format", gantry_ops::LogFormat::default().as_str())?
+            .set_default("drain_timeout_secs", defaults::DRAIN_TIMEOUT_SECS)?
             .set_override_option("coordinator", self.coordinator.clone())?
             .set_override_option("slots", self.slots)?
             .set_override_option(
@@ -117,13 +113,7 @@ impl DaemonArgs {
             .set_override_option("metrics_listen", self.metrics_listen.map(|a| a.to_string()))?
             .set_override_option("log_format", log_format)?
             .set_override_option("drain_timeout_secs", self.drain_timeout_secs)?;
-        let settings: Settings = layers
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| match &self.config {
-                Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
-                None => anyhow::anyhow!("{e}"),
-            })?;
+        let settings: Settings = gantry_ops::layered_settings(layers, self.config.as_deref())?;
         anyhow::ensure!(settings.slots > 0, "slots: must be at least 1");
         for key in settings.object_store.keys() {
             gantry_core::store_options::canonical(None, key)
