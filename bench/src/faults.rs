@@ -9,7 +9,7 @@
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use gantry_checkpoint::{CheckpointStore, Shard};
-use gantry_core::JobSpec;
+use gantry_core::{Attempt, JobSpec, Rank};
 use gantry_trainer::data::{Dataset, Split};
 use gantry_trainer::job::RankJob;
 use gantry_trainer::model::{Gpt, TrainModel, materialize};
@@ -76,8 +76,8 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
     // The trainer's own pipeline drives every save below: snapshot, upload, commit.
     let job = RankJob {
         job_id: "bench".into(),
-        attempt: 1,
-        rank: 0,
+        attempt: Attempt::FIRST,
+        rank: Rank::LEADER,
         spec: spec.clone(),
         resume_step: None,
         store_options: Default::default(),
@@ -94,7 +94,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         let shard = snapshot(&model, &optimizer, i + 1, (1.0, None)).into_shard()?;
         let serialised = started.elapsed().as_secs_f64();
         size = shard.model.len() + shard.optimizer.len();
-        io.block_on(store.write_shard(i + 1, 0, shard))?;
+        io.block_on(store.write_shard(i + 1, Rank::LEADER, shard))?;
         let written = started.elapsed().as_secs_f64();
         upload::commit(&store, manifest(i + 1), 2, started, &reporter, &io)?;
         sync.push(started.elapsed().as_secs_f64());
@@ -132,7 +132,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         let started = Instant::now();
         let mut upload = checkpoint.map(|at| {
             let taken = snapshot(trained, opt, at, (1.0, None));
-            Upload::start(store.clone(), at, 0, taken, started)
+            Upload::start(store.clone(), at, Rank::LEADER, taken, started)
         });
         let blocked = started.elapsed().as_secs_f64();
         let (mut spent, mut covered, mut commit) = (0.0, 0, None);
@@ -261,7 +261,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
             eval_loss: None,
         };
         let started = Instant::now();
-        io.block_on(store.write_shard(1000 + i as u64, 0, shard))?;
+        io.block_on(store.write_shard(1000 + i as u64, Rank::LEADER, shard))?;
         ours.push(started.elapsed().as_secs_f64());
         // Both files go again, as retention deletes old checkpoints: the disk's cache then
         // reuses the pages it freed, instead of taking fresh ones for every write, which this

@@ -1,5 +1,7 @@
 //! What can go wrong with a checkpoint, by kind.
 
+use gantry_core::Attempt;
+
 /// Why a checkpoint could not be opened, written, committed or read. Callers decide by the
 /// variant, never by the message: a resume skips [`Partial`](Self::Partial) and
 /// [`Corrupt`](Self::Corrupt) checkpoints for the one before, and fails over the others.
@@ -24,7 +26,11 @@ pub enum CheckpointError {
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
     #[error("attempt {attempt} may not commit step {step}: attempt {fence} has started since")]
-    Stale { attempt: u64, fence: u64, step: u64 },
+    Stale {
+        attempt: Attempt,
+        fence: Attempt,
+        step: u64,
+    },
     /// The job's pointer object does not parse.
     #[error("{path}: not a checkpoint pointer: {message}")]
     Pointer { path: String, message: String },

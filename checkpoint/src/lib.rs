@@ -75,6 +75,7 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gantry_core::{Attempt, Rank};
 
     #[test]
     fn every_store_is_configured_from_its_url() {
@@ -112,7 +113,7 @@ mod tests {
             format: FORMAT,
             job_id: "j".into(),
             step,
-            attempt: 1,
+            attempt: Attempt(1),
             world_size: 2,
             dp: 1,
             tp: 2,
@@ -136,7 +137,7 @@ mod tests {
     async fn save_as(store: &CheckpointStore, manifest: Manifest) -> Result<(), CheckpointError> {
         for rank in manifest.writers() {
             store
-                .write_shard(manifest.step, rank, shard(rank, manifest.step))
+                .write_shard(manifest.step, Rank(rank), shard(rank, manifest.step))
                 .await?;
         }
         store.commit(manifest, 2).await.map(drop)
@@ -164,7 +165,7 @@ mod tests {
         // shard, the second the second's.
         assert_eq!(dp2.writers(), [0, 3]);
         let at = |r| dp2.mesh().coords(r);
-        assert_eq!([0, 1, 2, 3].map(|r| dp2.holder(at(r))), [0, 3, 0, 3]);
+        assert_eq!([0, 1, 2, 3].map(|r| dp2.holder(at(r)).get()), [0, 3, 0, 3]);
         save_as(&store, dp2.clone()).await.unwrap();
         let committed = store.verify(40).await.unwrap();
         assert_eq!(
@@ -173,7 +174,7 @@ mod tests {
                 .map(|r| ["model.bpk", "optim.bpk", "state.json"].map(|f| format!("rank-{r}.{f}")))
                 .concat()
         );
-        assert!(store.read_verified_shard(&committed, 3).await.is_ok());
+        assert!(store.read_verified_shard(&committed, Rank(3)).await.is_ok());
 
         let every_rank = Manifest {
             format: 2,
@@ -186,7 +187,7 @@ mod tests {
         save_as(&store, every_rank).await.unwrap();
         let committed = store.verify(50).await.unwrap();
         assert_eq!(committed.files.len(), 12);
-        assert!(store.read_verified_shard(&committed, 3).await.is_ok());
+        assert!(store.read_verified_shard(&committed, Rank(3)).await.is_ok());
 
         for (step, flawed, why) in [
             (
@@ -241,7 +242,7 @@ mod tests {
         assert_eq!(store.steps().await.unwrap(), vec![30, 20]);
         assert_eq!(newest_whole(&store).await, 30);
         let shard = store
-            .read_verified_shard(&store.verify(30).await.unwrap(), 1)
+            .read_verified_shard(&store.verify(30).await.unwrap(), Rank(1))
             .await
             .unwrap();
         assert_eq!(shard.model, vec![1u8; 10]);
@@ -255,8 +256,12 @@ mod tests {
         bytes[0] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
         let manifest = store.committed(30).await.unwrap();
-        assert!(store.read_verified_shard(&manifest, 0).await.is_ok());
-        let damaged = store.read_verified_shard(&manifest, 1).await.err().unwrap();
+        assert!(store.read_verified_shard(&manifest, Rank(0)).await.is_ok());
+        let damaged = store
+            .read_verified_shard(&manifest, Rank(1))
+            .await
+            .err()
+            .unwrap();
         assert!(
             damaged
                 .to_string()
@@ -270,7 +275,11 @@ mod tests {
         let saved = std::fs::read(&model).unwrap();
         std::fs::remove_file(&model).unwrap();
         std::os::unix::fs::symlink(&model, &model).unwrap();
-        let unreadable = store.read_verified_shard(&manifest, 0).await.err().unwrap();
+        let unreadable = store
+            .read_verified_shard(&manifest, Rank(0))
+            .await
+            .err()
+            .unwrap();
         assert!(
             matches!(unreadable, CheckpointError::Store(_)),
             "{unreadable}"
@@ -297,7 +306,11 @@ mod tests {
         assert!(!s3.is_damage(&unreadable));
         assert!(s3.is_damage(&damaged));
         std::fs::remove_file(&model).unwrap();
-        let missing = store.read_verified_shard(&manifest, 0).await.err().unwrap();
+        let missing = store
+            .read_verified_shard(&manifest, Rank(0))
+            .await
+            .err()
+            .unwrap();
         assert!(s3.is_damage(&missing), "{missing}");
         std::fs::write(&model, saved).unwrap();
         std::fs::write(&path, &bytes[1..]).unwrap();
@@ -322,7 +335,7 @@ mod tests {
         store
             .write_shard(
                 40,
-                0,
+                Rank(0),
                 Shard {
                     model: vec![1].into(),
                     optimizer: vec![2].into(),
@@ -336,7 +349,7 @@ mod tests {
         assert_eq!(newest_whole(&store).await, 20);
 
         // `latest` never moves backwards.
-        store.advance_latest(5, 1).await.unwrap();
+        store.advance_latest(5, Attempt(1)).await.unwrap();
         assert_eq!(store.latest().await.unwrap(), Some(30));
 
         // The listing tells the three apart. A flipped byte that keeps the size takes reading
@@ -366,7 +379,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
         let store = CheckpointStore::open(&url, "j").unwrap();
-        store.fence(1).await.unwrap();
+        store.fence(Attempt(1)).await.unwrap();
         save(&store, 20).await;
         // Attempt 1 wrote the shards of step 30, then attempt 2 started (and fenced) before
         // attempt 1 committed: attempt 1's commit is refused, nothing moves.
@@ -378,17 +391,17 @@ mod tests {
                 loss: None,
                 eval_loss: None,
             };
-            store.write_shard(30, rank, shard).await.unwrap();
+            store.write_shard(30, Rank(rank), shard).await.unwrap();
         }
-        store.fence(2).await.unwrap();
-        store.fence(1).await.unwrap(); // a late fence from attempt 1 does not lower it
+        store.fence(Attempt(2)).await.unwrap();
+        store.fence(Attempt(1)).await.unwrap(); // a late fence from attempt 1 does not lower it
         let refused = store.commit(manifest(30), 2).await.unwrap_err();
         assert!(
             matches!(
                 refused,
                 CheckpointError::Stale {
-                    attempt: 1,
-                    fence: 2,
+                    attempt: Attempt(1),
+                    fence: Attempt(2),
                     step: 30
                 }
             ),
@@ -400,7 +413,7 @@ mod tests {
         // Attempt 2 commits 30; a commit of an older step later leaves `latest` at 30.
         // (Attempt 2's shards of 30 replace attempt 1's: the step was never committed.)
         let mut m = manifest(30);
-        m.attempt = 2;
+        m.attempt = Attempt(2);
         store.commit(m, 5).await.unwrap();
         assert_eq!(store.latest().await.unwrap(), Some(30));
         for rank in 0..2 {
@@ -411,10 +424,10 @@ mod tests {
                 loss: None,
                 eval_loss: None,
             };
-            store.write_shard(25, rank, shard).await.unwrap();
+            store.write_shard(25, Rank(rank), shard).await.unwrap();
         }
         let mut m = manifest(25);
-        m.attempt = 2;
+        m.attempt = Attempt(2);
         store.commit(m, 5).await.unwrap();
         assert_eq!(store.latest().await.unwrap(), Some(30));
         assert_eq!(newest_whole(&store).await, 30);
@@ -422,10 +435,10 @@ mod tests {
         // A later attempt passing step 30 again (resumed from 25) leaves its files alone, and
         // its commit keeps the first manifest.
         let before = store
-            .read_verified_shard(&store.verify(30).await.unwrap(), 0)
+            .read_verified_shard(&store.verify(30).await.unwrap(), Rank(0))
             .await
             .unwrap();
-        store.fence(3).await.unwrap();
+        store.fence(Attempt(3)).await.unwrap();
         for rank in 0..2 {
             let shard = Shard {
                 model: vec![3; 4].into(),
@@ -434,15 +447,19 @@ mod tests {
                 loss: None,
                 eval_loss: None,
             };
-            store.write_shard(30, rank, shard).await.unwrap();
+            store.write_shard(30, Rank(rank), shard).await.unwrap();
         }
         let mut m = manifest(30);
-        m.attempt = 3;
+        m.attempt = Attempt(3);
         store.commit(m, 5).await.unwrap();
         let after = store.verify(30).await.unwrap();
-        assert_eq!(after.attempt, 2);
+        assert_eq!(after.attempt, Attempt(2));
         assert_eq!(
-            store.read_verified_shard(&after, 0).await.unwrap().model,
+            store
+                .read_verified_shard(&after, Rank(0))
+                .await
+                .unwrap()
+                .model,
             before.model
         );
     }

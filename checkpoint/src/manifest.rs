@@ -1,6 +1,7 @@
 //! The checkpoint format: the manifest written last, what each rank writes beside its shard,
 //! the format versions this build reads, and which rank of a layout writes each shard.
 
+use gantry_core::{Attempt, JobId, Rank};
 use serde::{Deserialize, Serialize};
 
 /// What a step directory holds, as `gantry checkpoints` shows it.
@@ -11,7 +12,7 @@ pub struct StepListing {
     /// "committed" (manifest and every checksum verify), "partial" (no manifest: torn or still
     /// being written) or "corrupt" (a file is missing or fails its checksum).
     pub state: &'static str,
-    pub attempt: Option<u64>,
+    pub attempt: Option<Attempt>,
     pub detail: Option<String>,
 }
 
@@ -26,7 +27,7 @@ pub struct FileEntry {
 /// Written by each rank next to its shard.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankState {
-    pub rank: u32,
+    pub rank: Rank,
     pub step: u64,
     /// The next training step to run; the data order is a pure function of it and the seed.
     pub data_cursor: u64,
@@ -40,9 +41,9 @@ pub struct RankState {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
-    pub job_id: String,
+    pub job_id: JobId,
     pub step: u64,
-    pub attempt: u64,
+    pub attempt: Attempt,
     pub world_size: u32,
     pub dp: u32,
     pub tp: u32,
@@ -82,10 +83,10 @@ impl Manifest {
 
     /// The rank whose shard holds the state of position `at` of the checkpoint's layout (its
     /// data-parallel coordinate aside): the writer's (in format 2, that rank wrote one too).
-    pub fn holder(&self, at: gantry_core::Coords) -> u32 {
+    pub fn holder(&self, at: gantry_core::Coords) -> Rank {
         let mesh = self.mesh();
         let dp = writing_replica(mesh, at);
-        mesh.rank(gantry_core::Coords { dp, ..at })
+        Rank(mesh.rank(gantry_core::Coords { dp, ..at }))
     }
 
     /// The layout the checkpoint was written at (a manifest that passed

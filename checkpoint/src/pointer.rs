@@ -20,6 +20,7 @@
 //! holding one number each; they are read as the pointer's first value.
 
 use crate::CheckpointError;
+use gantry_core::Attempt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
 use serde::{Deserialize, Serialize};
@@ -38,7 +39,7 @@ const LEGACY_LATEST: &str = "latest";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Pointer {
     /// The newest attempt that started: an older one may not commit.
-    pub fence: u64,
+    pub fence: Attempt,
     /// The newest committed step.
     pub latest: Option<u64>,
 }
@@ -105,7 +106,7 @@ pub async fn read(
 
 async fn legacy(store: &dyn ObjectStore, root: &Path) -> Pointer {
     Pointer {
-        fence: legacy_number(store, root, LEGACY_FENCE).await.unwrap_or(0),
+        fence: Attempt(legacy_number(store, root, LEGACY_FENCE).await.unwrap_or(0)),
         latest: legacy_number(store, root, LEGACY_LATEST).await,
     }
 }
@@ -205,7 +206,7 @@ fn update_local(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let number = |name: &str| parse_number(&std::fs::read(dir.join(name)).ok()?);
             Pointer {
-                fence: number(LEGACY_FENCE).unwrap_or(0),
+                fence: Attempt(number(LEGACY_FENCE).unwrap_or(0)),
                 latest: number(LEGACY_LATEST),
             }
         }

@@ -3,6 +3,7 @@
 
 use crate::manifest::RankState;
 use crate::{CheckpointError, CheckpointStore, Manifest, Shard, StepListing, checksum};
+use gantry_core::Rank;
 use object_store::ObjectStoreExt;
 
 impl CheckpointStore {
@@ -168,7 +169,7 @@ impl CheckpointStore {
     pub async fn read_verified_shard(
         &self,
         manifest: &Manifest,
-        rank: u32,
+        rank: Rank,
     ) -> Result<Shard, CheckpointError> {
         let state = self
             .read_verified(manifest, &format!("rank-{rank}.state.json"))

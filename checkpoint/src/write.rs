@@ -4,6 +4,7 @@
 use crate::manifest::RankState;
 use crate::pointer::{self, Change, Pointer};
 use crate::{CheckpointError, CheckpointStore, FileEntry, Manifest, Shard, checksum};
+use gantry_core::{Attempt, Rank};
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 
@@ -43,7 +44,7 @@ impl CheckpointStore {
     pub async fn write_shard(
         &self,
         step: u64,
-        rank: u32,
+        rank: Rank,
         shard: Shard,
     ) -> Result<(), CheckpointError> {
         let dir = self.step_dir(step);
@@ -55,7 +56,7 @@ impl CheckpointStore {
         {
             tracing::info!(
                 step,
-                rank,
+                %rank,
                 "step already committed; its files stay as they are"
             );
             return Ok(());
@@ -95,7 +96,7 @@ impl CheckpointStore {
     /// Records that `attempt` has started: from now on, older attempts may not commit. Called
     /// by rank 0 of every attempt before it trains; the fence only moves forwards. Returns
     /// whether this call moved it.
-    pub async fn fence(&self, attempt: u64) -> Result<bool, CheckpointError> {
+    pub async fn fence(&self, attempt: Attempt) -> Result<bool, CheckpointError> {
         let outcome = self
             .update_pointer(|p| {
                 if p.fence >= attempt {
@@ -189,7 +190,7 @@ impl CheckpointStore {
     pub(crate) async fn advance_latest(
         &self,
         step: u64,
-        attempt: u64,
+        attempt: Attempt,
     ) -> Result<(), CheckpointError> {
         self.update_pointer(|p| {
             if p.fence > attempt {

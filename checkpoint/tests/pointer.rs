@@ -5,6 +5,7 @@
 
 use gantry_checkpoint::pointer::{self, Change, Outcome, Pointer, Swap};
 use gantry_checkpoint::{CheckpointError, CheckpointStore, Options};
+use gantry_core::Attempt;
 use object_store::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
@@ -31,7 +32,9 @@ fn race(url: &str, options: &Options, attempt: impl Fn(u64) -> u64 + Sync) -> Ve
                 scope.spawn(move || {
                     let store = CheckpointStore::open_with(url, "job", options).unwrap();
                     start.wait();
-                    runtime().block_on(store.fence(attempt(w))).unwrap()
+                    runtime()
+                        .block_on(store.fence(Attempt(attempt(w))))
+                        .unwrap()
                 })
             })
             .collect();
@@ -44,7 +47,7 @@ fn fence_of(url: &str, options: &Options) -> u64 {
     // A commit of step 0 by attempt `fence - 1` is refused; by `fence` it is not: read the
     // fence through the public API as the error reports it.
     match runtime().block_on(store.commit(stale_manifest(0), 1)) {
-        Err(CheckpointError::Stale { fence, .. }) => fence,
+        Err(CheckpointError::Stale { fence, .. }) => fence.get(),
         other => panic!("attempt 0 should be stale: {other:?}"),
     }
 }
@@ -54,7 +57,7 @@ fn stale_manifest(attempt: u64) -> gantry_checkpoint::Manifest {
         format: gantry_checkpoint::FORMAT,
         job_id: "job".into(),
         step: 1,
-        attempt,
+        attempt: Attempt(attempt),
         world_size: 1,
         dp: 1,
         tp: 1,
@@ -179,7 +182,7 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
     let url = "s3://window/runs";
     let io = runtime();
     let first = CheckpointStore::open_with(url, "job", &options).unwrap();
-    io.block_on(first.fence(1)).unwrap();
+    io.block_on(first.fence(Attempt(1))).unwrap();
     let store: Arc<dyn object_store::ObjectStore> = Arc::new(moto.client("window"));
     let root = Path::from("runs/job");
     let mut reads = Vec::new();
@@ -190,13 +193,13 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     let second = CheckpointStore::open_with(url, "job", &options).unwrap();
-                    assert!(runtime().block_on(second.fence(2)).unwrap());
+                    assert!(runtime().block_on(second.fence(Attempt(2))).unwrap());
                 });
             });
         }
-        if p.fence > 1 {
+        if p.fence > Attempt(1) {
             return Change::Refuse(CheckpointError::Stale {
-                attempt: 1,
+                attempt: Attempt(1),
                 fence: p.fence,
                 step: 30,
             });
@@ -207,7 +210,13 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
         })
     }));
     assert!(
-        matches!(outcome, Err(CheckpointError::Stale { fence: 2, .. })),
+        matches!(
+            outcome,
+            Err(CheckpointError::Stale {
+                fence: Attempt(2),
+                ..
+            })
+        ),
         "{outcome:?}"
     );
     assert_eq!(reads.len(), 2, "one conflict, then the refusal: {reads:?}");
@@ -215,7 +224,7 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
     assert_eq!(
         now,
         Pointer {
-            fence: 2,
+            fence: Attempt(2),
             latest: None
         }
     );
@@ -231,7 +240,7 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
     assert_eq!(
         done,
         Outcome::Written(Pointer {
-            fence: 2,
+            fence: Attempt(2),
             latest: Some(30)
         })
     );
@@ -247,7 +256,7 @@ fn one_of_two_swaps_from_the_same_version_wins_on_s3() {
     let path = Path::from("job/pointer.json");
     let io = runtime();
     let value = |fence| Pointer {
-        fence,
+        fence: Attempt(fence),
         latest: None,
     };
     io.block_on(async {

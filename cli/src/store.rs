@@ -62,7 +62,9 @@ async fn stored_checkpoints(
             pb::Checkpoint {
                 step: l.step,
                 url: store.step_url(l.step),
-                attempt: l.attempt.or(record.map(|r| r.attempt)).unwrap_or(0),
+                attempt: l
+                    .attempt
+                    .map_or_else(|| record.map_or(0, |r| r.attempt), |a| a.get()),
                 size_bytes: l.bytes,
                 committed_at_ms: record.map_or(0, |r| r.committed_at_ms),
                 state: state as i32,

@@ -5,7 +5,7 @@ use crate::error::CoordinatorError;
 use crate::message::{RankExit, RankKey, WorkerCommand, WorkerReport};
 use crate::state::{CheckpointRecord, Job, JobState, Worker};
 use crate::store::{AttemptRow, EventRow};
-use gantry_core::JobId;
+use gantry_core::{Attempt, JobId, Rank};
 use gantry_proto::v1 as pb;
 
 fn missing(field: &str) -> CoordinatorError {
@@ -31,8 +31,8 @@ pub fn rank_key(key: Option<pb::RankKey>, field: &str) -> Result<RankKey, Coordi
     }
     Ok(RankKey {
         job: JobId(key.job_id),
-        attempt: key.attempt,
-        rank: key.rank,
+        attempt: Attempt(key.attempt),
+        rank: Rank(key.rank),
     })
 }
 
@@ -112,8 +112,8 @@ pub fn command(command: WorkerCommand) -> pb::CoordinatorMessage {
             Body::Assign(pb::Assignment {
                 key: Some(pb::RankKey {
                     job_id: a.key.job.0,
-                    attempt: a.key.attempt,
-                    rank: a.key.rank,
+                    attempt: a.key.attempt.get(),
+                    rank: a.key.rank.get(),
                 }),
                 world_size: p.world_size(),
                 parallel: Some(pb::Parallel {
@@ -131,7 +131,7 @@ pub fn command(command: WorkerCommand) -> pb::CoordinatorMessage {
             reason,
         } => Body::Stop(pb::StopRanks {
             job_id: job.0,
-            below_attempt,
+            below_attempt: below_attempt.get(),
             reason,
         }),
     };
@@ -163,7 +163,7 @@ pub fn job(job: &Job) -> pb::Job {
         state: state as i32,
         step: job.step,
         total_steps: job.spec.train.steps,
-        attempt: job.attempt,
+        attempt: job.attempt.get(),
         restarts: job.restarts,
         loss: job.loss,
         eval_loss: job.eval_loss,
@@ -189,7 +189,7 @@ pub fn job(job: &Job) -> pb::Job {
 
 pub fn attempt(a: &AttemptRow) -> pb::AttemptSummary {
     pb::AttemptSummary {
-        attempt: a.attempt,
+        attempt: a.attempt.get(),
         started_at_ms: a.started_at_ms,
         ended_at_ms: a.ended_at_ms,
         outcome: a.outcome.clone(),
@@ -218,7 +218,7 @@ pub fn checkpoint(c: &CheckpointRecord) -> pb::Checkpoint {
     pb::Checkpoint {
         step: c.step,
         url: c.url.clone(),
-        attempt: c.attempt,
+        attempt: c.attempt.get(),
         size_bytes: c.size_bytes,
         state: pb::CheckpointState::Committed as i32,
         committed_at_ms: c.committed_at_ms,
@@ -231,7 +231,7 @@ pub fn line_event(row: &EventRow) -> pb::JobEvent {
         job_id: row.job_id.0.clone(),
         at_ms: row.at_ms,
         kind: Some(pb::job_event::Kind::Log(pb::LogLine {
-            attempt: row.attempt,
+            attempt: row.attempt.get(),
             rank: row.rank,
             stream: row.stream.clone(),
             line: row.line.clone(),

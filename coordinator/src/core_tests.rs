@@ -4,7 +4,7 @@ use crate::convert;
 use crate::core::{Core, CoreOptions, RankExit, RankKey, WorkerCommand, WorkerReport};
 use crate::state::JobState;
 use crate::store::Store;
-use gantry_core::{JobId, WorkerId};
+use gantry_core::{Attempt, JobId, Rank, WorkerId};
 use gantry_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -54,8 +54,8 @@ fn assignments(inbox: &mut Inbox) -> Vec<pb::RankKey> {
 fn key(job: &JobId, attempt: u64, rank: u32) -> RankKey {
     RankKey {
         job: job.clone(),
-        attempt,
-        rank,
+        attempt: Attempt(attempt),
+        rank: Rank(rank),
     }
 }
 
@@ -109,13 +109,13 @@ fn an_expired_lease_ends_the_attempt_and_the_job_restarts_elsewhere() {
     core.on_worker_message(&b, WorkerReport::Heartbeat, 900)
         .unwrap();
     core.tick(999).unwrap();
-    assert_eq!(core.job(&job).unwrap().attempt, 1);
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(1));
     // …and at 1000 ms a is lost, attempt 1 ends and attempt 2 goes to b.
     core.on_worker_message(&b, WorkerReport::Heartbeat, 1000)
         .unwrap();
     core.tick(1000).unwrap();
     let j = core.job(&job).unwrap();
-    assert_eq!((j.attempt, j.restarts), (2, 1));
+    assert_eq!((j.attempt, j.restarts), (Attempt(2), 1));
     assert!(
         !core
             .workers()
@@ -130,7 +130,7 @@ fn an_expired_lease_ends_the_attempt_and_the_job_restarts_elsewhere() {
     // A late exit from attempt 1 is ignored (fencing); attempt 2's failure exhausts the budget.
     core.on_worker_message(&b, exited(&job, 1, 0, 1), 1100)
         .unwrap();
-    assert_eq!(core.job(&job).unwrap().attempt, 2);
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(2));
     // …but kept in the history, since it may be the real cause of attempt 1's end.
     let history = core.events_after(&job, 0, 100).unwrap();
     assert!(history.iter().any(|e| {
@@ -185,7 +185,7 @@ fn a_reloaded_core_keeps_jobs_attempts_and_checkpoints() {
             attempts[0].attempt,
             attempts[0].outcome.as_deref()
         ),
-        (1, 1, None)
+        (1, Attempt(1), None)
     );
     assert_eq!(core.checkpoints(&job).unwrap().len(), 1);
     assert!(core.events_after(&job, 0, 100).unwrap().len() >= 2);
@@ -261,7 +261,7 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
         .unwrap()
         .id;
     core.tick(10).unwrap();
-    assert_eq!(core.job(&job).unwrap().attempt, 1);
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(1));
 
     // The first restart waits 1 s, the second 2 s.
     core.on_worker_message(&a, killed(&job, 1, 0), 100).unwrap();
@@ -281,7 +281,7 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
     core.on_worker_message(&a, WorkerReport::Heartbeat, 1100)
         .unwrap();
     core.tick(1100).unwrap();
-    assert_eq!(core.job(&job).unwrap().attempt, 2);
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(2));
     core.on_worker_message(&a, killed(&job, 2, 0), 1200)
         .unwrap();
     core.on_worker_message(&a, WorkerReport::Heartbeat, 3100)
@@ -291,7 +291,7 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
     core.on_worker_message(&a, WorkerReport::Heartbeat, 3200)
         .unwrap();
     core.tick(3200).unwrap();
-    assert_eq!(core.job(&job).unwrap().attempt, 3);
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(3));
 
     // Attempt 3 reports a step, then nothing for longer than the 3 s hang timeout.
     let progress = WorkerReport::Progress {
@@ -306,7 +306,7 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
             .unwrap();
         core.tick(t).unwrap();
     }
-    assert_eq!(core.job(&job).unwrap().attempt, 3, "not hung yet");
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(3), "not hung yet");
     core.on_worker_message(&a, WorkerReport::Heartbeat, 6301)
         .unwrap();
     core.tick(6301).unwrap();
@@ -364,7 +364,11 @@ fn a_draining_worker_gets_no_ranks_and_a_drained_attempt_costs_no_restart() {
         .unwrap();
     core.tick(21).unwrap();
     let j = core.job(&job).unwrap();
-    assert_eq!(j.attempt, 2, "restarted although max_restarts is 0");
+    assert_eq!(
+        j.attempt,
+        Attempt(2),
+        "restarted although max_restarts is 0"
+    );
     assert_eq!(j.restarts, 0);
     assert_eq!(
         j.state.placement().unwrap()[0],
@@ -404,7 +408,7 @@ fn a_commit_reported_after_a_cancel_is_kept_and_a_superseded_attempt_s_is_not() 
     core.resume(&job, Some(250), true, &[], 40).unwrap();
     // Once attempt 2 has started, attempt 1's reports are stale.
     core.tick(50).unwrap();
-    assert_eq!(core.job(&job).unwrap().attempt, 2);
+    assert_eq!(core.job(&job).unwrap().attempt, Attempt(2));
     core.on_worker_message(&w, report(1, 300), 60).unwrap();
     assert_eq!(last_checkpoint(&core).step, 200);
 }

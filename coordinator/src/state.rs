@@ -13,7 +13,7 @@
 //! Any job that has not ended can be cancelled. A transition the diagram lacks returns a
 //! [`TransitionError`] and leaves the job unchanged.
 
-use gantry_core::{Attempt, JobId, JobSpec, WorkerId};
+use gantry_core::{Attempt, JobId, JobSpec, Rank, WorkerId};
 use serde::{Deserialize, Serialize};
 
 /// A transition the state diagram does not have; the job is left as it was.
@@ -108,7 +108,7 @@ pub struct Job {
     /// attempt fails, so automatic restarts take the newest checkpoint.
     pub resume_step: Option<u64>,
     /// Ranks of the live attempt that exited successfully.
-    pub finished_ranks: Vec<u32>,
+    pub finished_ranks: Vec<Rank>,
     /// A restarting job is not placed before this time (restart backoff).
     #[serde(default)]
     pub not_before_ms: i64,
@@ -131,7 +131,7 @@ impl Job {
             id,
             spec,
             state: JobState::Pending { reason: None },
-            attempt: 0,
+            attempt: Attempt(0),
             restarts: 0,
             restarts_since_resume: 0,
             step: 0,
@@ -151,7 +151,7 @@ impl Job {
     /// Starts the next attempt on `placement`.
     pub fn to_scheduled(&mut self, placement: Vec<WorkerId>) -> Result<(), TransitionError> {
         self.guard("Scheduled", self.state.wants_slots())?;
-        self.attempt += 1;
+        self.attempt = self.attempt.next();
         self.finished_ranks.clear();
         self.state = JobState::Scheduled { placement };
         Ok(())
@@ -315,7 +315,7 @@ mod tests {
         .unwrap();
         Job {
             state: state.clone(),
-            attempt: 3,
+            attempt: Attempt(3),
             ..Job::new(JobId("j".into()), spec, 0)
         }
     }
@@ -408,9 +408,9 @@ mod tests {
             cause: "c".into(),
             reason: None,
         });
-        job.finished_ranks = vec![0];
+        job.finished_ranks = vec![Rank(0)];
         job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
-        assert_eq!((job.attempt, job.finished_ranks.len()), (4, 0));
+        assert_eq!((job.attempt, job.finished_ranks.len()), (Attempt(4), 0));
         job.resume_step = Some(7);
         job.to_restarting("c".into(), 1_500).unwrap();
         assert_eq!(

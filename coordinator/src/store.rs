@@ -190,7 +190,12 @@ impl Store {
         self.conn.execute(
             "INSERT OR REPLACE INTO attempts (job_id, attempt, started_at_ms, placement)
              VALUES (?1, ?2, ?3, ?4)",
-            params![job.0, attempt, now_ms, serde_json::to_string(placement)?],
+            params![
+                job.0,
+                attempt.get(),
+                now_ms,
+                serde_json::to_string(placement)?
+            ],
         )?;
         Ok(())
     }
@@ -205,7 +210,7 @@ impl Store {
         self.conn.execute(
             "UPDATE attempts SET ended_at_ms = ?3, outcome = ?4
              WHERE job_id = ?1 AND attempt = ?2 AND ended_at_ms IS NULL",
-            params![job.0, attempt, now_ms, outcome],
+            params![job.0, attempt.get(), now_ms, outcome],
         )?;
         Ok(())
     }
@@ -218,7 +223,7 @@ impl Store {
         )?;
         let rows = stmt.query_map([&job.0], |row| {
             Ok(AttemptRow {
-                attempt: row.get(0)?,
+                attempt: Attempt(row.get(0)?),
                 started_at_ms: row.get(1)?,
                 ended_at_ms: row.get(2)?,
                 outcome: row.get(3)?,
@@ -240,7 +245,7 @@ impl Store {
         self.conn.execute(
             "INSERT INTO events (job_id, at_ms, attempt, rank, stream, line)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![job.0, at_ms, attempt, rank, stream, line],
+            params![job.0, at_ms, attempt.get(), rank, stream, line],
         )?;
         Ok(self.conn.last_insert_rowid() as u64)
     }
@@ -260,7 +265,7 @@ impl Store {
                 seq: row.get(0)?,
                 job_id: job.clone(),
                 at_ms: row.get(1)?,
-                attempt: row.get(2)?,
+                attempt: Attempt(row.get(2)?),
                 rank: row.get(3)?,
                 stream: row.get(4)?,
                 line: row.get(5)?,
@@ -277,7 +282,7 @@ impl Store {
             params![
                 job.0,
                 c.step,
-                c.attempt,
+                c.attempt.get(),
                 c.url,
                 c.size_bytes,
                 c.committed_at_ms
@@ -306,7 +311,7 @@ impl Store {
             Ok(CheckpointRecord {
                 step: row.get(0)?,
                 url: row.get(1)?,
-                attempt: row.get(2)?,
+                attempt: Attempt(row.get(2)?),
                 size_bytes: row.get(3)?,
                 committed_at_ms: row.get(4)?,
             })
@@ -335,7 +340,7 @@ mod tests {
                 .unwrap();
             store.put_job(&Job::new("j0".into(), spec, 6)).unwrap();
             store
-                .append_event(&"j1".into(), 7, 1, -1, "event", "hello")
+                .append_event(&"j1".into(), 7, Attempt(1), -1, "event", "hello")
                 .unwrap();
         }
         let store = Store::open(&path).unwrap();

@@ -2,6 +2,7 @@
 //! (its assignment), what it reports back (events on stdout), and what its exit code means.
 //! The coordinator reads the same exit codes, so they are written here once.
 
+use crate::{Attempt, JobId, Rank};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -11,9 +12,9 @@ pub struct RankAssignment {
     pub coordinator: String,
     /// The address other ranks reach this one on.
     pub advertise_host: String,
-    pub job_id: String,
-    pub attempt: u64,
-    pub rank: u32,
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    pub rank: Rank,
     pub world_size: u32,
     pub spec_json: String,
     pub resume_step: Option<u64>,

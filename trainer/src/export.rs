@@ -7,7 +7,7 @@ pub use crate::reshard::Tensor32;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::prelude::*;
 use gantry_checkpoint::{CheckpointStore, Manifest, writes_shard};
-use gantry_core::JobSpec;
+use gantry_core::{JobSpec, Rank};
 use std::collections::BTreeMap;
 
 /// Every float parameter of `model` by its module path (`blocks.0.qkv.weight`).
@@ -56,7 +56,7 @@ pub async fn whole_model(
     for rank in 0..mesh.world_size() {
         if writes_shard(mesh, mesh.coords(rank)) {
             // Each file is checked against the manifest as it is read: read once, never trusted.
-            shards.insert(rank, store.read_verified_shard(manifest, rank).await?);
+            shards.insert(rank, store.read_verified_shard(manifest, Rank(rank)).await?);
         }
     }
     reshard::whole_parameters(spec, mesh, &shards)

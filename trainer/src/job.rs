@@ -1,12 +1,12 @@
 //! What a rank is asked to do: the job, its attempt, its place, and where its checkpoints go.
 
-use gantry_core::JobSpec;
+use gantry_core::{Attempt, JobId, JobSpec, Rank};
 
 /// Everything a rank needs to train.
 pub struct RankJob {
-    pub job_id: String,
-    pub attempt: u64,
-    pub rank: u32,
+    pub job_id: JobId,
+    pub attempt: Attempt,
+    pub rank: Rank,
     pub spec: JobSpec,
     /// Resume from exactly this step instead of the newest verified checkpoint.
     pub resume_step: Option<u64>,

@@ -86,8 +86,8 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let mut comm = TcpComm::connect(
         listener,
         &peers,
-        a.rank,
-        Identity::new(&a.job_id, a.attempt),
+        a.rank.get(),
+        Identity::new(&a.job_id.0, a.attempt.get()),
         timeout,
     )?;
     let job = RankJob {
@@ -98,7 +98,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         resume_step: a.resume_step,
         store_options: a.store_options.clone(),
     };
-    let reporter = Reporter::for_rank(&job.spec, a.rank);
+    let reporter = Reporter::for_rank(&job.spec, a.rank.get());
     reporter.log(&format!(
         "rank {}/{} of {} attempt {} connected",
         a.rank, a.world_size, a.job_id, a.attempt
@@ -125,7 +125,8 @@ fn init_tracing(a: &RankAssignment) -> tracing::span::EnteredSpan {
         gantry_ops::LogFormat::Text
     };
     gantry_ops::init_logging(format, "info");
-    tracing::info_span!("rank", job = %a.job_id, attempt = a.attempt, rank = a.rank).entered()
+    tracing::info_span!("rank", job = %a.job_id, attempt = a.attempt.get(), rank = a.rank.get())
+        .entered()
 }
 
 /// Reports this rank's address and waits for the whole peer table.
@@ -138,9 +139,9 @@ async fn rendezvous(
     let request = pb::RendezvousRequest {
         protocol_version: PROTOCOL_VERSION,
         key: Some(pb::RankKey {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            rank: a.rank,
+            job_id: a.job_id.to_string(),
+            attempt: a.attempt.get(),
+            rank: a.rank.get(),
         }),
         address,
         nccl_unique_id: None,

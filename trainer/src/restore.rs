@@ -6,7 +6,7 @@ use crate::report::Reporter;
 use crate::reshard::{reshard, sources};
 use gantry_checkpoint::{CheckpointError, CheckpointStore, Manifest, Shard};
 use gantry_collective::{ReduceOp, World};
-use gantry_core::Mesh;
+use gantry_core::{Mesh, Rank};
 use std::collections::BTreeMap;
 
 /// The checkpoint to resume from and this rank's shard of it: the newest committed step
@@ -51,7 +51,7 @@ pub fn restore_point(
             Ok(manifest) if manifest.tp == mesh.tp && manifest.pp == mesh.pp => {
                 // The layout is the same: the shard of this rank's position, whichever
                 // replica wrote it, at whatever data-parallel degree.
-                let source = manifest.holder(mesh.coords(job.rank));
+                let source = manifest.holder(mesh.coords(job.rank.get()));
                 io.block_on(store.read_verified_shard(&manifest, source))
                     .map(|shard| (manifest, shard))
                     .map_err(unusable)
@@ -60,8 +60,11 @@ pub fn restore_point(
                 let saved = manifest.mesh();
                 let read = io.block_on(async {
                     let mut shards = BTreeMap::new();
-                    for rank in sources(&job.spec, saved, mesh, job.rank) {
-                        shards.insert(rank, store.read_verified_shard(&manifest, rank).await?);
+                    for rank in sources(&job.spec, saved, mesh, job.rank.get()) {
+                        shards.insert(
+                            rank,
+                            store.read_verified_shard(&manifest, Rank(rank)).await?,
+                        );
                     }
                     Ok(shards)
                 });
@@ -69,14 +72,15 @@ pub fn restore_point(
                     // A checkpoint that cannot be resharded is an error, not damage: every
                     // older one has the same layout.
                     Ok(shards) => {
-                        let shard = reshard(&job.spec, saved, &shards, mesh, job.rank, fresh()?)
-                            .map_err(|e| {
-                                e.context(format!(
-                                    "resharding the checkpoint at step {} from tp={} pp={} to \
+                        let shard =
+                            reshard(&job.spec, saved, &shards, mesh, job.rank.get(), fresh()?)
+                                .map_err(|e| {
+                                    e.context(format!(
+                                        "resharding the checkpoint at step {} from tp={} pp={} to \
                                      tp={} pp={}",
-                                    manifest.step, saved.tp, saved.pp, mesh.tp, mesh.pp
-                                ))
-                            })?;
+                                        manifest.step, saved.tp, saved.pp, mesh.tp, mesh.pp
+                                    ))
+                                })?;
                         Ok((manifest, shard))
                     }
                     Err(e) => Err(unusable(e)),
@@ -107,7 +111,7 @@ pub fn restore_point(
             anyhow::bail!("checkpoint at step {step} cannot be resumed from: {why}");
         }
         // A partial step (no manifest) is the same for every rank: rank 0 reports it.
-        if job.rank == 0 || !partial {
+        if job.rank == Rank::LEADER || !partial {
             reporter.log(&format!("skipping checkpoint at step {step}: {why}"));
         }
         if !listed {

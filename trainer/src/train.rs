@@ -18,7 +18,7 @@ use burn::prelude::*;
 use burn::store::ModuleRecord;
 use gantry_checkpoint::{self as checkpoint, CheckpointStore};
 use gantry_collective::{ReduceOp, World};
-use gantry_core::Mesh;
+use gantry_core::{Mesh, Rank};
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -36,10 +36,11 @@ pub fn train<S: Stage>(
     let t = &spec.train;
     let p = spec.parallel;
     let mesh = Mesh::new(p.dp, p.tp, p.pp);
-    let coords = mesh.coords(job.rank);
-    let dp_members = mesh.dp_group(job.rank);
-    let pp_members = mesh.pp_group(job.rank);
-    let tp_members = mesh.tp_group(job.rank);
+    let rank = job.rank.get();
+    let coords = mesh.coords(rank);
+    let dp_members = mesh.dp_group(rank);
+    let pp_members = mesh.pp_group(rank);
+    let tp_members = mesh.tp_group(rank);
     let dp = dp_members.len();
     let dp_rank = coords.dp as usize;
     let bucket = ((p.bucket_mb * (1 << 20) as f64 / 4.0) as usize).max(1);
@@ -50,12 +51,13 @@ pub fn train<S: Stage>(
     } else {
         device.clone().autodiff()
     };
-    let mut model = S::init(spec, mesh, job.rank, &ad);
+    let mut model = S::init(spec, mesh, rank, &ad);
     let mut optimizer = AdamConfig::new().init();
     let data = Dataset::for_spec(spec);
-    let store = CheckpointStore::for_job(&spec.checkpoint, &job.job_id, &job.store_options)?;
+    let store =
+        CheckpointStore::for_job(&spec.checkpoint, job.job_id.as_str(), &job.store_options)?;
 
-    if job.rank == 0 {
+    if job.rank == Rank::LEADER {
         // From now on, no older attempt of this job may commit a checkpoint.
         io.block_on(store.fence(job.attempt))?;
     }
@@ -114,7 +116,7 @@ pub fn train<S: Stage>(
                 data: &data,
                 comm: &mut *comm,
                 mesh,
-                rank: job.rank,
+                rank,
                 device: ad.clone(),
             }
         };
@@ -243,7 +245,7 @@ pub fn train<S: Stage>(
                     io.block_on(store.write_shard(done, job.rank, taken.into_shard()?))?;
                 }
                 comm.world().barrier()?;
-                if job.rank == 0 {
+                if job.rank == Rank::LEADER {
                     let keep_last = spec.checkpoint.keep_last;
                     let manifest = manifest(job, world, done);
                     commit(&store, manifest, keep_last, started, reporter, io)?;

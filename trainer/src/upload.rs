@@ -8,6 +8,7 @@ use backon::{ExponentialBuilder, Retryable};
 use burn::module::Module;
 use gantry_checkpoint::{self as checkpoint, CheckpointStore, Manifest, Shard};
 use gantry_collective::{ReduceOp, World};
+use gantry_core::Rank;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -239,7 +240,7 @@ impl Upload {
     pub fn start<M: Module + Send + 'static>(
         store: CheckpointStore,
         step: u64,
-        rank: u32,
+        rank: Rank,
         snapshot: Snapshot<M>,
         started: Instant,
     ) -> Self {
@@ -319,7 +320,7 @@ impl Upload {
             ));
             return None;
         }
-        (job.rank == 0).then(|| {
+        (job.rank == Rank::LEADER).then(|| {
             let keep_last = job.spec.checkpoint.keep_last;
             let manifest = manifest(job, world, self.step);
             Commit::start(store, manifest, keep_last, self.started, reporter)

@@ -5,7 +5,7 @@
 
 use crate::metrics::WorkerMetrics;
 use backon::{ExponentialBuilder, Retryable};
-use gantry_core::{ExitCode, RankAssignment, RankEvent};
+use gantry_core::{Attempt, ExitCode, JobId, Rank, RankAssignment, RankEvent};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use pb::worker_message::Body;
@@ -41,10 +41,11 @@ pub struct AgentOptions {
     pub log_format: gantry_ops::LogFormat,
 }
 
-type Key = (String, u64, u32);
+/// A rank this daemon runs: its job, attempt and rank.
+type Key = (JobId, Attempt, Rank);
 
 fn key_of(k: &pb::RankKey) -> Key {
-    (k.job_id.clone(), k.attempt, k.rank)
+    (JobId(k.job_id.clone()), Attempt(k.attempt), Rank(k.rank))
 }
 
 struct RankProcess {
@@ -149,9 +150,9 @@ pub async fn run(
             ranks: ranks
                 .keys()
                 .map(|(job_id, attempt, rank)| pb::RankKey {
-                    job_id: job_id.clone(),
-                    attempt: *attempt,
-                    rank: *rank,
+                    job_id: job_id.to_string(),
+                    attempt: attempt.get(),
+                    rank: rank.get(),
                 })
                 .collect(),
             exited: undelivered
@@ -240,8 +241,8 @@ pub async fn run(
                         }
                         Some(pb::coordinator_message::Body::Stop(stop)) => {
                             for ((job, attempt, rank), proc) in &ranks {
-                                if *job == stop.job_id && *attempt < stop.below_attempt {
-                                    tracing::info!(job, attempt, rank, reason = %stop.reason, "stopping rank");
+                                if job.as_str() == stop.job_id && attempt.get() < stop.below_attempt {
+                                    tracing::info!(%job, %attempt, %rank, reason = %stop.reason, "stopping rank");
                                     proc.kill.cancel();
                                 }
                             }
@@ -396,9 +397,9 @@ fn launch(
     let assignment = RankAssignment {
         coordinator: options.coordinator.clone(),
         advertise_host: options.advertise_host.clone(),
-        job_id: key.job_id.clone(),
-        attempt: key.attempt,
-        rank: key.rank,
+        job_id: JobId(key.job_id.clone()),
+        attempt: Attempt(key.attempt),
+        rank: Rank(key.rank),
         world_size: a.world_size,
         spec_json: a.spec_json.clone(),
         resume_step: a.resume_step,

@@ -9,7 +9,7 @@
 //! assignment (`…/attempt-N/rank-R.json` → `…/attempt-N/rank-R.sh`), so every rank of a test can
 //! behave differently. Tests synchronise only by polling what the fake received, with deadlines.
 
-use gantry_core::{ExitCode, RankAssignment};
+use gantry_core::{Attempt, ExitCode, JobId, Rank, RankAssignment};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use gantry_worker::agent::{AgentOptions, run};
@@ -531,9 +531,9 @@ exit 0
         .find_map(|l| l.strip_prefix("assignment "))
         .expect("the rank printed its assignment");
     let assignment: RankAssignment = serde_json::from_str(json).unwrap();
-    assert_eq!(assignment.job_id, "job-a");
-    assert_eq!(assignment.attempt, 4);
-    assert_eq!(assignment.rank, 1);
+    assert_eq!(assignment.job_id, JobId::from("job-a"));
+    assert_eq!(assignment.attempt, Attempt(4));
+    assert_eq!(assignment.rank, Rank(1));
     assert_eq!(assignment.world_size, 2);
     assert_eq!(
         assignment.spec_json, spec,

@@ -32,7 +32,7 @@ impl Core {
                 let host = self.jobs[&key.job]
                     .state
                     .placement()
-                    .and_then(|p| p.get(key.rank as usize))
+                    .and_then(|p| p.get(key.rank.index()))
                     .cloned();
                 if let Some(host) = host.filter(|_| blames_worker) {
                     self.record_worker_failure(&host, now_ms);
@@ -129,7 +129,7 @@ impl Core {
         if !applied {
             return Ok(());
         }
-        tracing::debug!(job = %id, attempt, %reason, "decided after a failed attempt");
+        tracing::debug!(job = %id, %attempt, %reason, "decided after a failed attempt");
         self.note(id, now_ms, &line)
     }
 
@@ -155,7 +155,7 @@ impl Core {
                 &host,
                 WorkerCommand::Stop {
                     job: id.clone(),
-                    below_attempt: attempt + 1,
+                    below_attempt: attempt.next(),
                     reason: outcome.to_string(),
                 },
             );

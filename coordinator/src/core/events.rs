@@ -62,7 +62,7 @@ impl Core {
         line: &str,
     ) -> Result<(), CoordinatorError> {
         let attempt = self.jobs[id].attempt;
-        tracing::info!(job = %id, attempt, "{line}");
+        tracing::info!(job = %id, %attempt, "{line}");
         let seq = self
             .store
             .append_event(id, now_ms, attempt, -1, "event", line)?;

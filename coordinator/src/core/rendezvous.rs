@@ -5,6 +5,7 @@ use super::{Core, RankKey};
 use crate::error::CoordinatorError;
 use crate::message::{PeerTable, RendezvousTable};
 use crate::state::{Job, JobState};
+use gantry_core::Rank;
 
 impl Core {
     /// A rank reports its data-plane address (rank 0 also its NCCL unique id, if any).
@@ -23,7 +24,7 @@ impl Core {
         }
         if nccl_unique_id
             .as_ref()
-            .is_some_and(|id| id.len() != 128 || key.rank != 0)
+            .is_some_and(|id| id.len() != 128 || key.rank != Rank::LEADER)
         {
             return Err(CoordinatorError::InvalidArgument(
                 "nccl_unique_id: only rank 0 sends one, of 128 bytes".into(),
@@ -37,7 +38,7 @@ impl Core {
             )));
         }
         let world = job.spec.parallel.world_size();
-        if key.rank >= world {
+        if key.rank.get() >= world {
             return Err(CoordinatorError::InvalidArgument(format!(
                 "key.rank: {} is outside the world of {world} ranks",
                 key.rank
@@ -50,7 +51,7 @@ impl Core {
                 addresses: vec![None; world as usize],
                 nccl_unique_id: None,
             });
-        table.addresses[key.rank as usize] = Some(address);
+        table.addresses[key.rank.index()] = Some(address);
         if nccl_unique_id.is_some() {
             table.nccl_unique_id = nccl_unique_id;
         }

@@ -16,7 +16,7 @@ impl Core {
         eval_loss: Option<f64>,
         now_ms: i64,
     ) -> Result<(), CoordinatorError> {
-        if !self.is_live(key) || key.rank != self.jobs[&key.job].spec.progress_rank() {
+        if !self.is_live(key) || key.rank.get() != self.jobs[&key.job].spec.progress_rank() {
             return Ok(());
         }
         self.last_progress_ms.insert(key.job.clone(), now_ms);
@@ -69,7 +69,7 @@ impl Core {
             return Ok(());
         }
         for line in lines {
-            let rank = key.rank as i32;
+            let rank = key.rank.get() as i32;
             let row =
                 self.store
                     .append_event(&key.job, now_ms, key.attempt, rank, stream, &line)?;
@@ -96,7 +96,7 @@ impl Core {
             .get(&key.job)
             .is_none_or(|j| j.attempt != key.attempt)
         {
-            tracing::warn!(job = %key.job, attempt = key.attempt, "refused checkpoint from a stale attempt");
+            tracing::warn!(job = %key.job, attempt = %key.attempt, "refused checkpoint from a stale attempt");
             return Ok(());
         }
         let record = CheckpointRecord {

@@ -77,7 +77,7 @@ impl Core {
                         &format!("attempt {attempt} scheduled on {}", hosts.join(", ")),
                     )?;
                     for (rank, w) in placement.iter().enumerate() {
-                        self.send_assignment(&id, rank as Rank, w);
+                        self.send_assignment(&id, Rank(rank as u32), w);
                     }
                 }
                 Err(why) => {

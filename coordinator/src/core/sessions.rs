@@ -172,7 +172,7 @@ impl Core {
                     },
                 ),
                 Action::Resend { job, rank, reason } => {
-                    tracing::info!(job = %job, rank, worker = %worker, "resending an assignment: {reason}");
+                    tracing::info!(job = %job, %rank, worker = %worker, "resending an assignment: {reason}");
                     self.send_assignment(&job, rank, worker);
                 }
                 Action::FailAttempt { job, cause } => self.fail_attempt(&job, cause, now_ms)?,

@@ -45,10 +45,10 @@ pub fn reconcile(
             // Stop everything of this job below its live attempt, and at least this one.
             let below = job
                 .filter(|j| !j.state.is_terminal())
-                .map_or(u64::MAX, |j| j.attempt);
+                .map_or(Attempt(u64::MAX), |j| j.attempt);
             actions.push(Action::Stop {
                 job: key.job.clone(),
-                below_attempt: below.max(key.attempt + 1),
+                below_attempt: below.max(key.attempt.next()),
                 reason: "stale attempt",
             });
         }
@@ -60,8 +60,9 @@ pub fn reconcile(
         let expected = placement
             .iter()
             .enumerate()
-            .filter(|(rank, w)| *w == worker && !job.finished_ranks.contains(&(*rank as Rank)))
-            .map(|(rank, _)| rank as Rank);
+            .filter(|(_, w)| *w == worker)
+            .map(|(rank, _)| Rank(rank as u32))
+            .filter(|rank| !job.finished_ranks.contains(rank));
         for rank in expected {
             let key = RankKey {
                 job: job.id.clone(),
@@ -93,23 +94,23 @@ mod tests {
     use super::*;
     use gantry_core::JobSpec;
 
-    fn job(id: &str, attempt: Attempt, state: JobState) -> Job {
+    fn job(id: &str, attempt: u64, state: JobState) -> Job {
         let spec = JobSpec::from_json(
             r#"{"name":"j","model":{"kind":"mlp"},"train":{"steps":1,"global_batch":2,"lr":0.1}}"#,
         )
         .unwrap();
         Job {
-            attempt,
+            attempt: Attempt(attempt),
             state,
             ..Job::new(JobId(id.into()), spec, 0)
         }
     }
 
-    fn key(job: &str, attempt: Attempt, rank: Rank) -> RankKey {
+    fn key(job: &str, attempt: u64, rank: u32) -> RankKey {
         RankKey {
             job: JobId(job.into()),
-            attempt,
-            rank,
+            attempt: Attempt(attempt),
+            rank: Rank(rank),
         }
     }
 
@@ -177,23 +178,23 @@ mod tests {
             [
                 Action::Stop {
                     job: JobId("live".into()),
-                    below_attempt: 3,
+                    below_attempt: Attempt(3),
                     reason: "stale attempt"
                 },
                 // The attempt ended and the next is not placed yet: at least this one goes.
                 Action::Stop {
                     job: JobId("waiting".into()),
-                    below_attempt: 4,
+                    below_attempt: Attempt(4),
                     reason: "stale attempt"
                 },
                 Action::Stop {
                     job: JobId("ended".into()),
-                    below_attempt: u64::MAX,
+                    below_attempt: Attempt(u64::MAX),
                     reason: "stale attempt"
                 },
                 Action::Stop {
                     job: JobId("gone".into()),
-                    below_attempt: u64::MAX,
+                    below_attempt: Attempt(u64::MAX),
                     reason: "stale attempt"
                 },
             ]
@@ -210,14 +211,14 @@ mod tests {
                 placement: on(&["a", "a", "a"]),
             },
         );
-        scheduled.finished_ranks = vec![2];
+        scheduled.finished_ranks = vec![Rank(2)];
         let actions = reconcile(&w, &[key("j", 1, 1)], &jobs(vec![scheduled]));
         assert_eq!(
             actions,
             [
                 Action::Resend {
                     job: JobId("j".into()),
-                    rank: 0,
+                    rank: Rank(0),
                     reason: "its assignment never started"
                 },
                 Action::Continue {

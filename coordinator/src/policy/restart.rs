@@ -125,13 +125,14 @@ pub fn describe_exit(exit: &RankExit) -> String {
 mod tests {
     use super::*;
     use crate::message::RankKey;
+    use gantry_core::Rank;
 
     fn exit(code: Option<i32>, signal: Option<i32>, message: &str) -> RankExit {
         RankExit {
             key: RankKey {
                 job: "j".into(),
-                attempt: 2,
-                rank: 3,
+                attempt: Attempt(2),
+                rank: Rank(3),
             },
             exit_code: code,
             signal,
@@ -192,21 +193,31 @@ mod tests {
     fn a_late_failure_is_kept_and_a_late_success_or_stop_is_not() {
         let failed = exit(Some(3), None, "");
         assert_eq!(
-            late_exit_line(&failed, Some(2)).as_deref(),
+            late_exit_line(&failed, Some(Attempt(2))).as_deref(),
             Some("attempt 2: rank 3 exited with code 3 (reported after the attempt ended)"),
             "the attempt ended and the next waits out its backoff"
         );
-        assert!(late_exit_line(&failed, Some(5)).is_some());
-        assert_eq!(late_exit_line(&failed, Some(1)), None, "from the future");
+        assert!(late_exit_line(&failed, Some(Attempt(5))).is_some());
+        assert_eq!(
+            late_exit_line(&failed, Some(Attempt(1))),
+            None,
+            "from the future"
+        );
         assert_eq!(late_exit_line(&failed, None), None, "unknown job");
-        assert_eq!(late_exit_line(&exit(Some(0), None, ""), Some(2)), None);
-        assert_eq!(late_exit_line(&exit(Some(76), None, ""), Some(2)), None);
+        assert_eq!(
+            late_exit_line(&exit(Some(0), None, ""), Some(Attempt(2))),
+            None
+        );
+        assert_eq!(
+            late_exit_line(&exit(Some(76), None, ""), Some(Attempt(2))),
+            None
+        );
         let stopped = RankExit {
             stopped: true,
             ..exit(None, Some(15), "")
         };
         assert_eq!(
-            late_exit_line(&stopped, Some(2)),
+            late_exit_line(&stopped, Some(Attempt(2))),
             None,
             "stopped on our order"
         );
