@@ -106,7 +106,9 @@ pub struct TrainSpec {
     pub eval_every: u64,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// Compute precision: "f32", or "bf16" (bf16 compute with f32 master weights; cuda only).
+    /// Compute precision: "f32"; "bf16" (bf16 compute, f32 master weights and Adam state); or
+    /// "fp16" (the same in fp16, with dynamic loss scaling: steps whose gradients overflow are
+    /// skipped and counted).
     #[serde(default)]
     pub precision: Precision,
     /// Recompute activations in the backward pass instead of keeping them: less memory, more compute.
@@ -120,6 +122,35 @@ pub enum Precision {
     #[default]
     F32,
     Bf16,
+    Fp16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Fp16 => "fp16",
+        }
+    }
+}
+
+/// What a rank trains on: the CPU, or one CUDA GPU per rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+impl DeviceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -184,8 +215,9 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResourcesSpec {
-    #[serde(default = "default_device")]
-    pub device: String,
+    /// "cpu", or "cuda" for one GPU per rank.
+    #[serde(default)]
+    pub device: DeviceKind,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,9 +279,6 @@ fn default_every_steps() -> u64 {
 fn default_keep_last() -> u32 {
     3
 }
-fn default_device() -> String {
-    "cpu".into()
-}
 fn default_max_restarts() -> u32 {
     3
 }
@@ -295,7 +324,7 @@ impl Default for CheckpointSpec {
 impl Default for ResourcesSpec {
     fn default() -> Self {
         Self {
-            device: default_device(),
+            device: DeviceKind::Cpu,
         }
     }
 }
@@ -621,19 +650,12 @@ impl JobSpec {
             crate::store_options::canonical(Some(&scheme), key)
                 .map_err(|e| SpecError::new(format!("checkpoint.options.{key}"), e))?;
         }
-        if t.precision == Precision::Bf16 && self.resources.device == "cpu" {
+        if t.precision == Precision::Fp16 && self.resources.device == DeviceKind::Cpu {
             return err(
                 "train.precision",
-                "bf16 mixed precision needs resources.device = \"cuda\"; the cpu backend trains in f32".into(),
-            );
-        }
-        if self.resources.device != "cpu" {
-            return err(
-                "resources.device",
-                format!(
-                    "{:?} is not available in this build; use \"cpu\"",
-                    self.resources.device
-                ),
+                "fp16 needs resources.device = \"cuda\" (the cpu backend has no fp16 \
+                 arithmetic); use \"bf16\" or \"f32\" on cpu"
+                    .into(),
             );
         }
         let f = &self.fault_tolerance;
@@ -740,7 +762,8 @@ mod tests {
             ("train.global_batch", "train.global_batch=7"),
             ("parallel.tp", "parallel.tp=2"),
             ("parallel.pp", "parallel.pp=4"),
-            ("train.precision", "train.precision=\"bf16\""),
+            ("train.precision", "train.precision=\"fp16\""),
+            ("resources.device", "resources.device=\"tpu\""),
             ("checkpoint.url", "checkpoint.url=\"ftp://host/x\""),
             ("parallel.schedule", "parallel.schedule=\"zigzag\""),
             ("name", "name=\"a b\""),
