@@ -6,11 +6,13 @@
 
 pub mod control;
 pub mod data;
+pub mod device;
 pub mod export;
 pub mod gradients;
 pub mod job;
 pub mod layout;
 pub mod model;
+pub mod precision;
 pub mod rank;
 pub mod records;
 pub mod report;

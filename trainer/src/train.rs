@@ -14,7 +14,6 @@ use crate::report::{Reporter, StepReport};
 use crate::stage::{Stage, StepContext};
 use burn::module::ParamId;
 use burn::optim::AdamConfig;
-use burn::prelude::*;
 use burn::store::ModuleRecord;
 use gantry_checkpoint::{self as checkpoint, CheckpointStore};
 use gantry_collective::{ReduceOp, World};
@@ -44,7 +43,7 @@ pub fn train<S: Stage>(
     let dp = dp_members.len();
     let dp_rank = coords.dp as usize;
     let bucket = ((p.bucket_mb * (1 << 20) as f64 / 4.0) as usize).max(1);
-    let device = Device::flex();
+    let device = crate::device::for_spec(spec)?;
     device.seed(t.seed);
     let ad = if t.activation_checkpointing {
         device.clone().autodiff().gradient_checkpointing()

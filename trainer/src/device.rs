@@ -1,0 +1,101 @@
+//! The device a rank trains on, from its spec's `resources.device`.
+//!
+//! A cuda rank sees one GPU: its worker daemon starts it with `CUDA_VISIBLE_DEVICES` naming the
+//! GPU the coordinator assigned, so the rank's device is always CUDA device 0. Every CUDA library
+//! (driver, NVRTC, NCCL) is loaded at run time; a machine without them gets an error that says so,
+//! never a crash.
+
+use burn::tensor::Device;
+use gantry_core::spec::{DeviceKind, JobSpec};
+
+/// The device of a rank of `spec`.
+pub fn for_spec(spec: &JobSpec) -> anyhow::Result<Device> {
+    match spec.resources.device {
+        DeviceKind::Cpu => Ok(Device::flex()),
+        DeviceKind::Cuda => cuda(),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> anyhow::Result<Device> {
+    use burn::tensor::DeviceType;
+    // With dynamic loading the first CUDA call panics when the library is missing: probe first.
+    if !culib_present() {
+        anyhow::bail!(
+            "resources.device = \"cuda\": the CUDA driver library (libcuda.so.1) is not on this \
+             machine's library path"
+        );
+    }
+    let visible = Device::enumerate(DeviceType::Cuda).into_iter().count();
+    if visible == 0 {
+        anyhow::bail!(
+            "resources.device = \"cuda\": no CUDA device is visible to this rank \
+             (CUDA_VISIBLE_DEVICES={:?})",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+        );
+    }
+    Ok(Device::cuda(0))
+}
+
+/// Whether the CUDA driver library can be loaded.
+#[cfg(feature = "cuda")]
+pub fn culib_present() -> bool {
+    // SAFETY: only tries to dlopen the library (and closes it); no CUDA call is made.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "resources.device = \"cuda\": this gantry-worker was built without CUDA support; build \
+         it with `cargo build --release --bins --features cuda`"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(device: &str) -> JobSpec {
+        JobSpec::from_json(&format!(
+            r#"{{"name":"d","model":{{"kind":"mlp"}},"train":{{"steps":1,"global_batch":2,"lr":0.1}},"resources":{{"device":"{device}"}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn cpu_is_flex_and_cuda_without_a_gpu_is_a_clear_error() {
+        assert_eq!(for_spec(&spec("cpu")).unwrap(), Device::flex());
+        // This machine (and CI) has no GPU: whichever build, the error names the field.
+        if cfg!(feature = "cuda") && cudarc_present() {
+            return; // a GPU machine: nothing to check here
+        }
+        let err = for_spec(&spec("cuda")).unwrap_err().to_string();
+        assert!(err.starts_with("resources.device = \"cuda\""), "{err}");
+    }
+
+    fn cudarc_present() -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            culib_present()
+                && Device::enumerate(burn::tensor::DeviceType::Cuda)
+                    .into_iter()
+                    .count()
+                    > 0
+        }
+        #[cfg(not(feature = "cuda"))]
+        false
+    }
+
+    /// cubecl-cuda compiles kernels either as CUDA C++ through NVRTC (its `cpp` feature) or
+    /// through LLVM, which this build replaces by a stub that refuses (vendor/cubecl-llvm-stub):
+    /// the NVRTC one must be the one selected.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_compile_through_nvrtc_not_the_llvm_stub() {
+        use cubecl_cuda::CudaCompiler;
+        use cubecl_cuda::compiler::CudaBackend;
+        assert_eq!(CudaBackend::default(), CudaBackend::Cpp);
+        assert!(matches!(CudaCompiler::default(), CudaCompiler::Cpp(_)));
+    }
+}
