@@ -16,6 +16,20 @@ pub fn for_spec(spec: &JobSpec) -> anyhow::Result<Device> {
     }
 }
 
+/// Makes the spec's device burn's default (`BURN_DEVICE`). burn creates some tensors on its
+/// default device rather than a given one (a loaded optimizer's state, before its first step
+/// moves it), and in a build with CUDA that default is CUDA, even for a cpu job on a machine
+/// without a GPU. Call it while the process has one thread: it writes the environment.
+pub fn set_default(spec: &JobSpec) {
+    let name = match spec.resources.device {
+        DeviceKind::Cpu => "flex",
+        DeviceKind::Cuda => "cuda",
+    };
+    // SAFETY: called at the start of a rank process, before it starts any other thread, so
+    // nothing reads the environment while it changes.
+    unsafe { std::env::set_var("BURN_DEVICE", name) };
+}
+
 #[cfg(feature = "cuda")]
 fn cuda() -> anyhow::Result<Device> {
     use burn::tensor::DeviceType;

@@ -65,6 +65,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let a: RankAssignment = serde_json::from_str(&text)?;
     let _span = init_tracing(&a);
     let spec = JobSpec::from_json(&a.spec_json)?;
+    crate::device::set_default(&spec);
     drain_on_sigterm();
     // The daemon holds our stdin; when it dies, so do we (no orphaned ranks).
     std::thread::spawn(|| {
