@@ -6,9 +6,11 @@
 //! gantry-bench collectives --ops all_reduce --max-bytes 64MiB
 //! gantry-bench checkpoint                                  # async stall, write throughput
 //! gantry-bench recovery                                    # worker kill -9 -> next step
+//! gantry-bench gpu                                         # on a GPU machine: scripts/gpu-check
 //! ```
 
 mod faults;
+mod gpu;
 mod overhead;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -36,6 +38,8 @@ enum Bench {
     Recovery(faults::RecoveryOptions),
     /// A training step as a dp = 1 Gantry job against the same step in a bare burn loop.
     Overhead(overhead::OverheadOptions),
+    /// The device check on a GPU machine (scripts/gpu-check): CUDA against CPU, NCCL, step time.
+    Gpu(gpu::GpuOptions),
     /// One rank of a benchmark (started by `collectives`).
     #[command(hide = true)]
     Rank {
@@ -84,7 +88,7 @@ struct Options {
 
 /// A size in bytes: a plain number, or one with a unit: `KiB`, `MiB`, `GiB` (also `K`, `M`,
 /// `G`: powers of 1024) or `KB`, `MB`, `GB` (powers of 1000), `B` for bytes.
-fn parse_bytes(text: &str) -> Result<usize, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<usize, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -130,6 +134,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Checkpoint(options) => faults::checkpoint(&options),
         Bench::Recovery(options) => faults::recovery(&options),
         Bench::Overhead(options) => overhead::overhead(&options),
+        Bench::Gpu(options) => gpu::gpu(&options),
         Bench::Rank {
             options,
             rank,
