@@ -57,6 +57,7 @@ impl FakeWorker {
                 slots,
                 devices: vec!["cpu".into()],
                 memory_bytes: 0,
+                gpus: vec![],
             })
             .await?
             .into_inner();
@@ -192,6 +193,7 @@ pub async fn registration_and_version_mismatch(t: &Target) -> anyhow::Result<()>
             slots: 1,
             devices: vec![],
             memory_bytes: 0,
+            gpus: vec![],
         })
         .await;
     expect_code(
@@ -326,6 +328,7 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
                 slots,
                 devices: vec![],
                 memory_bytes: 0,
+                gpus: vec![],
             })
             .await;
         expect_code(

@@ -202,6 +202,7 @@ impl Coordinator {
             }),
             spec_json: spec_json.into(),
             resume_step: None,
+            gpu: None,
         }));
     }
 
