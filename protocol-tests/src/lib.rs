@@ -48,16 +48,32 @@ impl Drop for FakeWorker {
 
 impl FakeWorker {
     pub async fn join(target: &Target, slots: u32) -> anyhow::Result<Self> {
+        Self::join_with_gpus(target, slots, 0).await
+    }
+
+    /// Joins as a worker with `gpus` GPUs (indices 0…, size not said).
+    pub async fn join_with_gpus(target: &Target, slots: u32, gpus: u32) -> anyhow::Result<Self> {
         let mut client = target.workers().await?;
+        let gpus: Vec<pb::Gpu> = (0..gpus)
+            .map(|index| pb::Gpu {
+                index,
+                name: "fake".into(),
+                memory_bytes: 0,
+            })
+            .collect();
+        let mut devices = vec!["cpu".to_string()];
+        if !gpus.is_empty() {
+            devices.push("cuda".into());
+        }
         let reg = client
             .register(pb::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
                 worker_id: String::new(),
                 hostname: "fake".into(),
                 slots,
-                devices: vec!["cpu".into()],
+                devices,
                 memory_bytes: 0,
-                gpus: vec![],
+                gpus,
             })
             .await?
             .into_inner();
@@ -319,7 +335,18 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
         let session = workers.session(ReceiverStream::new(rx)).await;
         expect_code(session.map(|_| ()), code, "malformed session")?;
     }
-    for (slots, hostname) in [(0, "h"), (1, "")] {
+    let gpu = |index| pb::Gpu {
+        index,
+        name: "g".into(),
+        memory_bytes: 0,
+    };
+    // No slots, no hostname, and one GPU listed twice (ranks would share it).
+    for (slots, hostname, gpus) in [
+        (0, "h", vec![]),
+        (1, "", vec![]),
+        (1, "h", vec![gpu(0), gpu(1), gpu(0)]),
+    ] {
+        let indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
         let r = workers
             .register(pb::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -328,13 +355,13 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
                 slots,
                 devices: vec![],
                 memory_bytes: 0,
-                gpus: vec![],
+                gpus,
             })
             .await;
         expect_code(
             r,
             Code::InvalidArgument,
-            &format!("register slots={slots} hostname={hostname:?}"),
+            &format!("register slots={slots} hostname={hostname:?} gpus={indices:?}"),
         )?;
     }
     let r = workers
@@ -554,6 +581,68 @@ pub type Case =
     fn(&Target) -> std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + '_>>;
 
 /// Every case, by name, in the order the binary runs them.
+/// A worker's GPUs are listed, each rank of a cuda job is assigned one of them, none twice, and
+/// a cuda job with no GPU free waits with a reason that says so.
+pub async fn cuda_ranks_get_gpus_of_their_own(t: &Target) -> anyhow::Result<()> {
+    let mut w = FakeWorker::join_with_gpus(t, 4, 2).await?;
+    let cuda = |name: &str, dp: u32| {
+        spec(name, dp).replace(
+            r#""parallel""#,
+            r#""resources":{"device":"cuda"},"parallel""#,
+        )
+    };
+    let mut jobs = t.jobs().await?;
+    let listed = jobs
+        .list_workers(pb::ListWorkersRequest {})
+        .await?
+        .into_inner();
+    let me = listed
+        .workers
+        .iter()
+        .find(|x| x.id == w.id)
+        .context("not listed")?;
+    ensure!(
+        me.gpus.len() == 2 && me.devices.contains(&"cuda".to_string()),
+        "listed as {me:?}"
+    );
+    let first = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_json: cuda("gpus", 2),
+        })
+        .await?
+        .into_inner();
+    let mut gpus = Vec::new();
+    for _ in 0..2 {
+        let a = w.next_assignment().await?;
+        ensure!(
+            a.key.as_ref().is_some_and(|k| k.job_id == first.id),
+            "{a:?}"
+        );
+        gpus.push(a.gpu.context("a cuda rank assigned without a GPU")?);
+    }
+    gpus.sort();
+    ensure!(gpus == [0, 1], "GPUs assigned: {gpus:?}");
+    let second = jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_json: cuda("no-gpu-left", 1),
+        })
+        .await?
+        .into_inner();
+    let waiting = job(t, &second.id).await?;
+    ensure!(
+        waiting.state == pb::JobState::Pending as i32
+            && waiting
+                .pending_reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("needs 1 GPUs (cuda), 0 free on")),
+        "{waiting:?}"
+    );
+    for id in [first.id, second.id] {
+        jobs.cancel_job(pb::CancelJobRequest { job_id: id }).await?;
+    }
+    Ok(())
+}
+
 pub fn cases() -> Vec<(&'static str, Case)> {
     vec![
         ("registration_and_version_mismatch", |t| {
@@ -567,6 +656,9 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         ("rank_exit_restarts", |t| Box::pin(rank_exit_restarts(t))),
         ("lease_expiry_loses_the_worker", |t| {
             Box::pin(lease_expiry_loses_the_worker(t))
+        }),
+        ("cuda_ranks_get_gpus_of_their_own", |t| {
+            Box::pin(cuda_ranks_get_gpus_of_their_own(t))
         }),
     ]
 }
