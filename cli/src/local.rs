@@ -39,6 +39,8 @@ impl LocalCluster {
                 let options = AgentOptions {
                     coordinator: url.clone(),
                     slots: slots_per_worker,
+                    // Workers of one machine would all offer the same GPUs: none offer any.
+                    gpus: Vec::new(),
                     work_dir: state_dir.join("workers").join(format!("worker-{i}")),
                     hostname: format!("{host}-w{i}"),
                     advertise_host: gantry_core::defaults::ADVERTISE_HOST.into(),

@@ -183,6 +183,9 @@ pub fn workers(workers: &[pb::Worker], out: Output) {
                     "id": w.id, "hostname": w.hostname, "slots": w.slots, "used_slots": w.used_slots,
                     "state": if w.state == pb::WorkerState::Alive as i32 { "Alive" } else { "Lost" },
                     "devices": w.devices, "registered_at": timestamp(w.registered_at_ms),
+                    "gpus": w.gpus.iter().map(|g| json!({
+                        "index": g.index, "name": g.name, "memory_bytes": g.memory_bytes,
+                    })).collect::<Vec<_>>(),
                     "last_seen": timestamp(w.last_seen_ms),
                 })
             })
@@ -202,7 +205,10 @@ pub fn workers(workers: &[pb::Worker], out: Output) {
             .to_string(),
             w.slots.to_string(),
             w.used_slots.to_string(),
-            w.devices.join(","),
+            match w.gpus.len() {
+                0 => w.devices.join(","),
+                n => format!("{} ({n} GPUs)", w.devices.join(",")),
+            },
             timestamp(w.last_seen_ms),
         ]);
     }

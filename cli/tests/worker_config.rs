@@ -46,3 +46,39 @@ fn store_options_come_from_the_file_and_never_hold_credentials() {
         assert!(stderr.contains(named), "{stderr}");
     }
 }
+
+#[test]
+fn declared_gpus_are_offered_and_more_than_cuda_visible_devices_shows_are_refused() {
+    let out = print_config("gpus = 2\n");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gpus: Vec<(u64, &str)> = config["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["index"].as_u64().unwrap(),
+                g["visible_as"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(gpus, [(0, "0"), (1, "1")]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gantry-worker"))
+        .env_clear()
+        .env("CUDA_VISIBLE_DEVICES", "3")
+        .env("GANTRY_GPUS", "2")
+        .env("GANTRY_WORK_DIR", dir.path())
+        .arg("--print-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("gpus: 2 declared but CUDA_VISIBLE_DEVICES shows 1"),
+        "{stderr}"
+    );
+}

@@ -2,10 +2,10 @@
 //! a missing or empty one is an INVALID_ARGUMENT that names it.
 
 use crate::error::CoordinatorError;
-use crate::message::{RankExit, RankKey, WorkerCommand, WorkerReport};
-use crate::state::{CheckpointRecord, Job, JobState, Worker};
+use crate::message::{RankExit, RankKey, Registration, WorkerCommand, WorkerReport};
+use crate::state::{CheckpointRecord, Gpu, Job, JobState, Worker};
 use crate::store::{AttemptRow, EventRow};
-use gantry_core::{Attempt, JobId, Rank};
+use gantry_core::{Attempt, JobId, Rank, WorkerId};
 use gantry_proto::v1 as pb;
 
 fn missing(field: &str) -> CoordinatorError {
@@ -123,6 +123,7 @@ pub fn command(command: WorkerCommand) -> pb::CoordinatorMessage {
                 }),
                 spec_json: a.spec.to_json(),
                 resume_step: a.resume_step,
+                gpu: a.gpu,
             })
         }
         WorkerCommand::Stop {
@@ -211,7 +212,44 @@ pub fn worker(w: &Worker, used: u32) -> pb::Worker {
         registered_at_ms: w.registered_at_ms,
         last_seen_ms: w.last_seen_ms,
         memory_bytes: w.memory_bytes,
+        gpus: w
+            .gpus
+            .iter()
+            .map(|g| pb::Gpu {
+                index: g.index,
+                name: g.name.clone(),
+                memory_bytes: g.memory_bytes,
+            })
+            .collect(),
     }
+}
+
+/// A worker's registration as the core takes it. An empty id is a first registration; a GPU
+/// index given twice is refused, since ranks would then share a GPU that counts as two.
+pub fn registration(req: pb::RegisterRequest) -> Result<Registration, CoordinatorError> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(g) = req.gpus.iter().find(|g| !seen.insert(g.index)) {
+        return Err(CoordinatorError::InvalidArgument(format!(
+            "gpus: index {} is listed twice",
+            g.index
+        )));
+    }
+    Ok(Registration {
+        worker_id: (!req.worker_id.is_empty()).then_some(WorkerId(req.worker_id)),
+        hostname: req.hostname,
+        slots: req.slots,
+        devices: req.devices,
+        memory_bytes: req.memory_bytes,
+        gpus: req
+            .gpus
+            .into_iter()
+            .map(|g| Gpu {
+                index: g.index,
+                name: g.name,
+                memory_bytes: g.memory_bytes,
+            })
+            .collect(),
+    })
 }
 
 pub fn checkpoint(c: &CheckpointRecord) -> pb::Checkpoint {

@@ -1,7 +1,9 @@
 //! The core driven directly, with virtual workers and an injected clock: no sockets, no sleeps.
 
 use crate::convert;
-use crate::core::{Core, CoreOptions, RankExit, RankKey, WorkerCommand, WorkerReport};
+use crate::core::{
+    Core, CoreOptions, RankExit, RankKey, Registration, WorkerCommand, WorkerReport,
+};
 use crate::state::JobState;
 use crate::store::Store;
 use gantry_core::{Attempt, JobId, Rank, WorkerId};
@@ -27,11 +29,12 @@ fn spec(dp: u32) -> String {
 fn join(core: &mut Core, name: &str, now: i64) -> (WorkerId, Inbox) {
     let id = core
         .register(
-            Some(WorkerId(name.into())),
-            "host".into(),
-            1,
-            vec![],
-            0,
+            Registration {
+                worker_id: Some(WorkerId(name.into())),
+                hostname: "host".into(),
+                slots: 1,
+                ..Registration::default()
+            },
             now,
         )
         .unwrap();
@@ -203,8 +206,13 @@ fn a_job_too_big_for_the_workers_memory_is_refused_with_the_knobs_to_turn() {
     // No worker has said how much memory it has: nothing to check against.
     let huge = r#"{"name":"big","model":{"kind":"gpt","layers":48,"d_model":2048,"heads":16},"data":{"seq_len":512},"train":{"steps":10,"global_batch":64,"lr":0.1}}"#;
     assert!(core.submit(huge, 0).is_ok());
-    core.register(None, "small".into(), 2, vec![], 8 << 30, 1)
-        .unwrap();
+    let small = Registration {
+        hostname: "small".into(),
+        slots: 2,
+        memory_bytes: 8 << 30,
+        ..Registration::default()
+    };
+    core.register(small, 1).unwrap();
     let err = core.submit(huge, 2).unwrap_err().to_string();
     assert!(
         err.contains("resources") && err.contains("activation_checkpointing"),

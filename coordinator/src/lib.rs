@@ -17,6 +17,8 @@ pub mod state;
 pub mod store;
 
 #[cfg(test)]
+mod core_gpu_tests;
+#[cfg(test)]
 mod core_tests;
 
 use crate::core::{Core, CoreOptions};

@@ -2,9 +2,22 @@
 //! `convert.rs` maps them from and to the wire; the core never sees a proto message, so its
 //! decisions can be tested without gRPC.
 
-use crate::state::Job;
+use crate::state::{Gpu, Job};
 use crate::store::EventRow;
-use gantry_core::{Attempt, JobId, JobSpec, Rank};
+use gantry_core::{Attempt, JobId, JobSpec, Rank, WorkerId};
+
+/// What a worker says about itself when it (re)registers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Registration {
+    /// The id the coordinator gave it before; none on its first registration.
+    pub worker_id: Option<WorkerId>,
+    pub hostname: String,
+    pub slots: u32,
+    pub devices: Vec<String>,
+    /// 0: unknown.
+    pub memory_bytes: u64,
+    pub gpus: Vec<Gpu>,
+}
 
 /// Identifies one rank of one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +94,8 @@ pub struct Assignment {
     pub spec: JobSpec,
     /// The checkpoint step a manual resume pinned; none: the newest.
     pub resume_step: Option<u64>,
+    /// The worker's GPU this rank alone uses (a cuda job); none for a cpu job.
+    pub gpu: Option<u32>,
 }
 
 /// Something that happened to a job, for watchers.

@@ -3,6 +3,11 @@
 //! All ranks of a job are placed or none. Ranks are laid out in mesh order (tensor-parallel
 //! innermost, see [`gantry_core::Mesh`]), and each tensor-parallel group goes to a single worker
 //! whenever some worker has that many free slots, because TP exchanges activations every layer.
+//! A `cuda` job is placed by [`plan_gpus`] instead, which also picks each rank's GPU.
+
+mod gpus;
+
+pub use gpus::{FreeGpu, FreeGpus, GpusUnplaceable, plan_gpus};
 
 use gantry_core::{Mesh, WorkerId};
 

@@ -221,17 +221,10 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        let worker_id = (!req.worker_id.is_empty()).then_some(WorkerId(req.worker_id));
+        let registration = convert::registration(req)?;
         let (id, options) = self.0.with(|core, now| {
-            core.register(
-                worker_id,
-                req.hostname,
-                req.slots,
-                req.devices,
-                req.memory_bytes,
-                now,
-            )
-            .map(|id| (id, core.options().clone()))
+            core.register(registration, now)
+                .map(|id| (id, core.options().clone()))
         })?;
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.0,

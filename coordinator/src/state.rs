@@ -39,9 +39,15 @@ pub enum JobState {
     /// Assignments sent; ranks are starting and meeting at the rendezvous.
     Scheduled {
         placement: Vec<WorkerId>,
+        /// Each rank's GPU on its worker, by rank; empty for a cpu job (and in jobs stored
+        /// before GPUs were scheduled).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<u32>,
     },
     Running {
         placement: Vec<WorkerId>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<u32>,
     },
     Succeeded,
     Failed {
@@ -73,8 +79,19 @@ impl JobState {
     /// The workers of the live attempt, indexed by rank.
     pub fn placement(&self) -> Option<&[WorkerId]> {
         match self {
-            JobState::Scheduled { placement } | JobState::Running { placement } => Some(placement),
+            JobState::Scheduled { placement, .. } | JobState::Running { placement, .. } => {
+                Some(placement)
+            }
             _ => None,
+        }
+    }
+
+    /// The GPU index of each rank of the live attempt on its worker, by rank; empty when the
+    /// job is not placed or runs on the cpu.
+    pub fn gpus(&self) -> &[u32] {
+        match self {
+            JobState::Scheduled { gpus, .. } | JobState::Running { gpus, .. } => gpus,
+            _ => &[],
         }
     }
 
@@ -148,22 +165,27 @@ impl Job {
         }
     }
 
-    /// Starts the next attempt on `placement`.
-    pub fn to_scheduled(&mut self, placement: Vec<WorkerId>) -> Result<(), TransitionError> {
+    /// Starts the next attempt on `placement`, the ranks of a cuda job on `gpus` (by rank;
+    /// empty for a cpu job).
+    pub fn to_scheduled(
+        &mut self,
+        placement: Vec<WorkerId>,
+        gpus: Vec<u32>,
+    ) -> Result<(), TransitionError> {
         self.guard("Scheduled", self.state.wants_slots())?;
         self.attempt = self.attempt.next();
         self.finished_ranks.clear();
-        self.state = JobState::Scheduled { placement };
+        self.state = JobState::Scheduled { placement, gpus };
         Ok(())
     }
 
     /// Every rank of the live attempt met at the rendezvous (or reported a step).
     pub fn to_running(&mut self) -> Result<(), TransitionError> {
-        let JobState::Scheduled { placement } = &mut self.state else {
+        let JobState::Scheduled { placement, gpus } = &mut self.state else {
             return Err(self.refuse("Running"));
         };
-        let placement = std::mem::take(placement);
-        self.state = JobState::Running { placement };
+        let (placement, gpus) = (std::mem::take(placement), std::mem::take(gpus));
+        self.state = JobState::Running { placement, gpus };
         Ok(())
     }
 
@@ -272,6 +294,16 @@ pub enum WorkerState {
     Lost { since_ms: i64 },
 }
 
+/// One CUDA GPU of a worker, as it reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gpu {
+    /// The CUDA device index on that worker, which assignments name.
+    pub index: u32,
+    pub name: String,
+    /// 0 when the worker did not say (a GPU declared in its config).
+    pub memory_bytes: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Worker {
     pub id: WorkerId,
@@ -281,6 +313,9 @@ pub struct Worker {
     /// 0 when the worker did not say.
     #[serde(default)]
     pub memory_bytes: u64,
+    /// Empty for a worker without GPUs, or one stored before GPUs were reported.
+    #[serde(default)]
+    pub gpus: Vec<Gpu>,
     pub state: WorkerState,
     pub registered_at_ms: i64,
     pub last_seen_ms: i64,
@@ -330,8 +365,12 @@ mod tests {
             },
             JobState::Scheduled {
                 placement: placement.clone(),
+                gpus: vec![],
             },
-            JobState::Running { placement },
+            JobState::Running {
+                placement,
+                gpus: vec![0],
+            },
             JobState::Succeeded,
             JobState::Failed { error: "e".into() },
             JobState::Cancelled,
@@ -347,7 +386,7 @@ mod tests {
         const LIVE: &[&str] = &["Scheduled", "Running"];
         const NOT_ENDED: &[&str] = &["Pending", "Restarting", "Scheduled", "Running"];
         const ENDED_BADLY: &[&str] = &["Failed", "Cancelled"];
-        let scheduled: Transition = |j| j.to_scheduled(vec![WorkerId("w".into())]);
+        let scheduled: Transition = |j| j.to_scheduled(vec![WorkerId("w".into())], vec![]);
         let running: Transition = |j| j.to_running();
         let restarting: Transition = |j| j.to_restarting("c".into(), 5);
         let failed: Transition = |j| j.to_failed("e".into());
@@ -409,7 +448,8 @@ mod tests {
             reason: None,
         });
         job.finished_ranks = vec![Rank(0)];
-        job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
+        job.to_scheduled(vec![WorkerId("w".into())], vec![])
+            .unwrap();
         assert_eq!((job.attempt, job.finished_ranks.len()), (Attempt(4), 0));
         job.resume_step = Some(7);
         job.to_restarting("c".into(), 1_500).unwrap();
@@ -423,10 +463,12 @@ mod tests {
             (1, 1, 1_500, None),
             "a restart uses the budget and takes the newest checkpoint"
         );
-        job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
+        job.to_scheduled(vec![WorkerId("w".into())], vec![])
+            .unwrap();
         job.requeue("drained".into()).unwrap();
         assert_eq!(job.restarts, 1, "a drained attempt costs no restart");
-        job.to_scheduled(vec![WorkerId("w".into())]).unwrap();
+        job.to_scheduled(vec![WorkerId("w".into())], vec![])
+            .unwrap();
         job.to_failed("e".into()).unwrap();
         job.to_resumed(Some(3)).unwrap();
         assert_eq!((job.restarts_since_resume, job.resume_step), (0, Some(3)));

@@ -2,6 +2,10 @@
 //! fake workers. `cargo test -p gantry-protocol-tests` runs it against an in-process coordinator;
 //! `gantry-protocol-tests --endpoint URL` runs it against a deployed one.
 
+mod gpus;
+
+pub use gpus::cuda_ranks_get_gpus_of_their_own;
+
 use anyhow::{Context, bail, ensure};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
@@ -48,15 +52,32 @@ impl Drop for FakeWorker {
 
 impl FakeWorker {
     pub async fn join(target: &Target, slots: u32) -> anyhow::Result<Self> {
+        Self::join_with_gpus(target, slots, 0).await
+    }
+
+    /// Joins as a worker with `gpus` GPUs (indices 0…, size not said).
+    pub async fn join_with_gpus(target: &Target, slots: u32, gpus: u32) -> anyhow::Result<Self> {
         let mut client = target.workers().await?;
+        let gpus: Vec<pb::Gpu> = (0..gpus)
+            .map(|index| pb::Gpu {
+                index,
+                name: "fake".into(),
+                memory_bytes: 0,
+            })
+            .collect();
+        let mut devices = vec!["cpu".to_string()];
+        if !gpus.is_empty() {
+            devices.push("cuda".into());
+        }
         let reg = client
             .register(pb::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
                 worker_id: String::new(),
                 hostname: "fake".into(),
                 slots,
-                devices: vec!["cpu".into()],
+                devices,
                 memory_bytes: 0,
+                gpus,
             })
             .await?
             .into_inner();
@@ -192,6 +213,7 @@ pub async fn registration_and_version_mismatch(t: &Target) -> anyhow::Result<()>
             slots: 1,
             devices: vec![],
             memory_bytes: 0,
+            gpus: vec![],
         })
         .await;
     expect_code(
@@ -317,7 +339,18 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
         let session = workers.session(ReceiverStream::new(rx)).await;
         expect_code(session.map(|_| ()), code, "malformed session")?;
     }
-    for (slots, hostname) in [(0, "h"), (1, "")] {
+    let gpu = |index| pb::Gpu {
+        index,
+        name: "g".into(),
+        memory_bytes: 0,
+    };
+    // No slots, no hostname, and one GPU listed twice (ranks would share it).
+    for (slots, hostname, gpus) in [
+        (0, "h", vec![]),
+        (1, "", vec![]),
+        (1, "h", vec![gpu(0), gpu(1), gpu(0)]),
+    ] {
+        let indices: Vec<u32> = gpus.iter().map(|g| g.index).collect();
         let r = workers
             .register(pb::RegisterRequest {
                 protocol_version: PROTOCOL_VERSION,
@@ -326,12 +359,13 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
                 slots,
                 devices: vec![],
                 memory_bytes: 0,
+                gpus,
             })
             .await;
         expect_code(
             r,
             Code::InvalidArgument,
-            &format!("register slots={slots} hostname={hostname:?}"),
+            &format!("register slots={slots} hostname={hostname:?} gpus={indices:?}"),
         )?;
     }
     let r = workers
@@ -564,6 +598,9 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         ("rank_exit_restarts", |t| Box::pin(rank_exit_restarts(t))),
         ("lease_expiry_loses_the_worker", |t| {
             Box::pin(lease_expiry_loses_the_worker(t))
+        }),
+        ("cuda_ranks_get_gpus_of_their_own", |t| {
+            Box::pin(cuda_ranks_get_gpus_of_their_own(t))
         }),
     ]
 }

@@ -3,6 +3,7 @@
 //! them when told. When the coordinator goes away the ranks keep running; the daemon reconnects
 //! with backoff and reports what it is running and what exited meanwhile.
 
+use crate::gpus::{self, Gpu};
 use crate::metrics::WorkerMetrics;
 use backon::{ExponentialBuilder, Retryable};
 use gantry_core::{Attempt, ExitCode, JobId, Rank, RankAssignment, RankEvent};
@@ -24,6 +25,8 @@ use tonic::transport::Channel;
 pub struct AgentOptions {
     pub coordinator: String,
     pub slots: u32,
+    /// The GPUs cuda ranks may be placed on; empty on a cpu worker.
+    pub gpus: Vec<Gpu>,
     pub work_dir: PathBuf,
     pub hostname: String,
     /// The address other ranks use to reach this worker's ranks.
@@ -351,8 +354,9 @@ async fn register(
         worker_id: worker_id.to_string(),
         hostname: options.hostname.clone(),
         slots: options.slots,
-        devices: vec!["cpu".into()],
+        devices: gpus::devices(&options.gpus),
         memory_bytes: total_memory(),
+        gpus: options.gpus.iter().map(Gpu::to_proto).collect(),
     };
     let attempt = || async {
         let mut client = WorkerClient::connect(options.coordinator.clone())
@@ -406,8 +410,17 @@ fn launch(
         store_options: options.store_options.clone(),
         log_json: options.log_format == gantry_ops::LogFormat::Json,
     };
+    let gpu = a
+        .gpu
+        .map(|i| gpus::assigned(&options.gpus, i))
+        .transpose()?;
     std::fs::write(&file, serde_json::to_vec_pretty(&assignment)?)?;
-    let child = Command::new(&options.rank_command[0])
+    let mut command = Command::new(&options.rank_command[0]);
+    if let Some(gpu) = gpu {
+        // The rank sees its GPU alone, as device 0.
+        command.env("CUDA_VISIBLE_DEVICES", &gpu.visible_as);
+    }
+    let child = command
         .args(&options.rank_command[1..])
         .arg("--assignment")
         .arg(&file)
@@ -418,7 +431,7 @@ fn launch(
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id();
-    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid, "rank started");
+    tracing::info!(job = %key.job_id, attempt = key.attempt, rank = key.rank, pid, gpu = a.gpu, "rank started");
     let kill = CancellationToken::new();
     metrics.rank_started();
     tokio::spawn(supervise(

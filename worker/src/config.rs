@@ -38,6 +38,10 @@ pub struct DaemonArgs {
     /// Rank processes this worker runs at once.
     #[arg(long, env = "GANTRY_SLOTS")]
     pub slots: Option<u32>,
+    /// GPUs to offer, instead of those the CUDA driver finds (builds with the `cuda` feature
+    /// find them); 0 offers none. Each cuda rank takes a GPU and a slot.
+    #[arg(long, env = "GANTRY_GPUS")]
+    pub gpus: Option<u32>,
     /// Where assignments and rank scratch files go.
     #[arg(long, env = "GANTRY_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
@@ -64,6 +68,8 @@ pub struct DaemonArgs {
 struct Settings {
     coordinator: String,
     slots: u32,
+    /// None: discover them.
+    gpus: Option<u32>,
     work_dir: PathBuf,
     advertise_host: String,
     metrics_listen: Option<std::net::SocketAddr>,
@@ -105,6 +111,7 @@ impl DaemonArgs {
             .set_default("drain_timeout_secs", defaults::DRAIN_TIMEOUT_SECS)?
             .set_override_option("coordinator", self.coordinator.clone())?
             .set_override_option("slots", self.slots)?
+            .set_override_option("gpus", self.gpus)?
             .set_override_option(
                 "work_dir",
                 self.work_dir.as_ref().map(|p| p.display().to_string()),
@@ -119,9 +126,12 @@ impl DaemonArgs {
             gantry_core::store_options::canonical(None, key)
                 .map_err(|e| anyhow::anyhow!("object_store.{key}: {e}"))?;
         }
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let gpus = crate::gpus::gpus(settings.gpus, visible.as_deref())?;
         Ok(AgentOptions {
             coordinator: settings.coordinator,
             slots: settings.slots,
+            gpus,
             work_dir: settings.work_dir,
             hostname: hostname(),
             advertise_host: settings.advertise_host,
@@ -158,4 +168,22 @@ pub fn load_secret_files() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_gpus_reach_the_options_and_zero_offers_none() {
+        let options = |args: &[&str]| {
+            let cli = Cli::try_parse_from([&["gantry-worker"], args].concat()).unwrap();
+            cli.daemon.options()
+        };
+        if std::env::var_os("CUDA_VISIBLE_DEVICES").is_none() {
+            let gpus = options(&["--gpus", "2"]).unwrap().gpus;
+            assert_eq!(gpus.iter().map(|g| g.index).collect::<Vec<_>>(), [0, 1]);
+        }
+        assert_eq!(options(&["--gpus", "0"]).unwrap().gpus, []);
+    }
 }

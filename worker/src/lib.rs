@@ -5,4 +5,5 @@
 
 pub mod agent;
 pub mod config;
+pub mod gpus;
 pub mod metrics;

@@ -13,6 +13,7 @@ use gantry_core::{Attempt, ExitCode, JobId, Rank, RankAssignment};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use gantry_worker::agent::{AgentOptions, run};
+use gantry_worker::gpus::Gpu;
 use pb::worker_message::Body;
 use pb::worker_service_server::{WorkerService, WorkerServiceServer};
 use std::net::SocketAddr;
@@ -192,6 +193,11 @@ impl Coordinator {
     }
 
     fn assign(&self, key: &pb::RankKey, spec_json: &str) {
+        self.assign_gpu(key, spec_json, None);
+    }
+
+    /// Assigns `key`, on the worker's GPU `gpu` when given (a cuda job).
+    fn assign_gpu(&self, key: &pb::RankKey, spec_json: &str, gpu: Option<u32>) {
         self.send(pb::coordinator_message::Body::Assign(pb::Assignment {
             key: Some(key.clone()),
             world_size: 2,
@@ -202,6 +208,7 @@ impl Coordinator {
             }),
             spec_json: spec_json.into(),
             resume_step: None,
+            gpu,
         }));
     }
 
@@ -332,10 +339,21 @@ struct Daemon {
 
 impl Daemon {
     fn start(coordinator: &Coordinator, slots: u32, drain_timeout_secs: u64) -> Self {
+        Self::start_with_gpus(coordinator, slots, drain_timeout_secs, Vec::new())
+    }
+
+    /// A daemon that offers `gpus`, as one whose config declares them.
+    fn start_with_gpus(
+        coordinator: &Coordinator,
+        slots: u32,
+        drain_timeout_secs: u64,
+        gpus: Vec<Gpu>,
+    ) -> Self {
         let work = tempfile::tempdir().unwrap();
         let options = AgentOptions {
             coordinator: coordinator.url(),
             slots,
+            gpus,
             work_dir: work.path().to_path_buf(),
             hostname: "test-host".into(),
             advertise_host: "127.0.0.9".into(),
@@ -927,4 +945,72 @@ async fn a_drain_while_the_coordinator_is_away_still_terms_the_ranks_and_returns
         "no SIGTERM"
     );
     wait_gone(pid).await;
+}
+
+/// A rank that prints the GPU it was given (or `none`), then exits.
+const PRINTS_ITS_GPU: &str = r#"echo "gpu ${CUDA_VISIBLE_DEVICES-none}"
+"#;
+
+#[tokio::test]
+async fn a_gpu_worker_offers_its_gpus_and_runs_a_rank_on_the_gpu_it_was_given() {
+    let coordinator = Coordinator::start().await;
+    // As a daemon started with CUDA_VISIBLE_DEVICES=4,6 sees its GPUs: 0 and 1, handed out as
+    // the host's 4 and 6.
+    let gpus = ["4", "6"]
+        .iter()
+        .enumerate()
+        .map(|(i, visible)| Gpu {
+            index: i as u32,
+            name: "declared".into(),
+            memory_bytes: 0,
+            visible_as: visible.to_string(),
+        })
+        .collect();
+    let daemon = Daemon::start_with_gpus(&coordinator, 3, 30, gpus);
+    coordinator.first_of_session(1).await;
+    {
+        let state = coordinator.state();
+        let reg = &state.registrations[0];
+        assert_eq!(reg.devices, ["cpu", "cuda"]);
+        let offered: Vec<u32> = reg.gpus.iter().map(|g| g.index).collect();
+        assert_eq!(offered, [0, 1]);
+    }
+    let on_gpu = key("job-g", 1, 0);
+    let on_cpu = key("job-g", 1, 1);
+    let on_missing = key("job-g", 1, 2);
+    for k in [&on_gpu, &on_cpu, &on_missing] {
+        daemon.rank_script(k, PRINTS_ITS_GPU);
+    }
+    coordinator.assign_gpu(&on_gpu, "{}", Some(1));
+    coordinator.assign_gpu(&on_cpu, "{}", None);
+    coordinator.assign_gpu(&on_missing, "{}", Some(2));
+
+    assert_eq!(
+        coordinator.line_of(&on_gpu, "stdout", "gpu ").await,
+        "gpu 6"
+    );
+    // A rank without a GPU keeps the daemon's environment as it is.
+    let inherited = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "none".into());
+    assert_eq!(
+        coordinator.line_of(&on_cpu, "stdout", "gpu ").await,
+        format!("gpu {inherited}")
+    );
+    let refused = coordinator.exit_of(&on_missing).await;
+    assert_eq!(refused.exit_code, Some(127), "{refused:?}");
+    assert!(
+        refused
+            .message
+            .contains("assigned GPU 2, which this worker lacks"),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_cpu_worker_offers_no_gpus() {
+    let coordinator = Coordinator::start().await;
+    let _daemon = Daemon::start(&coordinator, 1, 30);
+    coordinator.first_of_session(1).await;
+    let state = coordinator.state();
+    assert_eq!(state.registrations[0].devices, ["cpu"]);
+    assert!(state.registrations[0].gpus.is_empty());
 }

@@ -18,7 +18,7 @@ mod schedule;
 mod sessions;
 
 pub use crate::message::{
-    Assignment, PeerTable, RankExit, RankKey, Update, WorkerCommand, WorkerReport,
+    Assignment, PeerTable, RankExit, RankKey, Registration, Update, WorkerCommand, WorkerReport,
 };
 
 use crate::error::CoordinatorError;

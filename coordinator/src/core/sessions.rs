@@ -1,7 +1,7 @@
 //! Workers and their sessions: registration, the session stream commands go down, each
 //! message a worker sends, and reconciling a reconnected worker's ranks with the live attempts.
 
-use super::{Core, RankKey, Session, SessionSender, WorkerCommand, WorkerReport};
+use super::{Core, RankKey, Registration, Session, SessionSender, WorkerCommand, WorkerReport};
 use crate::error::CoordinatorError;
 use crate::policy::reconcile::{self, Action};
 use crate::state::{Worker, WorkerState};
@@ -10,13 +10,17 @@ use gantry_core::WorkerId;
 impl Core {
     pub fn register(
         &mut self,
-        worker_id: Option<WorkerId>,
-        hostname: String,
-        slots: u32,
-        devices: Vec<String>,
-        memory_bytes: u64,
+        registration: Registration,
         now_ms: i64,
     ) -> Result<WorkerId, CoordinatorError> {
+        let Registration {
+            worker_id,
+            hostname,
+            slots,
+            devices,
+            memory_bytes,
+            gpus,
+        } = registration;
         if hostname.is_empty() {
             return Err(CoordinatorError::InvalidArgument(
                 "hostname: must not be empty".into(),
@@ -43,13 +47,14 @@ impl Core {
             slots,
             devices,
             memory_bytes,
+            gpus,
             state: WorkerState::Lost { since_ms: now_ms },
             registered_at_ms,
             last_seen_ms: now_ms,
         };
         worker.renew_lease(now_ms, self.options.lease_ttl_ms as i64);
         self.store.put_worker(&worker)?;
-        tracing::info!(worker = %id, slots, "worker registered");
+        tracing::info!(worker = %id, slots, gpus = worker.gpus.len(), "worker registered");
         self.workers.insert(id.clone(), worker);
         Ok(id)
     }

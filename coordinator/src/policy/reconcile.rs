@@ -130,6 +130,7 @@ mod tests {
             2,
             JobState::Running {
                 placement: on(&["a", "b", "a"]),
+                gpus: vec![],
             },
         )]);
         let actions = reconcile(&w, &[key("j", 2, 0), key("j", 2, 2)], &jobs);
@@ -155,6 +156,7 @@ mod tests {
                 3,
                 JobState::Running {
                     placement: on(&["b"]),
+                    gpus: vec![],
                 },
             ),
             job(
@@ -209,6 +211,7 @@ mod tests {
             1,
             JobState::Scheduled {
                 placement: on(&["a", "a", "a"]),
+                gpus: vec![],
             },
         );
         scheduled.finished_ranks = vec![Rank(2)];
@@ -238,6 +241,7 @@ mod tests {
                 1,
                 JobState::Running {
                     placement: on(&["a", "a"]),
+                    gpus: vec![],
                 },
             ),
             job(
@@ -245,6 +249,7 @@ mod tests {
                 1,
                 JobState::Running {
                     placement: on(&["b"]),
+                    gpus: vec![],
                 },
             ),
         ]);
