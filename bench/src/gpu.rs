@@ -171,7 +171,14 @@ mod on_device {
 
     fn step_time(options: &GpuOptions, cuda: &Device) -> anyhow::Result<serde_json::Value> {
         let o = options;
-        let spec = spec(o.layers, o.d_model, o.heads, 3 + o.timed_steps, o.batch, o.seq_len)?;
+        let spec = spec(
+            o.layers,
+            o.d_model,
+            o.heads,
+            3 + o.timed_steps,
+            o.batch,
+            o.seq_len,
+        )?;
         cuda.seed(spec.train.seed);
         let model = Gpt::init(&spec, &cuda.clone().autodiff());
         let params = model.num_params();
