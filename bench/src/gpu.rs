@@ -53,7 +53,7 @@ mod on_device {
     use super::GpuOptions;
     use crate::faults::median;
     use burn::module::Module;
-    use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+    use burn::optim::{AdamConfig, GradientsParams};
     use burn::tensor::Device;
     use gantry_collective::ReduceOp;
     use gantry_collective::nccl::NcclComm;
