@@ -62,7 +62,7 @@ pub fn culib_present() -> bool {
 fn cuda() -> anyhow::Result<Device> {
     anyhow::bail!(
         "resources.device = \"cuda\": this gantry-worker was built without CUDA support; build \
-         it with `cargo build --release --bins --features cuda`"
+         it with `cargo build --release --bins --features gantry-cli/cuda`"
     )
 }
 
