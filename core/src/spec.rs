@@ -658,15 +658,19 @@ impl JobSpec {
                     .into(),
             );
         }
-        if t.precision != Precision::F32 {
-            // The pieces exist (the fp16 loss scaler, the cuda device); the casts of the forward
-            // pass do not yet, and training in f32 under a bf16 label would be a lie.
+        if t.precision == Precision::Fp16 {
+            // The loss scaler exists (trainer/src/precision.rs) but is not wired into the step.
             return err(
                 "train.precision",
-                format!(
-                    "{:?} mixed precision is not implemented yet; use \"f32\"",
-                    t.precision.as_str()
-                ),
+                "fp16 (with loss scaling) is not implemented yet; use \"bf16\" or \"f32\"".into(),
+            );
+        }
+        if t.precision == Precision::Bf16 && (self.parallel.tp > 1 || self.parallel.pp > 1) {
+            return err(
+                "train.precision",
+                "bf16 runs on whole-model ranks (parallel.tp = parallel.pp = 1) so far; use \"f32\" \
+                 with tensor or pipeline parallelism"
+                    .into(),
             );
         }
         let f = &self.fault_tolerance;

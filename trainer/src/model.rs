@@ -7,6 +7,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
 use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::activation::{gelu, relu, softmax};
 use gantry_core::{Coords, JobSpec, Mesh};
 
@@ -77,14 +78,18 @@ impl TrainModel for Mlp {
         let Batch::Regression { x, y, n } = batch else {
             panic!("the mlp trains on regression batches");
         };
-        let x = Tensor::<2>::from_data(TensorData::new(x.clone(), [*n, REGRESSION_IN]), device);
+        // The inputs in the parameters' precision (bf16 for a mixed-precision compute copy); the
+        // loss in f32 whatever it is.
+        let x = Tensor::<2>::from_data(TensorData::new(x.clone(), [*n, REGRESSION_IN]), device)
+            .cast(self.output.weight.val().dtype());
         let y = Tensor::<2>::from_data(TensorData::new(y.clone(), [*n, REGRESSION_OUT]), device);
         let hidden = self
             .layers
             .iter()
             .fold(x, |h, layer| relu(layer.forward(h)));
+        let prediction = self.output.forward(hidden).cast(FloatDType::F32);
         MseLoss::new()
-            .forward(self.output.forward(hidden), y, Reduction::Mean)
+            .forward(prediction, y, Reduction::Mean)
             .reshape([1])
     }
 }
@@ -457,7 +462,7 @@ impl Gpt {
     /// Next-token logits, `[batch, time, vocab]`.
     pub fn logits(&self, inputs: &[i64], n: usize, seq_len: usize, device: &Device) -> Tensor<3> {
         let mut x = embed(&self.tokens, &self.positions, inputs, n, seq_len, device);
-        let mask = causal_mask(seq_len, device);
+        let mask = causal_mask(seq_len, device).cast(self.head.weight.val().dtype());
         for block in &self.blocks {
             x = block.forward(x, &mask);
         }
@@ -588,7 +593,11 @@ impl TrainModel for Gpt {
         else {
             panic!("the gpt trains on token batches");
         };
-        next_token_loss(self.logits(inputs, *n, *seq_len, device), targets, device)
+        // The loss in f32, whatever precision the logits were computed in.
+        let logits = self
+            .logits(inputs, *n, *seq_len, device)
+            .cast(FloatDType::F32);
+        next_token_loss(logits, targets, device)
     }
 
     fn logits_for(&self, batch: &Batch, device: &Device) -> Option<Tensor<3>> {

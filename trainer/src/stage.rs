@@ -125,11 +125,15 @@ impl<M: TrainModel> Stage for M {
         flat: &mut Vec<f32>,
     ) -> anyhow::Result<f32> {
         let mut loss_sum = 0.0;
+        // Mixed precision: the passes run on a bf16 copy whose gradients land in `flat` (f32)
+        // like the master's would; the update runs on the f32 master (precision.rs).
+        let copy = crate::precision::compute_copy(self, ctx.spec.train.precision);
+        let compute = copy.as_ref().unwrap_or(self);
         for indices in micro_batches {
             let batch = ctx.data.batch(Split::Train, indices);
-            let loss = self.loss(&batch, &ctx.device);
+            let loss = compute.loss(&batch, &ctx.device);
             loss_sum += loss.clone().into_scalar::<f32>();
-            accumulate_gradients(loss.backward(), self, flat);
+            accumulate_gradients(loss.backward(), compute, flat);
         }
         Ok(loss_sum)
     }
