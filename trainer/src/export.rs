@@ -106,6 +106,7 @@ mod tests {
     /// Every layout's shards, named and joined, are exactly the unsplit model's parameters.
     #[test]
     fn shards_of_every_layout_join_into_the_whole_model() {
+        let _rng = crate::rng_lock();
         for kind in ["gpt", "mlp"] {
             let spec = JobSpec::from_json(&format!(
                 r#"{{"name":"t","model":{{"kind":"{kind}","layers":2,"d_model":16,"heads":2}},

@@ -21,3 +21,13 @@ pub mod restore;
 pub mod stage;
 pub mod train;
 pub mod upload;
+
+/// burn's random initialisation draws from one process-wide generator, so a test that seeds it
+/// and compares two initialisations fails whenever another test initialises a model meanwhile:
+/// every test that initialises one holds this.
+#[cfg(test)]
+pub(crate) fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -663,6 +663,7 @@ mod tests {
 
     #[test]
     fn pipeline_stages_hold_exactly_the_unsplit_models_parameters() {
+        let _rng = crate::rng_lock();
         let device = Device::flex();
         device.seed(7);
         let whole = flat_parameters(&Mlp::init(&spec(), &device));

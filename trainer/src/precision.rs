@@ -151,7 +151,6 @@ mod tests {
     fn bf16_matches_f32_and_trains<M: TrainModel + Module + Clone>(kind: &str) {
         let spec = spec(kind);
         let device = Device::flex().autodiff();
-        device.seed(7);
         let master = M::init(&spec, &device);
         let (loss32, grads32) = flat_grads(&master, &spec, &device);
         let half = compute_copy(&master, Precision::Bf16).unwrap();
@@ -171,33 +170,51 @@ mod tests {
         let cosine = dot / (norm(&grads32) * norm(&grads16));
         assert!(cosine > 0.99, "{kind}: gradient cosine {cosine}");
 
-        let data = Dataset::for_spec(&spec);
-        let mut model = master;
+        // Trained side by side from the same weights on the same batches, bf16 follows f32.
+        let bf16 = train(master.clone(), &spec, Precision::Bf16, &device);
+        let f32 = train(master, &spec, Precision::F32, &device);
+        let tail = |l: &[f32]| l[l.len() - 5..].iter().sum::<f32>() / 5.0;
+        let head = |l: &[f32]| l[..5].iter().sum::<f32>() / 5.0;
+        assert!(
+            tail(&bf16) < 0.9 * head(&bf16),
+            "{kind}: bf16 training did not lower the loss: {bf16:?}"
+        );
+        // Within 5% of the loss the training started from: bf16's rounding, not a drift.
+        assert!(
+            (tail(&bf16) - tail(&f32)).abs() < 0.05 * head(&f32),
+            "{kind}: bf16 {bf16:?} drifted from f32 {f32:?}"
+        );
+    }
+
+    /// The step loop's path: passes on the compute copy, its gradients in the f32 buffer, Adam on
+    /// the master. Returns each step's loss.
+    fn train<M: TrainModel + Module + Clone>(
+        mut model: M,
+        spec: &JobSpec,
+        precision: Precision,
+        device: &Device,
+    ) -> Vec<f32> {
+        let data = Dataset::for_spec(spec);
         let mut optimizer = AdamConfig::new().init();
         let mut losses = Vec::new();
         for step in 0..spec.train.steps {
-            let half = compute_copy(&model, Precision::Bf16).unwrap();
+            let copy = compute_copy(&model, precision);
+            let compute = copy.as_ref().unwrap_or(&model);
             let batch = data.batch(Split::Train, &data.global_batch_indices(step, 16));
-            let loss = half.loss(&batch, &device);
+            let loss = compute.loss(&batch, device);
             losses.push(loss.clone().into_scalar::<f32>());
             let mut flat = Vec::new();
-            accumulate_gradients(loss.backward(), &half, &mut flat);
+            accumulate_gradients(loss.backward(), compute, &mut flat);
             let grads =
                 crate::gradients::unflatten(&model, &flat, &device.clone().without_autodiff());
             model = optimizer.step(0.01, model, grads);
         }
-        let (first, last) = (
-            losses[..5].iter().sum::<f32>(),
-            losses[losses.len() - 5..].iter().sum::<f32>(),
-        );
-        assert!(
-            last < 0.8 * first,
-            "{kind}: bf16 training did not lower the loss: {losses:?}"
-        );
+        losses
     }
 
     #[test]
     fn bf16_compute_with_f32_master_weights_trains_the_mlp_and_the_gpt() {
+        let _rng = crate::rng_lock();
         bf16_matches_f32_and_trains::<Mlp>("mlp");
         bf16_matches_f32_and_trains::<Gpt>("gpt");
     }

@@ -480,6 +480,7 @@ mod tests {
     /// same, bit for bit, at every layout and back at one process.
     #[test]
     fn state_resharded_to_any_layout_and_back_is_bit_identical() {
+        let _rng = crate::rng_lock();
         let spec = |kind: &str| {
             JobSpec::from_json(&format!(
                 r#"{{"name":"t","model":{{"kind":"{kind}","layers":2,"d_model":16,"heads":2}},
