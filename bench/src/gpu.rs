@@ -52,35 +52,22 @@ pub use on_device::gpu;
 mod on_device {
     use super::GpuOptions;
     use crate::faults::median;
+    use crate::overhead::bare_loop;
     use burn::module::Module;
-    use burn::optim::{AdamConfig, GradientsParams};
     use burn::tensor::Device;
     use gantry_collective::ReduceOp;
     use gantry_collective::nccl::NcclComm;
     use gantry_core::JobSpec;
-    use gantry_trainer::data::{Dataset, Split};
-    use gantry_trainer::job::learning_rate;
     use gantry_trainer::model::{Gpt, TrainModel};
     use serde_json::json;
     use std::time::Instant;
 
     pub fn gpu(options: &GpuOptions) -> anyhow::Result<()> {
-        let cuda = cuda_device()?;
+        let cuda = gantry_trainer::device::cuda()?;
         println!("{}", equivalence(options, &cuda)?);
         println!("{}", nccl(options)?);
         println!("{}", step_time(options, &cuda)?);
         Ok(())
-    }
-
-    fn cuda_device() -> anyhow::Result<Device> {
-        let spec = spec(1, 32, 4, 1, 8, 32)?;
-        let spec = JobSpec {
-            resources: gantry_core::spec::ResourcesSpec {
-                device: gantry_core::spec::DeviceKind::Cuda,
-            },
-            ..spec
-        };
-        gantry_trainer::device::for_spec(&spec)
     }
 
     /// A gpt job spec of this shape on the built-in arithmetic corpus.
@@ -99,34 +86,13 @@ mod on_device {
         ))?)
     }
 
-    /// Trains `model` on `device` for the spec's steps; returns each step's loss and time.
-    fn train(spec: &JobSpec, model: Gpt, device: &Device) -> (Vec<f64>, Vec<f64>) {
-        let ad = device.clone().autodiff();
-        let mut model = model.to_device(&ad);
-        let mut optimizer = AdamConfig::new().init();
-        let data = Dataset::for_spec(spec);
-        let (mut losses, mut times) = (Vec::new(), Vec::new());
-        for step in 0..spec.train.steps {
-            let started = Instant::now();
-            let indices = data.global_batch_indices(step, spec.train.global_batch as usize);
-            let batch = data.batch(Split::Train, &indices);
-            let loss = model.loss(&batch, &ad);
-            // Reading the loss waits for the step's kernels, as a rank's progress report does.
-            losses.push(f64::from(loss.clone().into_scalar::<f32>()));
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optimizer.step(learning_rate(spec, step), model, grads);
-            times.push(started.elapsed().as_secs_f64());
-        }
-        (losses, times)
-    }
-
     fn equivalence(options: &GpuOptions, cuda: &Device) -> anyhow::Result<serde_json::Value> {
         let spec = spec(2, 96, 4, options.steps, 32, 32)?;
         let cpu = Device::flex();
         cpu.seed(spec.train.seed);
         let model = Gpt::init(&spec, &cpu.clone().autodiff());
-        let (on_cpu, _) = train(&spec, model.clone(), &cpu);
-        let (on_cuda, _) = train(&spec, model, cuda);
+        let (on_cpu, _) = bare_loop(&spec, model.clone(), &cpu);
+        let (on_cuda, _) = bare_loop(&spec, model, cuda);
         let worst = on_cpu
             .iter()
             .zip(&on_cuda)
@@ -182,7 +148,7 @@ mod on_device {
         cuda.seed(spec.train.seed);
         let model = Gpt::init(&spec, &cuda.clone().autodiff());
         let params = model.num_params();
-        let (losses, times) = train(&spec, model, cuda);
+        let (losses, times) = bare_loop(&spec, model, cuda);
         let step = median(times[3..].to_vec());
         let tokens = f64::from(o.batch) * f64::from(o.seq_len);
         // 6 · parameters · tokens: forward and backward of the matrix multiplications, the usual

@@ -30,28 +30,36 @@ pub struct OverheadOptions {
     warmup: u64,
 }
 
-/// Step times of the bare loop: what a user would write with burn alone.
+/// Step times of the bare loop on the CPU.
 fn bare<M: TrainModel>(spec: &JobSpec) -> Vec<f64> {
     let device = Device::flex();
     device.seed(spec.train.seed);
-    let ad = device.autodiff();
-    let mut model = M::init(spec, &ad);
+    let model = M::init(spec, &device.clone().autodiff());
+    bare_loop(spec, model, &device).1
+}
+
+/// The bare loop, what a user would write with burn alone: `model` trained on `device` for the
+/// spec's steps. Returns each step's loss and wall time.
+pub fn bare_loop<M: TrainModel>(spec: &JobSpec, model: M, device: &Device) -> (Vec<f64>, Vec<f64>) {
+    let ad = device.clone().autodiff();
+    let mut model = model.to_device(&ad);
     let mut optimizer = AdamConfig::new().init();
     let data = Dataset::for_spec(spec);
     let batch_size = spec.train.global_batch as usize;
-    let mut times = Vec::new();
+    let (mut losses, mut times) = (Vec::new(), Vec::new());
     for step in 0..spec.train.steps {
         let started = Instant::now();
         let indices = data.global_batch_indices(step, batch_size);
         let batch = data.batch(Split::Train, &indices);
         let loss = model.loss(&batch, &ad);
-        // Read the loss, as a training loop that logs it does (and as a rank does).
-        let _value = loss.clone().into_scalar::<f32>();
+        // Read the loss, as a training loop that logs it does (and as a rank does); on a GPU
+        // this waits for the step's kernels.
+        losses.push(f64::from(loss.clone().into_scalar::<f32>()));
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optimizer.step(learning_rate(spec, step), model, grads);
         times.push(started.elapsed().as_secs_f64());
     }
-    times
+    (losses, times)
 }
 
 /// Step times of the same training as a Gantry job, from its progress lines

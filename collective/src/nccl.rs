@@ -29,12 +29,18 @@ fn nccl_op(op: ReduceOp) -> NcclOp {
     }
 }
 
+/// Whether the CUDA driver library (libcuda) can be loaded here. With cudarc's dynamic loading
+/// the first driver call panics without it, so everything that touches CUDA asks this first.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library and reports whether that worked.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
 /// Whether the CUDA driver and NCCL libraries can be loaded here.
 pub fn available() -> Result<(), CommError> {
-    // SAFETY: these only try to dlopen the libraries and report whether that worked.
-    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    // SAFETY: only tries to dlopen the library and reports whether that worked.
     let nccl = unsafe { cudarc::nccl::sys::is_culib_present() };
-    match (driver, nccl) {
+    match (driver_present(), nccl) {
         (true, true) => Ok(()),
         (false, _) => Err(CommError::Backend(
             "the CUDA driver library (libcuda.so) is not available on this machine".into(),

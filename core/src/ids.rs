@@ -32,51 +32,21 @@ macro_rules! string_id {
 string_id!(JobId);
 string_id!(WorkerId);
 
-/// The number of a job's (re)start, from 1. Every message and checkpoint commit carries it, and a
-/// store's fence holds the newest: an older attempt's commit is refused (fencing).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct Attempt(pub u64);
-
-impl Attempt {
-    /// The attempt a job starts with.
-    pub const FIRST: Self = Self(1);
-
-    pub const fn get(self) -> u64 {
-        self.0
-    }
-
-    /// The attempt that follows this one (a restart).
-    pub const fn next(self) -> Self {
-        Self(self.0 + 1)
-    }
-}
-
-/// A rank's place in its job's world, `0..world_size`.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
-#[serde(transparent)]
-pub struct Rank(pub u32);
-
-impl Rank {
-    /// The rank that commits checkpoints and reports the job's progress.
-    pub const LEADER: Self = Self(0);
-
-    pub const fn get(self) -> u32 {
-        self.0
-    }
-
-    /// The rank as an index into per-rank tables.
-    pub const fn index(self) -> usize {
-        self.0 as usize
-    }
-}
-
 macro_rules! number_id {
-    ($name:ident, $inner:ty) => {
+    ($(#[$doc:meta])* $name:ident($inner:ty)) => {
+        $(#[$doc])*
+        #[derive(
+            Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(pub $inner);
+
+        impl $name {
+            pub const fn get(self) -> $inner {
+                self.0
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 self.0.fmt(f)
@@ -97,8 +67,35 @@ macro_rules! number_id {
     };
 }
 
-number_id!(Attempt, u64);
-number_id!(Rank, u32);
+number_id!(
+    /// The number of a job's (re)start, from 1. Every message and checkpoint commit carries it,
+    /// and a store's fence holds the newest: an older attempt's commit is refused (fencing).
+    Attempt(u64)
+);
+number_id!(
+    /// A rank's place in its job's world, `0..world_size`.
+    Rank(u32)
+);
+
+impl Attempt {
+    /// The attempt a job starts with.
+    pub const FIRST: Self = Self(1);
+
+    /// The attempt that follows this one (a restart).
+    pub const fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+}
+
+impl Rank {
+    /// The rank that commits checkpoints and reports the job's progress.
+    pub const LEADER: Self = Self(0);
+
+    /// The rank as an index into per-rank tables.
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+}
 
 #[cfg(test)]
 mod tests {

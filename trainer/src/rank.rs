@@ -88,7 +88,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         listener,
         &peers,
         a.rank.get(),
-        Identity::new(&a.job_id.0, a.attempt.get()),
+        Identity::new(a.job_id.as_str(), a.attempt.get()),
         timeout,
     )?;
     let job = RankJob {

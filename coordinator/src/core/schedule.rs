@@ -174,7 +174,7 @@ impl Core {
             },
             spec: job.spec.clone(),
             resume_step: job.resume_step,
-            gpu: job.state.gpus().get(rank.get() as usize).copied(),
+            gpu: job.state.gpus().get(rank.index()).copied(),
         };
         self.send(worker, WorkerCommand::Assign(Box::new(assignment)));
     }
