@@ -60,7 +60,7 @@ mod on_device {
     use gantry_core::JobSpec;
     use gantry_trainer::model::{Gpt, TrainModel};
     use serde_json::json;
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     pub fn gpu(options: &GpuOptions) -> anyhow::Result<()> {
         let cuda = gantry_trainer::device::cuda()?;
@@ -107,7 +107,7 @@ mod on_device {
 
     fn nccl(options: &GpuOptions) -> anyhow::Result<serde_json::Value> {
         let id = NcclComm::unique_id()?;
-        let comm = NcclComm::new(0, 0, 1, id)?;
+        let comm = NcclComm::new(0, 0, 1, id, Duration::from_secs(60))?;
         let len = (options.nccl_bytes / 4).max(1);
         let host: Vec<f32> = (0..len).map(|i| (i % 1000) as f32 * 0.5).collect();
         let stream = comm.stream().clone();

@@ -6,7 +6,8 @@
 //! pipeline-parallel groups of its mesh are taken: `world.group(&mesh.dp_group(rank))`. The
 //! training step sees only these two traits. [`tcp::TcpComm`] is the CPU backend (a full mesh
 //! of persistent TCP connections, with pipelined ring algorithms); with the `cuda` feature,
-//! `nccl::NcclComm` runs the same operations on GPUs. Nothing here knows about burn: buffers
+//! `nccl::NcclWorld` (one `nccl::NcclComm` per group of the mesh) runs the same operations on
+//! GPUs. Nothing here knows about burn: buffers
 //! are contiguous `f32` slices.
 
 pub mod plan;
@@ -85,6 +86,42 @@ pub trait Communicator {
     fn barrier(&mut self) -> Result<(), CommError> {
         let mut token = [0.0f32];
         self.all_reduce(&mut token, ReduceOp::Sum)
+    }
+}
+
+/// A borrowed communicator is one: a [`World`] can hand out a group it owns.
+impl<C: Communicator + ?Sized> Communicator for &mut C {
+    fn rank(&self) -> u32 {
+        (**self).rank()
+    }
+    fn size(&self) -> u32 {
+        (**self).size()
+    }
+    fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CommError> {
+        (**self).all_reduce(buf, op)
+    }
+    fn reduce_scatter(
+        &mut self,
+        input: &[f32],
+        output: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CommError> {
+        (**self).reduce_scatter(input, output, op)
+    }
+    fn all_gather(&mut self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        (**self).all_gather(input, output)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: u32) -> Result<(), CommError> {
+        (**self).broadcast(buf, root)
+    }
+    fn send(&mut self, buf: &[f32], peer: u32) -> Result<(), CommError> {
+        (**self).send(buf, peer)
+    }
+    fn recv(&mut self, buf: &mut [f32], peer: u32) -> Result<(), CommError> {
+        (**self).recv(buf, peer)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        (**self).barrier()
     }
 }
 

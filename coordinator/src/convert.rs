@@ -2,7 +2,7 @@
 //! a missing or empty one is an INVALID_ARGUMENT that names it.
 
 use crate::error::CoordinatorError;
-use crate::message::{RankExit, RankKey, Registration, WorkerCommand, WorkerReport};
+use crate::message::{NcclGroup, RankExit, RankKey, Registration, WorkerCommand, WorkerReport};
 use crate::state::{CheckpointRecord, Gpu, Job, JobState, Worker};
 use crate::store::{AttemptRow, EventRow};
 use gantry_core::{Attempt, JobId, Rank, WorkerId};
@@ -44,6 +44,20 @@ fn rank_exit(e: pb::RankExited, field: &str) -> Result<RankExit, CoordinatorErro
         message: e.message,
         stopped: e.stopped,
     })
+}
+
+pub fn nccl_group(g: pb::NcclGroupId) -> NcclGroup {
+    NcclGroup {
+        members: g.members,
+        unique_id: g.unique_id,
+    }
+}
+
+pub fn nccl_group_out(g: NcclGroup) -> pb::NcclGroupId {
+    pb::NcclGroupId {
+        members: g.members,
+        unique_id: g.unique_id,
+    }
 }
 
 pub fn worker_report(

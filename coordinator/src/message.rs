@@ -107,16 +107,24 @@ pub enum Update {
     Line(EventRow),
 }
 
-/// Data-plane addresses by rank, and rank 0's NCCL unique id if it uses NCCL.
+/// Data-plane addresses by rank, and the NCCL group ids each rank sent (cuda jobs).
 #[derive(Debug, Clone, Default)]
 pub struct RendezvousTable {
     pub addresses: Vec<Option<String>>,
-    pub nccl_unique_id: Option<Vec<u8>>,
+    /// By the rank that sent them: the ids of the groups it leads.
+    pub nccl_groups: Vec<Vec<NcclGroup>>,
+}
+
+/// One NCCL communicator of an attempt: a group of the mesh and its first member's unique id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NcclGroup {
+    pub members: Vec<u32>,
+    pub unique_id: Vec<u8>,
 }
 
 /// What every rank of an attempt gets once all have reported.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerTable {
     pub addresses: Vec<String>,
-    pub nccl_unique_id: Option<Vec<u8>>,
+    pub nccl_groups: Vec<NcclGroup>,
 }

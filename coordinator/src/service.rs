@@ -299,13 +299,22 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let key = convert::rank_key(req.key, "key")?;
+        let groups = req
+            .nccl_groups
+            .into_iter()
+            .map(convert::nccl_group)
+            .collect();
         let table = self
             .0
-            .with(|core, now| core.rendezvous(&key, req.address, req.nccl_unique_id, now))?;
+            .with(|core, now| core.rendezvous(&key, req.address, groups, now))?;
         Ok(Response::new(match table {
             Some(t) => pb::RendezvousResponse {
                 peers: t.addresses,
-                nccl_unique_id: t.nccl_unique_id,
+                nccl_groups: t
+                    .nccl_groups
+                    .into_iter()
+                    .map(convert::nccl_group_out)
+                    .collect(),
             },
             None => pb::RendezvousResponse::default(),
         }))

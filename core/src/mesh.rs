@@ -68,6 +68,27 @@ impl Mesh {
             .map(|pp| self.rank(Coords { pp, ..c }))
             .collect()
     }
+
+    /// Every group `rank` runs collectives in, each once, in the order ranks set them up: the
+    /// world, then its data-, tensor- and pipeline-parallel groups. A group whose members equal
+    /// an earlier one's is left out (with dp alone, the dp group is the world), and since the
+    /// order and the members depend only on the mesh, every member of a group lists it at the
+    /// same position among the groups they share: communicators that block until all members
+    /// join (NCCL's) are created without deadlock.
+    pub fn groups(&self, rank: u32) -> Vec<Vec<u32>> {
+        let world: Vec<u32> = (0..self.world_size()).collect();
+        let mut groups = vec![world];
+        for g in [
+            self.dp_group(rank),
+            self.tp_group(rank),
+            self.pp_group(rank),
+        ] {
+            if !groups.contains(&g) {
+                groups.push(g);
+            }
+        }
+        groups
+    }
 }
 
 #[cfg(test)]
@@ -90,6 +111,24 @@ mod tests {
                 assert_eq!(mesh.dp_group(rank).len() as u32, dp);
                 assert_eq!(mesh.tp_group(rank).len() as u32, tp);
                 assert_eq!(mesh.pp_group(rank).len() as u32, pp);
+            }
+            // Each group, as any member lists it, has the same members and comes in the same
+            // order relative to the other groups two ranks share.
+            for rank in 0..mesh.world_size() {
+                let mine = mesh.groups(rank);
+                for g in &mine {
+                    assert!(g.contains(&rank) && g.windows(2).all(|w| w[0] < w[1]));
+                    for &other in g {
+                        let theirs = mesh.groups(other);
+                        let shared = |list: &[Vec<u32>]| -> Vec<Vec<u32>> {
+                            list.iter()
+                                .filter(|h| mine.contains(h) && theirs.contains(h))
+                                .cloned()
+                                .collect()
+                        };
+                        assert_eq!(shared(&mine), shared(&theirs), "{mesh:?} {rank} {other}");
+                    }
+                }
             }
             // TP groups are runs of consecutive ranks.
             let tp0 = mesh.tp_group(0);

@@ -4,7 +4,7 @@
 
 mod gpus;
 
-pub use gpus::cuda_ranks_get_gpus_of_their_own;
+pub use gpus::{cuda_ranks_get_gpus_of_their_own, nccl_ids_reach_every_rank};
 
 use anyhow::{Context, bail, ensure};
 use gantry_proto::PROTOCOL_VERSION;
@@ -373,7 +373,7 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
             protocol_version: PROTOCOL_VERSION,
             key: None,
             address: "127.0.0.1:1".into(),
-            nccl_unique_id: None,
+            nccl_groups: vec![],
         })
         .await;
     expect_code(r, Code::InvalidArgument, "rendezvous without a key")?;
@@ -385,15 +385,11 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
                 attempt: 1,
                 rank: 0,
             }),
-            address: "127.0.0.1:1".into(),
-            nccl_unique_id: Some(vec![1, 2, 3]),
+            address: "".into(),
+            nccl_groups: vec![],
         })
         .await;
-    expect_code(
-        r,
-        Code::InvalidArgument,
-        "rendezvous with a malformed NCCL id",
-    )?;
+    expect_code(r, Code::InvalidArgument, "rendezvous without an address")?;
     let after = jobs
         .list_jobs(pb::ListJobsRequest {})
         .await?
@@ -428,18 +424,13 @@ pub async fn job_lifecycle(t: &Target) -> anyhow::Result<()> {
             protocol_version: PROTOCOL_VERSION,
             key: Some(key.clone()),
             address: "127.0.0.1:9".into(),
-            nccl_unique_id: Some(vec![7; 128]),
+            nccl_groups: vec![],
         })
         .await?
         .into_inner();
     ensure!(
-        table.peers == ["127.0.0.1:9"],
-        "peer table {:?}",
-        table.peers
-    );
-    ensure!(
-        table.nccl_unique_id == Some(vec![7; 128]),
-        "rank 0's NCCL id was not handed out"
+        table.peers == ["127.0.0.1:9"] && table.nccl_groups.is_empty(),
+        "peer table {table:?}"
     );
     ensure!(
         job(t, &key.job_id).await?.state == pb::JobState::Running as i32,
@@ -601,6 +592,9 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         }),
         ("cuda_ranks_get_gpus_of_their_own", |t| {
             Box::pin(cuda_ranks_get_gpus_of_their_own(t))
+        }),
+        ("nccl_ids_reach_every_rank", |t| {
+            Box::pin(nccl_ids_reach_every_rank(t))
         }),
     ]
 }

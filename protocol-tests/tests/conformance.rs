@@ -44,3 +44,4 @@ case!(cancel_stops_ranks);
 case!(rank_exit_restarts);
 case!(lease_expiry_loses_the_worker);
 case!(cuda_ranks_get_gpus_of_their_own);
+case!(nccl_ids_reach_every_rank);

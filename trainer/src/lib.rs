@@ -21,6 +21,7 @@ pub mod restore;
 pub mod stage;
 pub mod train;
 pub mod upload;
+pub mod world;
 
 /// burn's random initialisation draws from one process-wide generator, so a test that seeds it
 /// and compares two initialisations fails whenever another test initialises a model meanwhile:

@@ -1,12 +1,15 @@
 //! The entry point of a rank process: meet the other ranks through the coordinator, connect
-//! the ring, train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
+//! (TCP between cpu ranks, NCCL between cuda ranks), train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
 
 use crate::control::{Drained, drain_on_sigterm};
 use crate::model::{Gpt, GptStage, Mlp, MlpStage};
 use crate::report::Reporter;
 use crate::train::{RankJob, train};
+use crate::world;
+use gantry_collective::World;
 use gantry_collective::tcp::{Identity, TcpComm};
-use gantry_core::{ExitCode, JobSpec, ModelKind, RankAssignment};
+use gantry_core::spec::DeviceKind;
+use gantry_core::{ExitCode, JobSpec, Mesh, ModelKind, RankAssignment};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use std::io::{Read, Write};
@@ -81,16 +84,30 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let timeout = Duration::from_secs(spec.fault_tolerance.collective_timeout_secs);
-    let listener = TcpListener::bind((a.advertise_host.as_str(), 0))?;
-    let address = format!("{}:{}", a.advertise_host, listener.local_addr()?.port());
-    let peers = io.block_on(rendezvous(&a, address, timeout))?;
-    let mut comm = TcpComm::connect(
-        listener,
-        &peers,
-        a.rank.get(),
-        Identity::new(a.job_id.as_str(), a.attempt.get()),
-        timeout,
-    )?;
+    let p = spec.parallel;
+    let mesh = Mesh::new(p.dp, p.tp, p.pp);
+    let rank = a.rank.get();
+    let mut comm: Box<dyn World> = match spec.resources.device {
+        DeviceKind::Cpu => {
+            let listener = TcpListener::bind((a.advertise_host.as_str(), 0))?;
+            let address = format!("{}:{}", a.advertise_host, listener.local_addr()?.port());
+            let met = io.block_on(rendezvous(&a, address, Vec::new(), timeout))?;
+            Box::new(TcpComm::connect(
+                listener,
+                &met.peers,
+                rank,
+                Identity::new(a.job_id.as_str(), a.attempt.get()),
+                timeout,
+            )?)
+        }
+        DeviceKind::Cuda => {
+            // NCCL connects the ranks itself: the rendezvous carries its ids.
+            let led = world::nccl_ids_to_send(mesh, rank, world::new_nccl_id)?;
+            let met = io.block_on(rendezvous(&a, a.advertise_host.clone(), led, timeout))?;
+            let groups = world::nccl_ids_of(mesh, rank, &met.nccl_groups)?;
+            world::nccl(mesh, rank, groups, timeout)?
+        }
+    };
     let job = RankJob {
         job_id: a.job_id.clone(),
         attempt: a.attempt,
@@ -100,18 +117,22 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         store_options: a.store_options.clone(),
     };
     let reporter = Reporter::for_rank(&job.spec, a.rank.get());
+    let over = match job.spec.resources.device {
+        DeviceKind::Cpu => "TCP",
+        DeviceKind::Cuda => "NCCL",
+    };
     reporter.log(&format!(
-        "rank {}/{} of {} attempt {} connected",
+        "rank {}/{} of {} attempt {} connected over {over}",
         a.rank, a.world_size, a.job_id, a.attempt
     ));
     // A whole model per rank when only data parallelism is used; the stage (and shard) types
     // otherwise.
     let split = job.spec.parallel.pp > 1 || job.spec.parallel.tp > 1;
     match (job.spec.model.kind, split) {
-        (ModelKind::Mlp, false) => train::<Mlp>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Mlp, true) => train::<MlpStage>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Gpt, false) => train::<Gpt>(&job, &mut comm, &reporter, &io)?,
-        (ModelKind::Gpt, true) => train::<GptStage>(&job, &mut comm, &reporter, &io)?,
+        (ModelKind::Mlp, false) => train::<Mlp>(&job, &mut *comm, &reporter, &io)?,
+        (ModelKind::Mlp, true) => train::<MlpStage>(&job, &mut *comm, &reporter, &io)?,
+        (ModelKind::Gpt, false) => train::<Gpt>(&job, &mut *comm, &reporter, &io)?,
+        (ModelKind::Gpt, true) => train::<GptStage>(&job, &mut *comm, &reporter, &io)?,
     };
     Ok(())
 }
@@ -130,12 +151,22 @@ fn init_tracing(a: &RankAssignment) -> tracing::span::EnteredSpan {
         .entered()
 }
 
-/// Reports this rank's address and waits for the whole peer table.
+/// What the rendezvous hands every rank of an attempt.
+struct Met {
+    /// Data-plane addresses, by rank.
+    peers: Vec<String>,
+    /// Every NCCL group id of the attempt (a cuda job's).
+    nccl_groups: Vec<(Vec<u32>, Vec<u8>)>,
+}
+
+/// Reports this rank's address (and the NCCL ids of the groups it leads) and waits for the
+/// whole table.
 async fn rendezvous(
     a: &RankAssignment,
     address: String,
+    nccl_groups: Vec<world::NcclGroup>,
     timeout: Duration,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Met> {
     let deadline = Instant::now() + timeout;
     let request = pb::RendezvousRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -145,7 +176,13 @@ async fn rendezvous(
             rank: a.rank.get(),
         }),
         address,
-        nccl_unique_id: None,
+        nccl_groups: nccl_groups
+            .into_iter()
+            .map(|(members, id)| pb::NcclGroupId {
+                members,
+                unique_id: id.to_vec(),
+            })
+            .collect(),
     };
     let mut client = None;
     loop {
@@ -156,7 +193,17 @@ async fn rendezvous(
         }
         if let Some(c) = client.as_mut() {
             match c.rendezvous(request.clone()).await {
-                Ok(r) if !r.get_ref().peers.is_empty() => return Ok(r.into_inner().peers),
+                Ok(r) if !r.get_ref().peers.is_empty() => {
+                    let r = r.into_inner();
+                    return Ok(Met {
+                        peers: r.peers,
+                        nccl_groups: r
+                            .nccl_groups
+                            .into_iter()
+                            .map(|g| (g.members, g.unique_id))
+                            .collect(),
+                    });
+                }
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::Aborted => {
                     return Err(Stale(s.message().into()).into());
