@@ -259,6 +259,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
             data_cursor: 0,
             loss: None,
             eval_loss: None,
+            loss_scale: None,
         };
         let started = Instant::now();
         io.block_on(store.write_shard(1000 + i as u64, Rank::LEADER, shard))?;

@@ -24,7 +24,7 @@ mod retain;
 mod write;
 
 pub use error::CheckpointError;
-pub use manifest::{FORMAT, FileEntry, Manifest, RankState, StepListing, writes_shard};
+pub use manifest::{FORMAT, FileEntry, LossScale, Manifest, RankState, StepListing, writes_shard};
 
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -39,6 +39,8 @@ pub struct Shard {
     pub data_cursor: u64,
     pub loss: Option<f64>,
     pub eval_loss: Option<f64>,
+    /// fp16 training's loss scale, for the resumed run.
+    pub loss_scale: Option<LossScale>,
 }
 
 #[derive(Clone)]
@@ -130,6 +132,7 @@ mod tests {
             data_cursor: step,
             loss: Some(0.5),
             eval_loss: None,
+            loss_scale: None,
         }
     }
 
@@ -342,6 +345,7 @@ mod tests {
                     data_cursor: 40,
                     loss: None,
                     eval_loss: None,
+                    loss_scale: None,
                 },
             )
             .await
@@ -390,6 +394,7 @@ mod tests {
                 data_cursor: 30,
                 loss: None,
                 eval_loss: None,
+                loss_scale: None,
             };
             store.write_shard(30, Rank(rank), shard).await.unwrap();
         }
@@ -423,6 +428,7 @@ mod tests {
                 data_cursor: 25,
                 loss: None,
                 eval_loss: None,
+                loss_scale: None,
             };
             store.write_shard(25, Rank(rank), shard).await.unwrap();
         }
@@ -446,6 +452,7 @@ mod tests {
                 data_cursor: 30,
                 loss: None,
                 eval_loss: None,
+                loss_scale: None,
             };
             store.write_shard(30, Rank(rank), shard).await.unwrap();
         }

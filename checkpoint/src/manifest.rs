@@ -35,7 +35,21 @@ pub struct RankState {
     /// reports where it stands even when it has no step left to run.
     pub loss: Option<f64>,
     pub eval_loss: Option<f64>,
+    /// fp16 training's loss scale at this step (absent otherwise, and in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
     pub files: Vec<FileEntry>,
+}
+
+/// The state of fp16 training's dynamic loss scaling, so a resumed run goes on with the scale
+/// it had rather than starting the search again (PyTorch saves its `GradScaler` state alike).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScale {
+    pub scale: f64,
+    /// Clean steps since the scale last changed.
+    pub clean_steps: u32,
+    /// Steps skipped so far because a gradient overflowed.
+    pub skipped_steps: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -185,6 +185,7 @@ impl CheckpointStore {
             data_cursor: state.data_cursor,
             loss: state.loss,
             eval_loss: state.eval_loss,
+            loss_scale: state.loss_scale,
         })
     }
 }

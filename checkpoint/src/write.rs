@@ -73,6 +73,7 @@ impl CheckpointStore {
             data_cursor: shard.data_cursor,
             loss: shard.loss,
             eval_loss: shard.eval_loss,
+            loss_scale: shard.loss_scale,
             files,
         };
         self.put_file(

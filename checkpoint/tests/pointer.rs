@@ -6,10 +6,9 @@
 use gantry_checkpoint::pointer::{self, Change, Outcome, Pointer, Swap};
 use gantry_checkpoint::{CheckpointError, CheckpointStore, Options};
 use gantry_core::Attempt;
+use gantry_testkit::Moto;
 use object_store::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
 
 /// Concurrent writers, each on a thread with its own runtime and its own client, as the rank 0
 /// processes of different attempts would be.
@@ -89,87 +88,27 @@ fn racing_writers_on_the_local_filesystem() {
     check(&format!("file://{}", dir.path().display()), &Options::new());
 }
 
-/// moto on loopback, stopped on drop.
-struct Moto {
-    child: Child,
-    url: String,
+/// A raw S3 client of `bucket` on `moto`.
+fn client(moto: &Moto, bucket: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(bucket)
+        .with_endpoint(&moto.url)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .build()
+        .unwrap()
 }
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    fn start(bucket: &str) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 with moto (scripts/test installs it)");
-        let moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let made = Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", moto.url)])
-            .status()
-            .unwrap();
-        assert!(made.success(), "could not create bucket {bucket}");
-        moto
-    }
-
-    /// A raw S3 client of `bucket` on this server.
-    fn client(&self, bucket: &str) -> object_store::aws::AmazonS3 {
-        object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_endpoint(&self.url)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .unwrap()
-    }
-
-    fn options(&self) -> Options {
-        [
-            ("aws_endpoint", self.url.as_str()),
-            ("aws_allow_http", "true"),
-            ("aws_region", "us-east-1"),
-            ("aws_access_key_id", "test"),
-            ("aws_secret_access_key", "test"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-    }
+fn options(moto: &Moto) -> Options {
+    moto.options().into_iter().collect()
 }
 
 #[test]
 fn racing_writers_on_s3() {
     let moto = Moto::start("pointers");
-    check("s3://pointers/runs", &moto.options());
+    check("s3://pointers/runs", &options(&moto));
 }
 
 /// The window the pointer closes: attempt 1 reads the pointer (fence 1) to move `latest`, and
@@ -178,12 +117,12 @@ fn racing_writers_on_s3() {
 #[test]
 fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
     let moto = Moto::start("window");
-    let options = moto.options();
+    let options = options(&moto);
     let url = "s3://window/runs";
     let io = runtime();
     let first = CheckpointStore::open_with(url, "job", &options).unwrap();
     io.block_on(first.fence(Attempt(1))).unwrap();
-    let store: Arc<dyn object_store::ObjectStore> = Arc::new(moto.client("window"));
+    let store: Arc<dyn object_store::ObjectStore> = Arc::new(client(&moto, "window"));
     let root = Path::from("runs/job");
     let mut reads = Vec::new();
     let outcome = io.block_on(pointer::update(store.as_ref(), None, &root, |p| {
@@ -252,7 +191,7 @@ fn a_stale_commit_cannot_land_after_a_newer_fence_on_s3() {
 fn one_of_two_swaps_from_the_same_version_wins_on_s3() {
     use object_store::{ObjectStoreExt, UpdateVersion};
     let moto = Moto::start("swaps");
-    let store = moto.client("swaps");
+    let store = client(&moto, "swaps");
     let path = Path::from("job/pointer.json");
     let io = runtime();
     let value = |fence| Pointer {

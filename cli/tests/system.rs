@@ -5,6 +5,7 @@
 //! The binaries are the ones `cargo build --workspace --bins` put next to `gantry`
 //! (`scripts/test` builds them first).
 
+use gantry_testkit::{Moto, free_port};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,14 +20,6 @@ fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn examples() -> PathBuf {
@@ -934,6 +927,75 @@ fn reference_and_cancelled_run(
     (reference_end, job)
 }
 
+/// bf16 and fp16 (f32 master weights, data-parallel over two ranks) train like f32 from the same
+/// start. fp16's loss scale starts far too high here: the steps whose gradients overflow are
+/// skipped (logged, weights untouched) while the scale halves. A run resumed from a checkpoint
+/// goes on with the scale it had, so it reports the very losses of the run never stopped.
+#[test]
+fn mixed_precision_trains_and_fp16_resumes_with_its_loss_scale() {
+    let cluster = Cluster::start(2);
+    let base = [
+        "train.steps=1500",
+        "checkpoint.every_steps=50",
+        "checkpoint.keep_last=100",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> { [&base[..], extra].concat() };
+    let fp16 = with(&[
+        "train.precision=\"fp16\"",
+        "train.loss_scaling.initial=1048576.0",
+        "train.loss_scaling.growth_interval=200",
+    ]);
+    let f32_job = cluster.submit("mlp-dp2.toml", &base);
+    let bf16_job = cluster.submit("mlp-dp2.toml", &with(&["train.precision=\"bf16\""]));
+    let (fp16_end, stopped) = reference_and_cancelled_run(&cluster, "mlp-dp2.toml", &fp16, 100);
+    for job in [&f32_job, &bf16_job] {
+        let end = cluster.wait_until_ended(job);
+        assert_eq!(end["state"], "Succeeded", "{end}");
+    }
+    let reference = fp16_end["id"].as_str().unwrap().to_string();
+    let mean = |l: &[(u64, f64)]| l.iter().map(|(_, v)| v).sum::<f64>() / l.len() as f64;
+    let f32_losses = cluster.losses(&f32_job);
+    assert_eq!(f32_losses.len(), 1500);
+    let (f32_head, f32_tail) = (mean(&f32_losses[..20]), mean(&f32_losses[1480..]));
+    for job in [&bf16_job, &reference] {
+        let losses = cluster.losses(job);
+        assert_eq!(losses.len(), 1500);
+        let (h, t) = (mean(&losses[..20]), mean(&losses[1480..]));
+        assert!(t < 0.5 * h, "{job}: the loss did not fall: {h} → {t}");
+        assert!(
+            (t - f32_tail).abs() < 0.05 * f32_head,
+            "{job}: ends at {t}, f32 at {f32_tail} (from {f32_head})"
+        );
+    }
+    let logs = String::from_utf8(cluster.gantry(&["logs", &reference]).stdout).unwrap();
+    let skipped: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("fp16 gradients overflowed, step skipped"))
+        .collect();
+    assert!(
+        skipped.first().is_some_and(|l| l.contains("step 1: ")),
+        "the first step did not overflow at a scale of 2^20:\n{logs}"
+    );
+    assert!(
+        skipped.len() < 40,
+        "{} steps skipped:\n{logs}",
+        skipped.len()
+    );
+
+    let from = newest_committed(&cluster, &stopped);
+    cluster.resume_from(&stopped, from, &[]);
+    let end = cluster.wait_until_ended(&stopped);
+    assert_eq!(end["state"], "Succeeded", "{end}");
+    let want: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    let resumed = cluster.losses(&stopped);
+    let after: Vec<&(u64, f64)> = resumed.iter().filter(|(s, _)| *s > from).collect();
+    assert_eq!(after.len() as u64, 1500 - from);
+    for (step, loss) in after {
+        assert_eq!(*loss, want[step], "step {step} after resuming from {from}");
+    }
+}
+
 #[test]
 fn resume_by_hand_at_another_data_parallel_degree() {
     let cluster = Cluster::start(2);
@@ -1139,87 +1201,13 @@ fn resume_by_hand_at_another_tensor_and_pipeline_layout() {
     );
 }
 
-/// A real S3-protocol server (moto) on loopback, stopped on drop.
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    fn start(bucket: &str) -> Self {
-        let port = free_port();
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 with moto (scripts/test installs it)");
-        let moto = Moto {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto did not start (is it installed? scripts/test installs it)"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let made = Command::new("curl")
-            .args(["-sf", "-X", "PUT", &format!("{}/{bucket}", moto.url)])
-            .status()
-            .unwrap();
-        assert!(made.success(), "could not create bucket {bucket}");
-        moto
-    }
-
-    /// Credentials for the workers' environment; the endpoint goes in the job spec
-    /// ([`Moto::options`]).
-    fn env(&self) -> Vec<(String, String)> {
-        [
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_REGION", "us-east-1"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-    }
-
-    /// The job spec's store options that point at this server.
-    fn options(&self) -> Vec<String> {
-        vec![
-            format!("checkpoint.options.aws_endpoint=\"{}\"", self.url),
-            "checkpoint.options.aws_allow_http=true".into(),
-        ]
-    }
-
-    /// The keys under `prefix` in `bucket`, from the server's own listing.
-    fn keys(&self, bucket: &str, prefix: &str) -> String {
-        let out = Command::new("curl")
-            .args([
-                "-sf",
-                &format!("{}/{bucket}?list-type=2&prefix={prefix}", self.url),
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The job spec's store options that point at `moto` (its credentials go in the workers'
+/// environment, [`Moto::env`]).
+fn moto_options(moto: &Moto) -> Vec<String> {
+    vec![
+        format!("checkpoint.options.aws_endpoint=\"{}\"", moto.url),
+        "checkpoint.options.aws_allow_http=true".into(),
+    ]
 }
 
 /// Azurite, Azure Blob Storage's emulator, on loopback; stopped on drop.
@@ -1387,7 +1375,7 @@ fn checkpoints_on_s3_and_azure_resume_a_killed_rank_exactly() {
     let job = resume_a_killed_rank_from(
         &cluster,
         "s3://gantry-test/checkpoints",
-        &moto.options(),
+        &moto_options(&moto),
         &reference_end,
     );
     // The first replica's shards only: the second holds the same state.
@@ -1396,7 +1384,7 @@ fn checkpoints_on_s3_and_azure_resume_a_killed_rank_exactly() {
             && keys.contains("rank-0.optim.bpk")
             && !keys.contains("rank-1")
     };
-    let keys = moto.keys("gantry-test", &format!("checkpoints/{job}/step-00001500/"));
+    let keys = moto.list("gantry-test", &format!("checkpoints/{job}/step-00001500/"));
     assert!(one_replica(&keys), "{keys}");
     let job = resume_a_killed_rank_from(&cluster, "az://gantry/checkpoints", &[], &reference_end);
     let keys = azurite.keys("gantry", &format!("checkpoints/{job}/step-00001500/"));

@@ -111,9 +111,41 @@ pub struct TrainSpec {
     /// skipped and counted).
     #[serde(default)]
     pub precision: Precision,
+    /// fp16's dynamic loss scaling (ignored by the other precisions).
+    #[serde(default)]
+    pub loss_scaling: LossScaling,
     /// Recompute activations in the backward pass instead of keeping them: less memory, more compute.
     #[serde(default)]
     pub activation_checkpointing: bool,
+}
+
+/// fp16's dynamic loss scaling, as PyTorch's `GradScaler`: the loss is multiplied by `initial`
+/// before the first backward pass; the factor halves and the step is skipped whenever a gradient
+/// overflows, and doubles after `growth_interval` clean steps in a row.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossScaling {
+    #[serde(default = "default_initial_scale")]
+    pub initial: f64,
+    #[serde(default = "default_growth_interval")]
+    pub growth_interval: u32,
+}
+
+fn default_initial_scale() -> f64 {
+    65536.0
+}
+
+fn default_growth_interval() -> u32 {
+    2000
+}
+
+impl Default for LossScaling {
+    fn default() -> Self {
+        Self {
+            initial: default_initial_scale(),
+            growth_interval: default_growth_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -123,6 +155,17 @@ pub enum Precision {
     F32,
     Bf16,
     Fp16,
+}
+
+impl Precision {
+    /// The name a spec gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
 }
 
 /// What a rank trains on: the CPU, or one CUDA GPU per rank.
@@ -631,20 +674,27 @@ impl JobSpec {
             crate::store_options::canonical(Some(&scheme), key)
                 .map_err(|e| SpecError::new(format!("checkpoint.options.{key}"), e))?;
         }
-        if t.precision == Precision::Fp16 {
-            // The loss scaler exists (trainer/src/precision.rs) but is not wired into the step,
-            // and the cpu backend has no fp16 arithmetic.
+        if t.precision != Precision::F32 && (self.parallel.tp > 1 || self.parallel.pp > 1) {
             return err(
                 "train.precision",
-                "fp16 (with loss scaling) is not implemented yet; use \"bf16\" or \"f32\"".into(),
+                format!(
+                    "{} runs on whole-model ranks (parallel.tp = parallel.pp = 1) so far; use \
+                     \"f32\" with tensor or pipeline parallelism",
+                    t.precision.name()
+                ),
             );
         }
-        if t.precision == Precision::Bf16 && (self.parallel.tp > 1 || self.parallel.pp > 1) {
+        let ls = t.loss_scaling;
+        if !(ls.initial.is_finite() && ls.initial >= 1.0) {
             return err(
-                "train.precision",
-                "bf16 runs on whole-model ranks (parallel.tp = parallel.pp = 1) so far; use \"f32\" \
-                 with tensor or pipeline parallelism"
-                    .into(),
+                "train.loss_scaling.initial",
+                format!("{} is not a finite number ≥ 1", ls.initial),
+            );
+        }
+        if ls.growth_interval == 0 {
+            return err(
+                "train.loss_scaling.growth_interval",
+                "must be at least 1".into(),
             );
         }
         let f = &self.fault_tolerance;
@@ -751,7 +801,11 @@ mod tests {
             ("train.global_batch", "train.global_batch=7"),
             ("parallel.tp", "parallel.tp=2"),
             ("parallel.pp", "parallel.pp=4"),
-            ("train.precision", "train.precision=\"fp16\""),
+            ("train.precision", "train.precision=\"fp8\""),
+            (
+                "train.loss_scaling.initial",
+                "train.loss_scaling.initial=0.5",
+            ),
             ("resources.device", "resources.device=\"tpu\""),
             ("checkpoint.url", "checkpoint.url=\"ftp://host/x\""),
             ("parallel.schedule", "parallel.schedule=\"zigzag\""),

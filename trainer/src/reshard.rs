@@ -344,6 +344,7 @@ pub fn reshard(
         data_cursor: first.data_cursor,
         loss: first.loss,
         eval_loss: first.eval_loss,
+        loss_scale: first.loss_scale,
     })
 }
 
@@ -366,6 +367,7 @@ mod tests {
             data_cursor: 2,
             loss: Some(1.5),
             eval_loss: None,
+            loss_scale: None,
         }
     }
 

@@ -31,6 +31,8 @@ pub struct StepContext<'a> {
     pub rank: u32,
     /// The autodiff device the model lives on.
     pub device: Device,
+    /// What the loss is multiplied by before the backward pass: fp16's loss scale, else 1.
+    pub loss_scale: f32,
 }
 
 impl StepContext<'_> {
@@ -125,15 +127,21 @@ impl<M: TrainModel> Stage for M {
         flat: &mut Vec<f32>,
     ) -> anyhow::Result<f32> {
         let mut loss_sum = 0.0;
-        // Mixed precision: the passes run on a bf16 copy whose gradients land in `flat` (f32)
-        // like the master's would; the update runs on the f32 master (precision.rs).
+        // Mixed precision: the passes run on a bf16 or fp16 copy whose gradients land in `flat`
+        // (f32) like the master's would; the update runs on the f32 master (precision.rs). fp16
+        // scales the loss, so `flat` holds scaled gradients: the step unscales them.
         let copy = crate::precision::compute_copy(self, ctx.spec.train.precision);
         let compute = copy.as_ref().unwrap_or(self);
         for indices in micro_batches {
             let batch = ctx.data.batch(Split::Train, indices);
             let loss = compute.loss(&batch, &ctx.device);
             loss_sum += loss.clone().into_scalar::<f32>();
-            accumulate_gradients(loss.backward(), compute, flat);
+            let scaled = if ctx.loss_scale == 1.0 {
+                loss
+            } else {
+                loss * ctx.loss_scale
+            };
+            accumulate_gradients(scaled.backward(), compute, flat);
         }
         Ok(loss_sum)
     }

@@ -5,11 +5,15 @@
 //! gradients are flattened into one buffer with the loss appended, all-reduced over the
 //! data-parallel group in buckets (average), clipped by the global norm (summed over pipeline
 //! stages), and Adam steps with the scheduled learning rate. Replicas start from the same seed
-//! and apply identical averaged gradients, so they stay bit-identical.
+//! and apply identical averaged gradients, so they stay bit-identical. In fp16 the loss is
+//! scaled before the backward pass and the gradients unscaled after the all-reduce; a step
+//! whose gradients overflowed changes nothing but the scale (the same on every rank: the norm
+//! it is judged by is the global one).
 
 use crate::control::{Control, Drained, drain_requested};
 use crate::data::{Dataset, Split, shard};
 use crate::gradients::{squared_norm, unflatten};
+use crate::precision::{LossScaler, Verdict};
 use crate::report::{Reporter, StepReport};
 use crate::stage::{Stage, StepContext};
 use burn::module::ParamId;
@@ -69,6 +73,7 @@ pub fn train<S: Stage>(
             .map_err(|e| anyhow::anyhow!("model record: {e:?}"))
     };
     let restored = restore_point(job, mesh, &fresh, comm, reporter, &store, io)?;
+    let mut scaler = LossScaler::for_spec(spec);
     let mut start = 0;
     let mut last_eval = None;
     if let Some((manifest, shard)) = restored {
@@ -79,6 +84,9 @@ pub fn train<S: Stage>(
             .from_bytes(crate::records::record(shard.optimizer))
             .map_err(|e| anyhow::anyhow!("optimizer record: {e:?}"))?;
         start = shard.data_cursor;
+        if let (Some(scaler), Some(state)) = (scaler.as_mut(), shard.loss_scale) {
+            scaler.restore(state);
+        }
         let layout = if (manifest.tp, manifest.pp) == (mesh.tp, mesh.pp) {
             String::new()
         } else {
@@ -117,6 +125,7 @@ pub fn train<S: Stage>(
                 mesh,
                 rank,
                 device: ad.clone(),
+                loss_scale: scaler.as_ref().map_or(1.0, |s| s.scale() as f32),
             }
         };
     }
@@ -169,6 +178,10 @@ pub fn train<S: Stage>(
         flat.truncate(n_params + 1);
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
+        if let Some(s) = scaler.as_ref() {
+            let unscale = (1.0 / s.scale()) as f32;
+            flat.iter_mut().for_each(|g| *g *= unscale);
+        }
 
         // The global norm of the whole model's gradient: tensor-parallel shards summed over the
         // tp group, replicated parameters counted once, stages summed over the pipeline.
@@ -193,13 +206,24 @@ pub fn train<S: Stage>(
         if let Some(commit) = committing.take_if(|c| c.ended()) {
             commit.wait()?;
         }
-        if t.grad_clip > 0.0 && norm > t.grad_clip {
-            let factor = (t.grad_clip / (norm + 1e-6)) as f32;
-            flat.iter_mut().for_each(|g| *g *= factor);
-        }
-        let grads = unflatten(&model, &flat, &device);
+        let verdict = scaler.as_mut().map_or(Verdict::Apply, |s| s.update(norm));
         let lr = learning_rate(spec, step);
-        model = optimizer.step(lr, model, grads);
+        if verdict == Verdict::Apply {
+            if t.grad_clip > 0.0 && norm > t.grad_clip {
+                let factor = (t.grad_clip / (norm + 1e-6)) as f32;
+                flat.iter_mut().for_each(|g| *g *= factor);
+            }
+            let grads = unflatten(&model, &flat, &device);
+            model = optimizer.step(lr, model, grads);
+        } else if let Some(s) = scaler.as_ref() {
+            reporter.log(&format!(
+                "step {}: fp16 gradients overflowed, step skipped; loss scale now {} ({} \
+                 skipped so far)",
+                step + 1,
+                s.scale(),
+                s.skipped()
+            ));
+        }
 
         let done = step + 1;
         let step_seconds = started.elapsed().as_secs_f64();
@@ -216,7 +240,8 @@ pub fn train<S: Stage>(
             total: t.steps,
             loss,
             eval_loss,
-            grad_norm: Some(norm),
+            // An fp16 step that overflowed has no norm to report.
+            grad_norm: norm.is_finite().then_some(norm),
             lr,
             samples_per_sec,
             step_seconds,
@@ -237,7 +262,9 @@ pub fn train<S: Stage>(
             }
             let started = Instant::now();
             // One replica writes each position's shard; the others hold the same state.
-            let taken = writes.then(|| snapshot(&model, &optimizer, done, reported));
+            let loss_scale = scaler.as_ref().map(LossScaler::state);
+            let taken = writes
+                .then(|| snapshot(&model, &optimizer, done, reported).with_loss_scale(loss_scale));
             if last || draining || !spec.checkpoint.async_upload {
                 // The run ends here (or asked to wait): write and commit before going on.
                 if let Some(taken) = taken {

@@ -6,7 +6,7 @@ use crate::job::RankJob;
 use crate::report::Reporter;
 use backon::{ExponentialBuilder, Retryable};
 use burn::module::Module;
-use gantry_checkpoint::{self as checkpoint, CheckpointStore, Manifest, Shard};
+use gantry_checkpoint::{self as checkpoint, CheckpointStore, LossScale, Manifest, Shard};
 use gantry_collective::{ReduceOp, World};
 use gantry_core::Rank;
 use std::sync::{Arc, OnceLock};
@@ -20,6 +20,7 @@ pub struct Snapshot<M> {
     optimizer: burn::optim::ModuleOptimizer,
     step: u64,
     reported: (f64, Option<f64>),
+    loss_scale: Option<LossScale>,
 }
 
 pub fn snapshot<M: Module + Clone>(
@@ -33,10 +34,16 @@ pub fn snapshot<M: Module + Clone>(
         optimizer: optimizer.clone(),
         step,
         reported,
+        loss_scale: None,
     }
 }
 
 impl<M: Module> Snapshot<M> {
+    /// Keeps fp16 training's loss scale with the state.
+    pub fn with_loss_scale(self, loss_scale: Option<LossScale>) -> Self {
+        Self { loss_scale, ..self }
+    }
+
     /// Serialises the state (burnpack records) into a shard.
     ///
     /// The records are taken first, and the snapshot's handles dropped with them: until then
@@ -60,6 +67,7 @@ impl<M: Module> Snapshot<M> {
             data_cursor: self.step,
             loss: Some(loss),
             eval_loss,
+            loss_scale: self.loss_scale,
         })
     }
 }
