@@ -81,6 +81,7 @@ pub fn checkpoint(o: &CheckpointOptions) -> anyhow::Result<()> {
         spec: spec.clone(),
         resume_step: None,
         store_options: Default::default(),
+        dataset_sha256: None,
     };
     let reporter = Reporter::quiet();
     let manifest = |step| upload::manifest(&job, 1, step);

@@ -25,6 +25,7 @@ mod write;
 
 pub use error::CheckpointError;
 pub use manifest::{FORMAT, FileEntry, LossScale, Manifest, RankState, StepListing, writes_shard};
+pub use open::open_url;
 
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -122,6 +123,7 @@ mod tests {
             pp: 1,
             files: vec![],
             total_bytes: 0,
+            dataset_sha256: None,
         }
     }
 

@@ -64,6 +64,10 @@ pub struct Manifest {
     pub pp: u32,
     pub files: Vec<FileEntry>,
     pub total_bytes: u64,
+    /// SHA-256 of the manifest of the dataset the job trains on (a `dataset:` source): a job
+    /// does not resume on a dataset that changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_sha256: Option<String>,
 }
 
 /// The format of the checkpoints this build writes. 3: one data-parallel replica writes each

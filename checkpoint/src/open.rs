@@ -36,52 +36,14 @@ impl CheckpointStore {
     /// [`open`](Self::open) with options for the store's client, by object_store's
     /// configuration keys, over those from the environment.
     pub fn open_with(url: &str, job_id: &str, options: &Options) -> Result<Self, CheckpointError> {
-        let bad = |e: String| CheckpointError::Url(url.into(), e);
-        let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
-        let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
-        // A cloud store: its builder from the environment, then `options` over it.
-        macro_rules! cloud {
-            ($builder:ty) => {{
-                let mut builder = <$builder>::from_env().with_url(url);
-                for (k, v) in options {
-                    let key = k
-                        .parse()
-                        .map_err(|e| bad(format!("store option {k}: {e}")))?;
-                    builder = builder.with_config(key, v);
-                }
-                let store = builder.build().map_err(|e| bad(e.to_string()))?;
-                (Arc::new(store) as Arc<dyn ObjectStore>, prefix)
-            }};
+        let parsed =
+            url::Url::parse(url).map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
+        if parsed.scheme() == "file" {
+            // The local store needs its root to exist.
+            std::fs::create_dir_all(parsed.path())
+                .map_err(|e| CheckpointError::Url(url.into(), e.to_string()))?;
         }
-        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
-            "file" if !options.is_empty() => {
-                return Err(bad("a file:// store takes no options".into()));
-            }
-            "file" => {
-                // The local store needs its root to exist.
-                std::fs::create_dir_all(parsed.path()).map_err(|e| bad(e.to_string()))?;
-                // Durable like an object store's put: a file is synced before its put returns,
-                // and its directory after the rename, so a committed manifest never names
-                // shards that a power loss could tear (and retention never deletes the last
-                // good checkpoint in favour of one that is not yet on disk).
-                let store = object_store::local::LocalFileSystem::new().with_fsync(true);
-                (Arc::new(store), prefix)
-            }
-            "s3" => cloud!(object_store::aws::AmazonS3Builder),
-            // az://container/prefix (also abfs[s]:// and azure://): AZURE_STORAGE_ACCOUNT_NAME
-            // with AZURE_STORAGE_ACCOUNT_KEY, a SAS token or workload identity; Azurite with
-            // AZURE_STORAGE_USE_EMULATOR=true (and AZURITE_BLOB_STORAGE_URL).
-            "az" | "abfs" | "abfss" | "azure" => cloud!(object_store::azure::MicrosoftAzureBuilder),
-            // gs://bucket/prefix: GOOGLE_SERVICE_ACCOUNT (a key file), or application default
-            // credentials (GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
-            "gs" => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
-            other => {
-                return Err(bad(format!(
-                    "scheme {other:?} is not supported; {}",
-                    gantry_core::CHECKPOINT_SCHEMES_HINT
-                )));
-            }
-        };
+        let (store, prefix) = open_url(url, options)?;
         Ok(Self {
             store,
             root: prefix.join(job_id),
@@ -118,4 +80,56 @@ impl CheckpointStore {
             _ => false,
         }
     }
+}
+
+/// The object store of `url` and the path `url` names in it: `file://` is the local filesystem
+/// (durable puts: each file synced before its put returns); `s3://`, `az://` and `gs://` take
+/// their credentials, regions and endpoints from each cloud's usual environment variables, then
+/// `options` (object_store's configuration keys) over them. Creates nothing.
+pub fn open_url(
+    url: &str,
+    options: &Options,
+) -> Result<(Arc<dyn ObjectStore>, Path), CheckpointError> {
+    let bad = |e: String| CheckpointError::Url(url.into(), e);
+    let parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    let prefix = Path::from_url_path(parsed.path()).map_err(|e| bad(e.to_string()))?;
+    // A cloud store: its builder from the environment, then `options` over it.
+    macro_rules! cloud {
+        ($builder:ty) => {{
+            let mut builder = <$builder>::from_env().with_url(url);
+            for (k, v) in options {
+                let key = k
+                    .parse()
+                    .map_err(|e| bad(format!("store option {k}: {e}")))?;
+                builder = builder.with_config(key, v);
+            }
+            let store = builder.build().map_err(|e| bad(e.to_string()))?;
+            Arc::new(store) as Arc<dyn ObjectStore>
+        }};
+    }
+    let store: Arc<dyn ObjectStore> = match parsed.scheme() {
+        "file" if !options.is_empty() => {
+            return Err(bad("a file:// store takes no options".into()));
+        }
+        // Durable like an object store's put: a file is synced before its put returns, and its
+        // directory after the rename, so a committed manifest never names shards that a power
+        // loss could tear (and retention never deletes the last good checkpoint in favour of
+        // one that is not yet on disk).
+        "file" => Arc::new(object_store::local::LocalFileSystem::new().with_fsync(true)),
+        "s3" => cloud!(object_store::aws::AmazonS3Builder),
+        // az://container/prefix (also abfs[s]:// and azure://): AZURE_STORAGE_ACCOUNT_NAME with
+        // AZURE_STORAGE_ACCOUNT_KEY, a SAS token or workload identity; Azurite with
+        // AZURE_STORAGE_USE_EMULATOR=true (and AZURITE_BLOB_STORAGE_URL).
+        "az" | "abfs" | "abfss" | "azure" => cloud!(object_store::azure::MicrosoftAzureBuilder),
+        // gs://bucket/prefix: GOOGLE_SERVICE_ACCOUNT (a key file), or application default
+        // credentials (GOOGLE_APPLICATION_CREDENTIALS, or the metadata server on GCE/GKE).
+        "gs" => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
+        other => {
+            return Err(bad(format!(
+                "scheme {other:?} is not supported; {}",
+                gantry_core::CHECKPOINT_SCHEMES_HINT
+            )));
+        }
+    };
+    Ok((store, prefix))
 }

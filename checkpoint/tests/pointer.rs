@@ -63,6 +63,7 @@ fn stale_manifest(attempt: u64) -> gantry_checkpoint::Manifest {
         pp: 1,
         files: vec![],
         total_bytes: 0,
+        dataset_sha256: None,
     }
 }
 

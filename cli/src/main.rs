@@ -4,6 +4,7 @@
 //! input; 3 coordinator unreachable.
 
 mod cluster;
+mod data;
 mod failure;
 mod follow;
 mod local;
@@ -117,12 +118,24 @@ enum Command {
         #[arg(long)]
         step: Option<u64>,
     },
+    /// Datasets: `gantry data prepare INPUT… --out DIR` cleans, splits and tokenizes text.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Run one rank (started by a worker daemon, not by hand).
     #[command(hide = true)]
     Rank {
         #[arg(long)]
         assignment: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Read `.txt`/`.jsonl` text, clean it (normalise, deduplicate, filter), split it 8:1:1 by
+    /// document, tokenize it, and write token shards with a manifest.
+    Prepare(data::PrepareArgs),
 }
 
 fn main() {
@@ -246,6 +259,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             store::export(&job, step, &out).await?;
             Ok(0)
         }
+        Command::Data {
+            command: DataCommand::Prepare(args),
+        } => data::prepare(args).await,
         Command::Rank { .. } => unreachable!("handled before the runtime starts"),
     }
 }

@@ -996,6 +996,96 @@ fn mixed_precision_trains_and_fp16_resumes_with_its_loss_scale() {
     }
 }
 
+/// Real text end to end: `gantry data prepare` cleans, splits and tokenizes the King James Bible
+/// (a byte-level BPE trained on it), a GPT trains on the dataset data-parallel and its
+/// validation loss falls; cancelled and resumed at dp = 1, it takes the very samples the dp = 2
+/// run took, so its losses follow that run's.
+#[test]
+fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
+    let corpora = std::env::var("GANTRY_TEST_CORPORA").expect(
+        "GANTRY_TEST_CORPORA: the folder scripts/test-corpora fills (scripts/test sets it)",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = dir.path().join("kjv");
+    let cluster = Cluster::start(2);
+    let out = cluster.gantry(&[
+        "data",
+        "prepare",
+        &format!("{corpora}/kjv.txt"),
+        "--out",
+        dataset.to_str().unwrap(),
+        "--vocab-size",
+        "512",
+        "--documents",
+        "line",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("exact duplicates") && stdout.contains("MB/s"),
+        "{stdout}"
+    );
+    let source = format!("data.source=\"dataset:{}\"", dataset.display());
+    let set = [
+        source.as_str(),
+        "model.d_model=64",
+        "train.steps=600",
+        "train.eval_every=50",
+        "train.global_batch=16",
+        "checkpoint.every_steps=50",
+        "checkpoint.keep_last=100",
+    ];
+    let (reference_end, job) = reference_and_cancelled_run(&cluster, "gpt-dp2.toml", &set, 100);
+    let reference = reference_end["id"].as_str().unwrap().to_string();
+    let evals = cluster.step_values(&reference, "eval_loss=");
+    assert!(evals.len() >= 10, "{evals:?}");
+    let (first, last) = (evals[0].1, evals[evals.len() - 1].1);
+    assert!(last < 0.8 * first, "validation loss {first} → {last}");
+    let logs = String::from_utf8(cluster.gantry(&["logs", &reference]).stdout).unwrap();
+    assert!(
+        logs.contains("sample at step 50: ") && logs.contains("read and verified in"),
+        "{logs}"
+    );
+
+    let from = newest_committed(&cluster, &job);
+    cluster.resume_from(&job, from, &["parallel.dp=1"]);
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert_losses_follow(&cluster, &reference, &job, from, 50, &logs);
+}
+
+/// The 50 losses after step `from` of `job`, resumed at dp = 1, are those of the dp = 2
+/// `reference` within a relative 1e-5 (the same samples and state; only the summation order of
+/// the gradient average differs).
+fn assert_losses_follow(
+    cluster: &Cluster,
+    reference: &str,
+    job: &str,
+    from: u64,
+    steps: u64,
+    logs: &str,
+) {
+    let want: std::collections::HashMap<u64, f64> = cluster.losses(reference).into_iter().collect();
+    let resumed = cluster.losses(job);
+    let after: Vec<&(u64, f64)> = resumed
+        .iter()
+        .filter(|(s, _)| (from + 1..=from + steps).contains(s))
+        .collect();
+    assert_eq!(after.len() as u64, steps, "{logs}");
+    for (step, loss) in after {
+        let want = want[step];
+        assert!(
+            (loss - want).abs() <= 1e-5 * want.abs(),
+            "step {step}: dp=1 after resume {loss}, dp=2 {want}"
+        );
+    }
+}
+
 #[test]
 fn resume_by_hand_at_another_data_parallel_degree() {
     let cluster = Cluster::start(2);
@@ -1035,21 +1125,7 @@ fn resume_by_hand_at_another_data_parallel_degree() {
     // 50 steps after the resume have the dp=2 run's losses within a relative 1e-5. (Not the
     // final loss: over the ~1800 steps to the end the difference grows, by an amount that
     // depends on where the cancel landed, past 1e-4 of a loss this small.)
-    let reference_losses: std::collections::HashMap<u64, f64> =
-        cluster.losses(&reference).into_iter().collect();
-    let resumed = cluster.losses(&job);
-    let after: Vec<&(u64, f64)> = resumed
-        .iter()
-        .filter(|(s, _)| (from + 1..=from + 50).contains(s))
-        .collect();
-    assert_eq!(after.len(), 50, "{logs}");
-    for (step, loss) in after {
-        let want = reference_losses[step];
-        assert!(
-            (loss - want).abs() <= 1e-5 * want.abs(),
-            "step {step}: dp=1 after resume {loss}, dp=2 {want}"
-        );
-    }
+    assert_losses_follow(&cluster, &reference, &job, from, 50, &logs);
     // And the parameters 50 steps after the resume (both runs keep every checkpoint): every
     // tensor within a relative 1e-6 of the dp=2 run's. (Over thousands of steps the different
     // summation order of the gradient average grows past that.)

@@ -3,6 +3,7 @@
 //! INVALID_ARGUMENT say exactly what to fix.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// An invalid spec. `field` is the dotted path (`train.lr`, `parallel.dp`), or `spec` for the
@@ -69,14 +70,27 @@ pub struct ModelSpec {
     /// Attention heads (`gpt` only).
     #[serde(default = "default_heads")]
     pub heads: u32,
+    /// The `gpt`'s vocabulary: 13 on `builtin:arithmetic`; on a dataset, its tokenizer's (taken
+    /// from the dataset when not given, refused when different).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// `builtin:arithmetic` (for `gpt`), `builtin:regression` (for `mlp`).
+    /// `builtin:arithmetic` (for `gpt`), `builtin:regression` (for `mlp`), or
+    /// `dataset:<path or URL>` (for `gpt`), a dataset `gantry data prepare` wrote.
     #[serde(default = "default_source")]
     pub source: String,
+    /// Options of the dataset store's client (object_store keys, as `checkpoint.options`),
+    /// over the workers' own. Never a credential: the coordinator stores the spec.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "crate::store_options::scalars_as_strings"
+    )]
+    pub options: BTreeMap<String, String>,
     #[serde(default = "default_seq_len")]
     pub seq_len: u32,
     /// Train / validation / test fractions.
@@ -317,6 +331,7 @@ impl Default for DataSpec {
     fn default() -> Self {
         Self {
             source: default_source(),
+            options: BTreeMap::new(),
             seq_len: default_seq_len(),
             split: default_split(),
             examples: default_examples(),
@@ -489,7 +504,7 @@ impl JobSpec {
                 (params, micro_batch * d * 4 * 3)
             }
             ModelKind::Gpt => {
-                let vocab = 13;
+                let vocab = self.vocab_size() as u64;
                 let params = (vocab + seq) * d + layers * (12 * d * d + 13 * d) + 2 * d + d * vocab;
                 let per_layer = if self.train.activation_checkpointing {
                     micro_batch * seq * d * 4
@@ -509,6 +524,21 @@ impl JobSpec {
     }
 
     /// The data source, with the model's built-in default filled in.
+    /// The dataset's path or URL, for a `dataset:` source.
+    pub fn dataset(&self) -> Option<&str> {
+        self.data.source.strip_prefix("dataset:")
+    }
+
+    /// The gpt's vocabulary (see `model.vocab_size`); for a dataset whose size the spec does not
+    /// give, GPT-2's, as an upper estimate for memory admission.
+    pub fn vocab_size(&self) -> usize {
+        match (self.model.vocab_size, self.dataset()) {
+            (Some(v), _) => v as usize,
+            (None, Some(_)) => 50_257,
+            (None, None) => 13,
+        }
+    }
+
     pub fn data_source(&self) -> &str {
         match (self.data.source.as_str(), self.model.kind) {
             ("", ModelKind::Gpt) => "builtin:arithmetic",
@@ -552,7 +582,34 @@ impl JobSpec {
             ModelKind::Gpt => "builtin:arithmetic",
             ModelKind::Mlp => "builtin:regression",
         };
-        if self.data_source() != expected_source {
+        if let Some(dataset) = self.dataset() {
+            if m.kind != ModelKind::Gpt {
+                return err(
+                    "data.source",
+                    format!("a dataset trains the gpt, not the {:?}", m.kind),
+                );
+            }
+            if dataset.is_empty() {
+                return err("data.source", "dataset: give a path or URL after it".into());
+            }
+            if !dataset.contains("://") && !dataset.starts_with('/') {
+                return err(
+                    "data.source",
+                    format!(
+                        "dataset path {dataset:?} is relative; give an absolute path or a URL \
+                         (ranks run in their workers' directories)"
+                    ),
+                );
+            }
+            let scheme = url::Url::parse(dataset)
+                .ok()
+                .filter(|_| dataset.contains("://"))
+                .map_or("file".to_string(), |u| u.scheme().into());
+            for key in self.data.options.keys() {
+                crate::store_options::canonical(Some(&scheme), key)
+                    .map_err(|e| SpecError::new(format!("data.options.{key}"), e))?;
+            }
+        } else if self.data_source() != expected_source {
             return err(
                 "data.source",
                 format!(
@@ -788,6 +845,37 @@ mod tests {
         assert_eq!(spec.parallel.world_size(), 2);
         assert_eq!(spec.data_source(), "builtin:regression");
         assert_eq!(spec.checkpoint.keep_last, 3);
+    }
+
+    #[test]
+    fn every_example_spec_is_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                JobSpec::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 6, "{seen} examples");
+    }
+
+    #[test]
+    fn a_dataset_source_is_absolute_or_a_url_and_trains_the_gpt() {
+        let gpt = |source: &str| {
+            check(|doc| {
+                doc["model"]["kind"] = "gpt".into();
+                doc["data"] = serde_json::json!({ "source": source });
+            })
+        };
+        assert!(gpt("dataset:/data/kjv").is_ok());
+        assert!(gpt("dataset:s3://bucket/kjv").is_ok());
+        for source in ["dataset:data/kjv", "dataset:", "builtin:nope"] {
+            assert_eq!(gpt(source).unwrap_err().field, "data.source", "{source}");
+        }
+        let mlp = check(|doc| doc["data"] = serde_json::json!({ "source": "dataset:/data/kjv" }));
+        assert_eq!(mlp.unwrap_err().field, "data.source");
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! Built-in datasets, generated from the job's seed so every rank (and every restart) sees the
-//! same data, and the global batch of a step as a pure function of (seed, step): the data
+//! A job's data: built-in corpora generated from the job's seed, or a dataset that
+//! `gantry data prepare` wrote (`data.source = "dataset:<path or URL>"`), read whole with every
+//! shard's checksum verified. Either way every rank (and every restart) sees the same samples,
+//! and the global batch of a step is a pure function of (seed, step): global step s takes
+//! samples [s·B, (s+1)·B) of a sequence of per-epoch permutations, and each dp rank its
+//! contiguous slice of them, so the samples of a step are the same at any dp size and the data
 //! cursor of a checkpoint is its step.
 
 use gantry_core::JobSpec;
@@ -110,9 +114,119 @@ pub struct Dataset {
     /// The test split's arithmetic lines, token by token, for exact-match accuracy.
     test_lines: Vec<Vec<i64>>,
     seed: u64,
+    /// SHA-256 of the dataset's manifest, for a `dataset:` source: checkpoints keep it.
+    manifest_sha256: Option<String>,
+    /// A dataset's tokenizer, to show what the model writes.
+    tokenizer: Option<gantry_data::Tokenizer>,
+}
+
+/// The client options of a dataset's store: the worker's that apply to its scheme, then the
+/// spec's `data.options` over them.
+pub fn store_options(spec: &JobSpec, worker: &gantry_data::Options) -> gantry_data::Options {
+    let url = spec.dataset().unwrap_or_default();
+    let scheme = url
+        .split_once("://")
+        .map_or("file", |(scheme, _)| scheme)
+        .to_string();
+    let mut options: gantry_data::Options = worker
+        .iter()
+        .filter(|(k, _)| gantry_core::store_options::applies(&scheme, k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    options.extend(spec.data.options.clone());
+    options
+}
+
+/// For a `dataset:` source: fills in `model.vocab_size` from the dataset's tokenizer (or
+/// refuses one that differs) and returns the SHA-256 of the dataset's manifest.
+pub fn resolve_dataset(
+    spec: &mut JobSpec,
+    worker: &gantry_data::Options,
+    io: &tokio::runtime::Runtime,
+) -> anyhow::Result<Option<String>> {
+    let Some(url) = spec.dataset() else {
+        return Ok(None);
+    };
+    let reader = io.block_on(gantry_data::DatasetReader::open(
+        url,
+        &store_options(spec, worker),
+    ))?;
+    let theirs = reader.manifest.tokenizer.vocab_size;
+    match spec.model.vocab_size {
+        None => spec.model.vocab_size = Some(theirs),
+        Some(ours) if ours != theirs => anyhow::bail!(
+            "model.vocab_size: {ours}, but the tokenizer of dataset {url} has {theirs} tokens"
+        ),
+        Some(_) => {}
+    }
+    Ok(Some(reader.manifest_sha256))
 }
 
 impl Dataset {
+    /// The spec's data: generated for a `builtin:` source, read (every shard verified) for a
+    /// `dataset:` one, through the worker's store options.
+    pub fn open(
+        spec: &JobSpec,
+        worker: &gantry_data::Options,
+        io: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<Self> {
+        let Some(url) = spec.dataset() else {
+            return Ok(Self::for_spec(spec));
+        };
+        use gantry_data::SplitName;
+        let reader = io.block_on(gantry_data::DatasetReader::open(
+            url,
+            &store_options(spec, worker),
+        ))?;
+        let seq_len = spec.data.seq_len as usize;
+        let mut splits = Vec::new();
+        for split in SplitName::ALL {
+            let tokens = io.block_on(reader.tokens(split))?;
+            splits.push(Samples::Tokens {
+                stream: tokens.into_iter().map(i64::from).collect(),
+                seq_len,
+            });
+        }
+        let [train, validation, test]: [Samples; 3] = splits.try_into().ok().expect("three splits");
+        anyhow::ensure!(
+            train.len() > 0,
+            "data.source: the train split of dataset {url} holds fewer than data.seq_len + 1 = {} \
+             tokens",
+            seq_len + 1
+        );
+        Ok(Self {
+            train,
+            validation,
+            test,
+            test_lines: Vec::new(),
+            seed: spec.train.seed,
+            tokenizer: Some(io.block_on(reader.tokenizer())?),
+            manifest_sha256: Some(reader.manifest_sha256),
+        })
+    }
+
+    /// A fixed prompt (the first tokens of the validation split, or of the train split) and
+    /// the text of tokens, for a dataset's generated samples.
+    pub fn sample_prompt(&self, len: usize) -> Option<Vec<i64>> {
+        self.tokenizer.as_ref()?;
+        let from = |s: &Samples| match s {
+            Samples::Tokens { stream, .. } if stream.len() >= len => Some(stream[..len].to_vec()),
+            _ => None,
+        };
+        from(&self.validation).or_else(|| from(&self.train))
+    }
+
+    /// The text of `tokens`, with a dataset's tokenizer.
+    pub fn decode(&self, tokens: &[i64]) -> Option<String> {
+        let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+        self.tokenizer.as_ref()?.decode(&ids, false).ok()
+    }
+
+    /// SHA-256 of the dataset's manifest (a `dataset:` source's).
+    pub fn manifest_sha256(&self) -> Option<&str> {
+        self.manifest_sha256.as_deref()
+    }
+
     pub fn for_spec(spec: &JobSpec) -> Self {
         let seed = spec.train.seed;
         let examples = spec.data.examples as usize;
@@ -157,6 +271,8 @@ impl Dataset {
             test,
             test_lines,
             seed,
+            manifest_sha256: None,
+            tokenizer: None,
         }
     }
 
@@ -303,6 +419,28 @@ mod tests {
         let global: Vec<usize> = (10..18).collect();
         let joined: Vec<usize> = (0..4).flat_map(|r| shard(&global, r, 4).to_vec()).collect();
         assert_eq!(joined, global);
+    }
+
+    /// The samples of a step do not depend on the dp size: the dp ranks' batches, joined in
+    /// rank order, are the global batch, token for token.
+    #[test]
+    fn every_dp_size_takes_the_same_samples_of_a_step() {
+        let data = Dataset::for_spec(&spec("gpt"));
+        for step in [0, 7, 123, 10_000] {
+            let global = data.global_batch_indices(step, 8);
+            let Batch::Tokens { inputs: whole, .. } = data.batch(Split::Train, &global) else {
+                panic!("token batches");
+            };
+            for dp in [1, 2, 4] {
+                let joined: Vec<i64> = (0..dp)
+                    .flat_map(|r| match data.batch(Split::Train, shard(&global, r, dp)) {
+                        Batch::Tokens { inputs, .. } => inputs,
+                        Batch::Regression { .. } => unreachable!(),
+                    })
+                    .collect();
+                assert_eq!(joined, whole, "step {step} at dp {dp}");
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@ pub struct RankJob {
     pub resume_step: Option<u64>,
     /// The worker's checkpoint store options (the spec's own go over them).
     pub store_options: gantry_checkpoint::Options,
+    /// SHA-256 of the manifest of the dataset it trains on (a `dataset:` source), as read when
+    /// the rank started: its checkpoints keep it, and the data it loads must match it.
+    pub dataset_sha256: Option<String>,
 }
 
 /// Linear warm-up to `lr`, then cosine decay to 10% of it at the last step.

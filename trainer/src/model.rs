@@ -1,7 +1,7 @@
 //! The built-in models. A [`TrainModel`] builds itself from a spec and turns a [`Batch`] into a
 //! scalar loss (mean over the batch), which is all the training loop needs.
 
-use crate::data::{Batch, REGRESSION_IN, REGRESSION_OUT, VOCAB};
+use crate::data::{Batch, REGRESSION_IN, REGRESSION_OUT};
 use crate::layout::{Split, block_split, stage_blocks};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::loss::{CrossEntropyLossConfig, MseLoss, Reduction};
@@ -35,6 +35,36 @@ pub fn answer_batch(lines: &[(&[i64], usize)]) -> Batch {
         n: lines.len(),
         seq_len: len,
     }
+}
+
+/// The `new` tokens greedy decoding appends to `prompt` (each step sees at most the last
+/// `seq_len` tokens); None for models that do not predict tokens.
+pub fn greedy<M: TrainModel>(
+    model: &M,
+    prompt: &[i64],
+    new: usize,
+    seq_len: usize,
+    device: &Device,
+) -> Option<Vec<i64>> {
+    let mut tokens = prompt.to_vec();
+    for _ in 0..new {
+        let window = tokens[tokens.len().saturating_sub(seq_len)..].to_vec();
+        let len = window.len();
+        let batch = Batch::Tokens {
+            targets: window.clone(),
+            inputs: window,
+            n: 1,
+            seq_len: len,
+        };
+        let logits = model.logits_for(&batch, device)?;
+        let next = logits
+            .slice([0..1, len - 1..len])
+            .argmax(2)
+            .into_data()
+            .convert::<i64>();
+        tokens.push(next.as_slice::<i64>().expect("i64 argmax")[0]);
+    }
+    Some(tokens.split_off(prompt.len()))
 }
 
 /// How many lines have every answer token (after `=`, through the newline) as the model's most
@@ -573,13 +603,13 @@ impl TrainModel for Gpt {
         let d = spec.model.d_model as usize;
         let heads = spec.model.heads as usize;
         Self {
-            tokens: EmbeddingConfig::new(VOCAB.len(), d).init(device),
+            tokens: EmbeddingConfig::new(spec.vocab_size(), d).init(device),
             positions: EmbeddingConfig::new(spec.data.seq_len as usize, d).init(device),
             blocks: (0..spec.model.layers)
                 .map(|_| Block::new(d, heads, device))
                 .collect(),
             ln_f: LayerNormConfig::new(d).init(device),
-            head: LinearConfig::new(d, VOCAB.len()).init(device),
+            head: LinearConfig::new(d, spec.vocab_size()).init(device),
         }
     }
 
@@ -614,6 +644,7 @@ impl TrainModel for Gpt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::VOCAB;
 
     /// Copies all parameters into one flat vector, in visiting order.
     fn flat_parameters<M: Module>(model: &M) -> Vec<f32> {

@@ -67,7 +67,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(assignment_path)?;
     let a: RankAssignment = serde_json::from_str(&text)?;
     let _span = init_tracing(&a);
-    let spec = JobSpec::from_json(&a.spec_json)?;
+    let mut spec = JobSpec::from_json(&a.spec_json)?;
     crate::device::set_default(&spec);
     drain_on_sigterm();
     // The daemon holds our stdin; when it dies, so do we (no orphaned ranks).
@@ -83,6 +83,8 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let io = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // A dataset is opened before meeting the others: a bad one fails every rank alike, early.
+    let dataset_sha256 = crate::data::resolve_dataset(&mut spec, &a.store_options, &io)?;
     let timeout = Duration::from_secs(spec.fault_tolerance.collective_timeout_secs);
     let p = spec.parallel;
     let mesh = Mesh::new(p.dp, p.tp, p.pp);
@@ -115,6 +117,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         spec,
         resume_step: a.resume_step,
         store_options: a.store_options.clone(),
+        dataset_sha256,
     };
     let reporter = Reporter::for_rank(&job.spec, a.rank.get());
     let over = match job.spec.resources.device {

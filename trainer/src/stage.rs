@@ -77,6 +77,12 @@ pub trait Stage: Module + Clone + Send + Sized + 'static {
     fn tp_sharded(&self) -> Vec<ParamId> {
         Vec::new()
     }
+
+    /// The `new` tokens greedy decoding appends to `prompt`, for whole models that predict
+    /// tokens (None for the others, and for pipeline stages).
+    fn greedy(&self, _prompt: &[i64], _new: usize, _ctx: &StepContext<'_>) -> Option<Vec<i64>> {
+        None
+    }
 }
 
 /// This dp rank's share of the test answers, in chunks of 64 lines.
@@ -154,6 +160,16 @@ impl<M: TrainModel> Stage for M {
             sums[1] += chunk.len() as f32;
         }
         mean_over_dp(ctx, sums).map(Some)
+    }
+
+    fn greedy(&self, prompt: &[i64], new: usize, ctx: &StepContext<'_>) -> Option<Vec<i64>> {
+        crate::model::greedy(
+            self,
+            prompt,
+            new,
+            ctx.spec.data.seq_len as usize,
+            &ctx.device,
+        )
     }
 
     fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>> {

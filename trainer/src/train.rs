@@ -56,7 +56,20 @@ pub fn train<S: Stage>(
     };
     let mut model = S::init(spec, mesh, rank, &ad);
     let mut optimizer = AdamConfig::new().init();
-    let data = Dataset::for_spec(spec);
+    let loading = Instant::now();
+    let data = Dataset::open(spec, &job.store_options, io)?;
+    if let (Some(url), Some(read)) = (spec.dataset(), data.manifest_sha256()) {
+        anyhow::ensure!(
+            job.dataset_sha256.as_deref() == Some(read),
+            "data.source: dataset {url} changed while this rank started (manifest sha256 {read})"
+        );
+        reporter.log(&format!(
+            "dataset {url}: {} training samples of {} tokens, read and verified in {:.2} s",
+            data.len(Split::Train),
+            spec.data.seq_len + 1,
+            loading.elapsed().as_secs_f64()
+        ));
+    }
     let store =
         CheckpointStore::for_job(&spec.checkpoint, job.job_id.as_str(), &job.store_options)?;
 
@@ -77,6 +90,16 @@ pub fn train<S: Stage>(
     let mut start = 0;
     let mut last_eval = None;
     if let Some((manifest, shard)) = restored {
+        if let (Some(url), Some(saved)) = (spec.dataset(), manifest.dataset_sha256.as_deref()) {
+            let now = data.manifest_sha256().unwrap_or_default();
+            anyhow::ensure!(
+                saved == now,
+                "data.source: dataset {url} changed since the checkpoint at step {} (its manifest \
+                 has sha256 {now}; the checkpoint was taken on {saved}); resume on the dataset \
+                 it trained on",
+                manifest.step
+            );
+        }
         let record = ModuleRecord::from_bytes(crate::records::record(shard.model))
             .map_err(|e| anyhow::anyhow!("model record: {e:?}"))?;
         model = model.load_record(record);
@@ -231,7 +254,16 @@ pub fn train<S: Stage>(
         let last = done == t.steps;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
             let mut ctx = step_context!();
-            model.evaluate(&mut ctx, Split::Validation)?
+            let loss = model.evaluate(&mut ctx, Split::Validation)?;
+            // What the model writes now, from a fixed prompt of the dataset (one rank says it).
+            let leader = job.rank == Rank::LEADER;
+            if let Some(prompt) = data.sample_prompt(16).filter(|_| leader)
+                && let Some(more) = model.greedy(&prompt, 32, &ctx)
+                && let (Some(p), Some(m)) = (data.decode(&prompt), data.decode(&more))
+            {
+                reporter.log(&format!("sample at step {done}: {p:?} → {m:?}"));
+            }
+            loss
         } else {
             None
         };

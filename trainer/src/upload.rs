@@ -86,6 +86,7 @@ pub fn manifest(job: &RankJob, world: u32, step: u64) -> Manifest {
         pp: p.pp,
         files: Vec::new(),
         total_bytes: 0,
+        dataset_sha256: job.dataset_sha256.clone(),
     }
 }
 

@@ -1,0 +1,144 @@
+//! Reading a dataset back: its manifest (and that manifest's hash, which a job's checkpoints
+//! keep), and each split's tokens with every shard's checksum verified.
+
+use crate::manifest::{Dtype, FORMAT, Manifest, SplitName};
+use crate::store::Location;
+use gantry_checkpoint::Options;
+use object_store::ObjectStoreExt;
+use sha2::{Digest, Sha256};
+
+pub struct DatasetReader {
+    location: Location,
+    pub manifest: Manifest,
+    /// SHA-256 of `manifest.json`, in hex.
+    pub manifest_sha256: String,
+}
+
+/// SHA-256 of a manifest's bytes, in hex.
+pub fn manifest_sha256(bytes: &[u8]) -> String {
+    crate::tokenizer::hex(&Sha256::digest(bytes))
+}
+
+impl DatasetReader {
+    /// Opens the dataset at `url` (a local path or an object-store URL).
+    pub async fn open(url: &str, options: &Options) -> anyhow::Result<Self> {
+        let location = Location::open(url, options)?;
+        let bytes = match location.store.get(&location.path("manifest.json")).await {
+            Ok(got) => got.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => anyhow::bail!(
+                "dataset {url}: no manifest.json there (not a dataset, or its prepare did not \
+                 finish)"
+            ),
+            Err(e) => anyhow::bail!("dataset {url}: {e}"),
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| anyhow::anyhow!("dataset {url}: manifest.json: {e}"))?;
+        anyhow::ensure!(
+            manifest.format == FORMAT,
+            "dataset {url}: format {} (this build reads format {FORMAT})",
+            manifest.format
+        );
+        Ok(Self {
+            location,
+            manifest_sha256: manifest_sha256(&bytes),
+            manifest,
+        })
+    }
+
+    async fn verified(&self, name: &str, crc: u32) -> anyhow::Result<bytes::Bytes> {
+        let url = &self.location.url;
+        let bytes = self
+            .location
+            .store
+            .get(&self.location.path(name))
+            .await
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?
+            .bytes()
+            .await
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?;
+        let got = crc32c::crc32c(&bytes);
+        anyhow::ensure!(
+            got == crc,
+            "dataset {url}: {name} fails its checksum (CRC-32C {got:08x}, the manifest says \
+             {crc:08x}): the file is truncated or corrupt"
+        );
+        Ok(bytes)
+    }
+
+    /// The split's packed token stream: its documents in order, each followed by the
+    /// end-of-text token.
+    pub async fn tokens(&self, split: SplitName) -> anyhow::Result<Vec<u32>> {
+        let entry = self.manifest.split(split);
+        let mut out = Vec::with_capacity(entry.tokens as usize);
+        for shard in &entry.shards {
+            let bytes = self
+                .verified(&shard.tokens_file, shard.tokens_crc32c)
+                .await?;
+            let width = self.manifest.dtype.bytes();
+            anyhow::ensure!(
+                bytes.len() as u64 == shard.tokens * width as u64,
+                "dataset {}: {} holds {} bytes, not the manifest's {} tokens",
+                self.location.url,
+                shard.tokens_file,
+                bytes.len(),
+                shard.tokens
+            );
+            match self.manifest.dtype {
+                Dtype::U16 => out.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
+                ),
+                Dtype::U32 => out.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Where each document of the split starts in its token stream, and the stream's end.
+    pub async fn document_starts(&self, split: SplitName) -> anyhow::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let mut base = 0;
+        for shard in &self.manifest.split(split).shards {
+            let bytes = self.verified(&shard.docs_file, shard.docs_crc32c).await?;
+            let offsets: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect();
+            out.extend(
+                offsets[..offsets.len().saturating_sub(1)]
+                    .iter()
+                    .map(|o| base + o),
+            );
+            base += shard.tokens;
+        }
+        out.push(base);
+        Ok(out)
+    }
+
+    /// The dataset's tokenizer, checked against the manifest's hash.
+    pub async fn tokenizer(&self) -> anyhow::Result<tokenizers::Tokenizer> {
+        let entry = &self.manifest.tokenizer;
+        let url = &self.location.url;
+        let bytes = self
+            .location
+            .store
+            .get(&self.location.path(&entry.file))
+            .await
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {}: {e}", entry.file))?
+            .bytes()
+            .await?;
+        let json = std::str::from_utf8(&bytes)?;
+        anyhow::ensure!(
+            crate::tokenizer::sha256(json) == entry.sha256,
+            "dataset {url}: {} does not match the manifest's hash",
+            entry.file
+        );
+        json.parse()
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {}: {e}", entry.file))
+    }
+}

