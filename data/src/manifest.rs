@@ -13,6 +13,8 @@
 //! A job's checkpoint keeps the SHA-256 of `manifest.json`: a dataset that changed under a job
 //! is refused at resume.
 
+use crate::clean::CleanReport;
+use crate::input::InputReport;
 use serde::{Deserialize, Serialize};
 
 /// The format this build writes and reads.
@@ -99,6 +101,13 @@ pub struct SplitEntry {
     pub shards: Vec<ShardEntry>,
 }
 
+/// What reading and cleaning found.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub input: InputReport,
+    pub cleaning: CleanReport,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -108,7 +117,7 @@ pub struct Manifest {
     pub validation: SplitEntry,
     pub test: SplitEntry,
     /// What reading and cleaning found.
-    pub report: crate::prepare::Report,
+    pub report: Report,
     /// The settings it was prepared with.
     pub settings: serde_json::Value,
 }

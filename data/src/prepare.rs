@@ -2,9 +2,11 @@
 //! (an input, the tokenizer, the dtype, the output already a dataset) is refused before the
 //! first byte is written; the manifest goes last, and a write that fails removes what it wrote.
 
-use crate::clean::{CleanOptions, CleanReport, clean};
-use crate::input::{InputOptions, InputReport, read_inputs};
-use crate::manifest::{Dtype, FORMAT, Manifest, ShardEntry, SplitEntry, SplitName, TokenizerEntry};
+use crate::clean::{CleanOptions, clean};
+use crate::input::{InputOptions, read_inputs};
+use crate::manifest::{
+    Dtype, FORMAT, Manifest, Report, ShardEntry, SplitEntry, SplitName, TokenizerEntry,
+};
 use crate::split::{check_fractions, split_of};
 use crate::store::Location;
 use crate::tokenizer;
@@ -60,13 +62,6 @@ impl PrepareConfig {
             store_options: Options::new(),
         }
     }
-}
-
-/// What reading and cleaning found, as the manifest keeps it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    pub input: InputReport,
-    pub cleaning: CleanReport,
 }
 
 /// What a prepare did, for its summary.
