@@ -998,8 +998,9 @@ fn mixed_precision_trains_and_fp16_resumes_with_its_loss_scale() {
 
 /// Real text end to end: `gantry data prepare` cleans, splits and tokenizes the King James Bible
 /// (a byte-level BPE trained on it), a GPT trains on the dataset data-parallel and its
-/// validation loss falls; cancelled and resumed at dp = 1, it takes the very samples the dp = 2
-/// run took, so its losses follow that run's.
+/// validation loss falls; cancelled, it will not resume on a dataset that changed, and resumed
+/// at dp = 1 on its own, it takes the very samples the dp = 2 run took, so its losses follow
+/// that run's.
 #[test]
 fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
     let corpora = std::env::var("GANTRY_TEST_CORPORA").expect(
@@ -1038,6 +1039,8 @@ fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
         "train.global_batch=16",
         "checkpoint.every_steps=50",
         "checkpoint.keep_last=100",
+        "fault_tolerance.max_restarts=1",
+        "fault_tolerance.restart_backoff_secs=0.0",
     ];
     let (reference_end, job) = reference_and_cancelled_run(&cluster, "gpt-dp2.toml", &set, 100);
     let reference = reference_end["id"].as_str().unwrap().to_string();
@@ -1052,6 +1055,35 @@ fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
     );
 
     let from = newest_committed(&cluster, &job);
+    // A different dataset where the job's was (other cleaning, the same vocabulary size): the
+    // resume is refused, naming the field and both manifests, and nothing trains on it.
+    let original = dir.path().join("kjv-original");
+    std::fs::rename(&dataset, &original).unwrap();
+    let out = cluster.gantry(&[
+        "data",
+        "prepare",
+        &format!("{corpora}/kjv.txt"),
+        "--out",
+        dataset.to_str().unwrap(),
+        "--vocab-size",
+        "512",
+        "--documents",
+        "line",
+        "--min-chars",
+        "40",
+    ]);
+    assert!(out.status.success());
+    cluster.resume_from(&job, from, &["parallel.dp=1"]);
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Failed", "{end}");
+    assert!(
+        logs.contains("data.source: dataset") && logs.contains("changed since the checkpoint"),
+        "{logs}"
+    );
+    std::fs::remove_dir_all(&dataset).unwrap();
+    std::fs::rename(&original, &dataset).unwrap();
+
     cluster.resume_from(&job, from, &["parallel.dp=1"]);
     let end = cluster.wait_until_ended(&job);
     let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
