@@ -332,3 +332,49 @@ async fn a_dataset_in_s3_reads_back_as_the_one_on_disk() {
     let keys = moto.list("datasets", "jargon/");
     assert!(keys.contains("jargon/manifest.json") && keys.contains("jargon/train/00000.tokens"));
 }
+
+/// A vocabulary of more than 65,536 tokens does not fit u16: asked for, it is refused before
+/// anything is written; by default the dataset is written in u32 and reads back the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vocabulary_past_u16_is_written_as_u32() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        std::iter::once(("[UNK]".into(), 0.into()))
+            .chain((1..70_000u32).map(|i| (format!("w{i}"), i.into())))
+            .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let file = dir.path().join("tokenizer.json");
+    std::fs::write(&file, tokenizer.to_string()).unwrap();
+    let input = dir.path().join("words.txt");
+    std::fs::write(&input, "w1 w65535 w65536 w69999 w3\n").unwrap();
+    let out = dir.path().join("ds");
+    let mut config = PrepareConfig::new(
+        vec![input.to_str().unwrap().into()],
+        out.to_str().unwrap().into(),
+        TokenizerChoice::File(file.to_str().unwrap().into()),
+    );
+    config.split = [1.0, 0.0, 0.0];
+    config.dtype = Some(gantry_data::Dtype::U16);
+    let err = prepare(&config, &Quiet).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("dtype: U16 cannot hold the ids of a vocabulary of 70001 tokens"),
+        "{err}"
+    );
+    assert!(files_under(&out).is_empty());
+    config.dtype = None;
+    let summary = prepare(&config, &Quiet).await.unwrap();
+    assert_eq!(summary.manifest.dtype, gantry_data::Dtype::U32);
+    let reader = DatasetReader::open(out.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    // The end-of-text token was added after the 70,000 words.
+    assert_eq!(
+        reader.tokens(SplitName::Train).await.unwrap(),
+        [1, 65535, 65536, 69999, 3, 70000]
+    );
+}
