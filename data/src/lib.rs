@@ -9,6 +9,7 @@
 //! tokenizer and a `manifest.json` ([`manifest`]) written last. Training opens a dataset with
 //! [`read::DatasetReader`], which verifies every shard's checksum.
 
+pub mod cache;
 pub mod clean;
 pub mod input;
 pub mod manifest;

@@ -8,7 +8,7 @@ use object_store::ObjectStoreExt;
 use sha2::{Digest, Sha256};
 
 pub struct DatasetReader {
-    location: Location,
+    pub(crate) location: Location,
     pub manifest: Manifest,
     /// SHA-256 of `manifest.json`, in hex.
     pub manifest_sha256: String,

@@ -13,6 +13,8 @@ pub struct Location {
     /// As the user wrote it, for messages.
     pub url: String,
     pub local: bool,
+    /// The folder itself, for a local one.
+    pub local_root: Option<std::path::PathBuf>,
 }
 
 /// A local path becomes a `file://` URL of its absolute form; a URL stays as it is.
@@ -36,11 +38,15 @@ impl Location {
             options.clone()
         };
         let (store, prefix) = gantry_checkpoint::open_url(&url, &options)?;
+        let local_root = local
+            .then(|| url::Url::parse(&url).ok()?.to_file_path().ok())
+            .flatten();
         Ok(Self {
             store,
             prefix,
             url: path_or_url.to_string(),
             local,
+            local_root,
         })
     }
 

@@ -331,6 +331,58 @@ async fn a_dataset_in_s3_reads_back_as_the_one_on_disk() {
     }
     let keys = moto.list("datasets", "jargon/");
     assert!(keys.contains("jargon/manifest.json") && keys.contains("jargon/train/00000.tokens"));
+
+    // Training reads an S3 dataset from local copies in a cache: fetched once, checked, and
+    // fetched again when the copy is damaged; a local dataset is read where it is.
+    let cache = dir.path().join("cache");
+    let want = s3.tokens(SplitName::Train).await.unwrap();
+    let local = s3.local_split(SplitName::Train, &cache).await.unwrap();
+    assert_eq!(local.read(0, want.len()).unwrap(), want);
+    let copy = cache.join(&s3.manifest_sha256).join("train/00000.tokens");
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&copy, &bytes).unwrap();
+    let again = s3.local_split(SplitName::Train, &cache).await.unwrap();
+    assert_eq!(again.read(0, want.len()).unwrap(), want);
+    let in_place = disk.local_split(SplitName::Train, &cache).await.unwrap();
+    assert_eq!(in_place.read(0, want.len()).unwrap(), want);
+    assert!(
+        !cache.join(&disk.manifest_sha256).exists(),
+        "a local dataset was copied"
+    );
+}
+
+/// A window of the token stream read from the local files is the same slice of the stream
+/// wherever it falls, across shard boundaries too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_read_across_shards_are_slices_of_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("jargon");
+    let mut config = PrepareConfig::new(
+        vec![corpus("jargon.txt")],
+        out.to_str().unwrap().into(),
+        TokenizerChoice::Train { vocab_size: 512 },
+    );
+    config.shard_tokens = 5_000;
+    prepare(&config, &Quiet).await.unwrap();
+    let reader = DatasetReader::open(out.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    let shards = reader.manifest.split(SplitName::Train).shards.len();
+    assert!(shards > 10, "{shards} shards");
+    let stream = reader.tokens(SplitName::Train).await.unwrap();
+    let local = reader
+        .local_split(SplitName::Train, &dir.path().join("cache"))
+        .await
+        .unwrap();
+    assert_eq!(local.len(), stream.len() as u64);
+    for start in (0..stream.len() - 70).step_by(997) {
+        assert_eq!(
+            local.read(start as u64, 65).unwrap(),
+            stream[start..start + 65],
+            "at {start}"
+        );
+    }
 }
 
 /// A vocabulary of more than 65,536 tokens does not fit u16: asked for, it is refused before

@@ -1,5 +1,6 @@
 //! A job's data: built-in corpora generated from the job's seed, or a dataset that
-//! `gantry data prepare` wrote (`data.source = "dataset:<path or URL>"`), read whole with every
+//! `gantry data prepare` wrote (`data.source = "dataset:<path or URL>"`), read window by window
+//! from local files (a remote dataset's shards copied into the machine's cache first), every
 //! shard's checksum verified. Either way every rank (and every restart) sees the same samples,
 //! and the global batch of a step is a pure function of (seed, step): global step s takes
 //! samples [s·B, (s+1)·B) of a sequence of per-epoch permutations, and each dp rank its
@@ -61,6 +62,11 @@ enum Samples {
         stream: Vec<i64>,
         seq_len: usize,
     },
+    /// A dataset's split on local files, cut the same way and read window by window.
+    Stream {
+        tokens: gantry_data::cache::SplitTokens,
+        seq_len: usize,
+    },
 }
 
 impl Samples {
@@ -68,6 +74,9 @@ impl Samples {
         match self {
             Samples::Regression { y, .. } => y.len() / REGRESSION_OUT,
             Samples::Tokens { stream, seq_len } => stream.len().saturating_sub(1) / seq_len,
+            Samples::Stream { tokens, seq_len } => {
+                (tokens.len().saturating_sub(1) / *seq_len as u64) as usize
+            }
         }
     }
 
@@ -99,6 +108,23 @@ impl Samples {
                         .flat_map(|&i| &window(i)[1..])
                         .copied()
                         .collect(),
+                    n: indices.len(),
+                    seq_len: *seq_len,
+                }
+            }
+            Samples::Stream { tokens, seq_len } => {
+                let mut inputs = Vec::with_capacity(indices.len() * seq_len);
+                let mut targets = Vec::with_capacity(indices.len() * seq_len);
+                for &i in indices {
+                    let window = tokens
+                        .read((i * seq_len) as u64, seq_len + 1)
+                        .unwrap_or_else(|e| panic!("reading the dataset's sample {i}: {e}"));
+                    inputs.extend(window[..*seq_len].iter().map(|&t| i64::from(t)));
+                    targets.extend(window[1..].iter().map(|&t| i64::from(t)));
+                }
+                Batch::Tokens {
+                    inputs,
+                    targets,
                     n: indices.len(),
                     seq_len: *seq_len,
                 }
@@ -179,11 +205,11 @@ impl Dataset {
             &store_options(spec, worker),
         ))?;
         let seq_len = spec.data.seq_len as usize;
+        let cache = gantry_data::cache::default_dir();
         let mut splits = Vec::new();
         for split in SplitName::ALL {
-            let tokens = io.block_on(reader.tokens(split))?;
-            splits.push(Samples::Tokens {
-                stream: tokens.into_iter().map(i64::from).collect(),
+            splits.push(Samples::Stream {
+                tokens: io.block_on(reader.local_split(split, &cache))?,
                 seq_len,
             });
         }
@@ -211,6 +237,10 @@ impl Dataset {
         self.tokenizer.as_ref()?;
         let from = |s: &Samples| match s {
             Samples::Tokens { stream, .. } if stream.len() >= len => Some(stream[..len].to_vec()),
+            Samples::Stream { tokens, .. } if tokens.len() >= len as u64 => tokens
+                .read(0, len)
+                .ok()
+                .map(|t| t.into_iter().map(i64::from).collect()),
             _ => None,
         };
         from(&self.validation).or_else(|| from(&self.train))

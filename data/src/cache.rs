@@ -1,0 +1,142 @@
+//! A split's tokens on the local disk, read by range: a training rank reads each sample's
+//! window with one positioned read instead of holding the corpus in memory. A dataset on the
+//! local disk is read where it is; one in an object store is first copied, shard by shard and
+//! each checked against its CRC-32C, into a cache folder that the ranks of a machine share and
+//! that later attempts reuse (a shard already there is checked, not fetched again).
+
+use crate::manifest::{Dtype, SplitName};
+use crate::read::DatasetReader;
+use object_store::ObjectStoreExt;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Where copies of remote datasets go: `GANTRY_DATA_CACHE`, else a folder in the temp dir.
+pub fn default_dir() -> PathBuf {
+    std::env::var_os("GANTRY_DATA_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("gantry-datasets"))
+}
+
+/// One split's token stream, on local files.
+pub struct SplitTokens {
+    dtype: Dtype,
+    /// Each shard's file and the stream offset of its first token.
+    shards: Vec<(File, u64)>,
+    total: u64,
+}
+
+impl SplitTokens {
+    /// Tokens in the split's stream.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Tokens `[start, start + len)` of the stream (which may span shards).
+    pub fn read(&self, start: u64, len: usize) -> std::io::Result<Vec<u32>> {
+        assert!(start + len as u64 <= self.total, "read past the stream");
+        let width = self.dtype.bytes();
+        let mut out = Vec::with_capacity(len);
+        let mut at = start;
+        let end = start + len as u64;
+        let mut shard = self.shards.partition_point(|(_, first)| *first <= at) - 1;
+        while at < end {
+            let (file, first) = &self.shards[shard];
+            let shard_end = self.shards.get(shard + 1).map_or(self.total, |(_, f)| *f);
+            let here = (end.min(shard_end) - at) as usize;
+            let mut bytes = vec![0u8; here * width];
+            file.read_exact_at(&mut bytes, (at - first) * width as u64)?;
+            match self.dtype {
+                Dtype::U16 => out.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
+                ),
+                Dtype::U32 => out.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+            }
+            at += here as u64;
+            shard += 1;
+        }
+        Ok(out)
+    }
+}
+
+impl DatasetReader {
+    /// The split's tokens on local files: the dataset's own for a local dataset, else copies
+    /// in `cache` (under the manifest's hash). Every shard is checked against its checksum.
+    pub async fn local_split(&self, split: SplitName, cache: &Path) -> anyhow::Result<SplitTokens> {
+        let entry = self.manifest.split(split);
+        let mut shards = Vec::with_capacity(entry.shards.len());
+        let mut first = 0;
+        for shard in &entry.shards {
+            let path = if let Some(root) = &self.location.local_root {
+                root.join(&shard.tokens_file)
+            } else {
+                let path = cache.join(&self.manifest_sha256).join(&shard.tokens_file);
+                if !self.cached(&path, shard.tokens_crc32c) {
+                    self.fetch(&shard.tokens_file, &path).await?;
+                }
+                path
+            };
+            let bytes =
+                std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let got = crc32c::crc32c(&bytes);
+            anyhow::ensure!(
+                got == shard.tokens_crc32c
+                    && bytes.len() as u64 == shard.tokens * self.manifest.dtype.bytes() as u64,
+                "dataset {}: {} fails its checksum (CRC-32C {got:08x}, the manifest says {:08x}): \
+                 the file is truncated or corrupt",
+                self.location.url,
+                shard.tokens_file,
+                shard.tokens_crc32c
+            );
+            drop(bytes);
+            let file = File::open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            shards.push((file, first));
+            first += shard.tokens;
+        }
+        if shards.is_empty() {
+            // An empty split: one empty placeholder keeps `read` simple (it reads nothing).
+            shards.push((File::open("/dev/null")?, 0));
+        }
+        Ok(SplitTokens {
+            dtype: self.manifest.dtype,
+            shards,
+            total: first,
+        })
+    }
+
+    /// Whether `path` holds a copy with checksum `crc`.
+    fn cached(&self, path: &Path, crc: u32) -> bool {
+        std::fs::read(path).is_ok_and(|b| crc32c::crc32c(&b) == crc)
+    }
+
+    /// Copies `name` from the store to `path`, atomically (a temporary file renamed into place,
+    /// so ranks copying the same shard at once do not see each other's half-written files).
+    async fn fetch(&self, name: &str, path: &Path) -> anyhow::Result<()> {
+        let url = &self.location.url;
+        let bytes = self
+            .location
+            .store
+            .get(&self.location.path(name))
+            .await
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?
+            .bytes()
+            .await
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?;
+        let dir = path.parent().expect("a cache path has a folder");
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+        std::fs::write(&tmp, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+        std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(())
+    }
+}
