@@ -77,6 +77,15 @@ impl DatasetReader {
         let mut shards = Vec::with_capacity(entry.shards.len());
         let mut first = 0;
         for shard in &entry.shards {
+            // A manifest names files inside the dataset, never a path out of it (or of the cache).
+            let name = Path::new(&shard.tokens_file);
+            anyhow::ensure!(
+                name.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_))),
+                "dataset {}: manifest.json names shard {:?}, a path outside the dataset",
+                self.location.url,
+                shard.tokens_file
+            );
             let path = if let Some(root) = &self.location.local_root {
                 root.join(&shard.tokens_file)
             } else {
