@@ -290,6 +290,24 @@ async fn bad_input_is_refused_by_name_and_writes_nothing() {
         err.contains("train/00000.tokens fails its checksum"),
         "{err}"
     );
+    // A manifest that names a shard outside the dataset is refused before anything is read.
+    let manifest = out.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("train/00000.tokens", "../../etc/passwd"),
+    )
+    .unwrap();
+    let reader = DatasetReader::open(out.to_str().unwrap(), &Default::default())
+        .await
+        .unwrap();
+    let err = reader
+        .local_split(SplitName::Train, &dir.path().join("cache"))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("a path outside the dataset"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
