@@ -1009,17 +1009,14 @@ fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = dir.path().join("kjv");
     let cluster = Cluster::start(2);
-    let out = cluster.gantry(&[
-        "data",
-        "prepare",
-        &format!("{corpora}/kjv.txt"),
-        "--out",
-        dataset.to_str().unwrap(),
-        "--vocab-size",
-        "512",
-        "--documents",
-        "line",
-    ]);
+    // The Bible, a verse per document, a byte-level BPE of 512 tokens, into `dataset`.
+    let prepare = |extra: &[&str]| {
+        let kjv = format!("{corpora}/kjv.txt");
+        let base = ["data", "prepare", &kjv, "--out", dataset.to_str().unwrap()];
+        let args = ["--vocab-size", "512", "--documents", "line"];
+        cluster.gantry(&[&base[..], &args, extra].concat())
+    };
+    let out = prepare(&[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -1059,20 +1056,7 @@ fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
     // resume is refused, naming the field and both manifests, and nothing trains on it.
     let original = dir.path().join("kjv-original");
     std::fs::rename(&dataset, &original).unwrap();
-    let out = cluster.gantry(&[
-        "data",
-        "prepare",
-        &format!("{corpora}/kjv.txt"),
-        "--out",
-        dataset.to_str().unwrap(),
-        "--vocab-size",
-        "512",
-        "--documents",
-        "line",
-        "--min-chars",
-        "40",
-    ]);
-    assert!(out.status.success());
+    assert!(prepare(&["--min-chars", "40"]).status.success());
     cluster.resume_from(&job, from, &["parallel.dp=1"]);
     let end = cluster.wait_until_ended(&job);
     let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();

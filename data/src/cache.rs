@@ -6,7 +6,6 @@
 
 use crate::manifest::{Dtype, SplitName};
 use crate::read::DatasetReader;
-use object_store::ObjectStoreExt;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -50,18 +49,7 @@ impl SplitTokens {
             let here = (end.min(shard_end) - at) as usize;
             let mut bytes = vec![0u8; here * width];
             file.read_exact_at(&mut bytes, (at - first) * width as u64)?;
-            match self.dtype {
-                Dtype::U16 => out.extend(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
-                ),
-                Dtype::U32 => out.extend(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ),
-            }
+            crate::read::decode(self.dtype, &bytes, &mut out);
             at += here as u64;
             shard += 1;
         }
@@ -131,16 +119,7 @@ impl DatasetReader {
     /// Copies `name` from the store to `path`, atomically (a temporary file renamed into place,
     /// so ranks copying the same shard at once do not see each other's half-written files).
     async fn fetch(&self, name: &str, path: &Path) -> anyhow::Result<()> {
-        let url = &self.location.url;
-        let bytes = self
-            .location
-            .store
-            .get(&self.location.path(name))
-            .await
-            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?
-            .bytes()
-            .await
-            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?;
+        let bytes = self.get(name).await?;
         let dir = path.parent().expect("a cache path has a folder");
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         let tmp = path.with_extension(format!("partial-{}", std::process::id()));

@@ -14,6 +14,22 @@ pub struct DatasetReader {
     pub manifest_sha256: String,
 }
 
+/// Appends the token ids of little-endian `bytes` of `dtype` to `out`.
+pub(crate) fn decode(dtype: Dtype, bytes: &[u8], out: &mut Vec<u32>) {
+    match dtype {
+        Dtype::U16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
+        ),
+        Dtype::U32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+    }
+}
+
 /// SHA-256 of a manifest's bytes, in hex.
 pub fn manifest_sha256(bytes: &[u8]) -> String {
     crate::tokenizer::hex(&Sha256::digest(bytes))
@@ -45,17 +61,22 @@ impl DatasetReader {
         })
     }
 
-    async fn verified(&self, name: &str, crc: u32) -> anyhow::Result<bytes::Bytes> {
+    /// The bytes of the dataset's file `name`.
+    pub(crate) async fn get(&self, name: &str) -> anyhow::Result<bytes::Bytes> {
         let url = &self.location.url;
-        let bytes = self
+        let failed = |e: object_store::Error| anyhow::anyhow!("dataset {url}: {name}: {e}");
+        let got = self
             .location
             .store
             .get(&self.location.path(name))
             .await
-            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?
-            .bytes()
-            .await
-            .map_err(|e| anyhow::anyhow!("dataset {url}: {name}: {e}"))?;
+            .map_err(failed)?;
+        got.bytes().await.map_err(failed)
+    }
+
+    async fn verified(&self, name: &str, crc: u32) -> anyhow::Result<bytes::Bytes> {
+        let url = &self.location.url;
+        let bytes = self.get(name).await?;
         let got = crc32c::crc32c(&bytes);
         anyhow::ensure!(
             got == crc,
@@ -83,18 +104,7 @@ impl DatasetReader {
                 bytes.len(),
                 shard.tokens
             );
-            match self.manifest.dtype {
-                Dtype::U16 => out.extend(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
-                ),
-                Dtype::U32 => out.extend(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ),
-            }
+            decode(self.manifest.dtype, &bytes, &mut out);
         }
         Ok(out)
     }
@@ -124,14 +134,7 @@ impl DatasetReader {
     pub async fn tokenizer(&self) -> anyhow::Result<tokenizers::Tokenizer> {
         let entry = &self.manifest.tokenizer;
         let url = &self.location.url;
-        let bytes = self
-            .location
-            .store
-            .get(&self.location.path(&entry.file))
-            .await
-            .map_err(|e| anyhow::anyhow!("dataset {url}: {}: {e}", entry.file))?
-            .bytes()
-            .await?;
+        let bytes = self.get(&entry.file).await?;
         let json = std::str::from_utf8(&bytes)?;
         anyhow::ensure!(
             crate::tokenizer::sha256(json) == entry.sha256,
