@@ -23,13 +23,7 @@ impl CheckpointStore {
         job_id: &str,
         worker: &Options,
     ) -> Result<Self, CheckpointError> {
-        let scheme = url::Url::parse(&spec.url).map_or(String::new(), |u| u.scheme().into());
-        let mut options: Options = worker
-            .iter()
-            .filter(|(k, _)| gantry_core::store_options::applies(&scheme, k))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        options.extend(spec.options.clone());
+        let options = gantry_core::store_options::for_url(&spec.url, worker, &spec.options);
         Self::open_with(&spec.url, job_id, &options)
     }
 

@@ -21,6 +21,10 @@ pub mod nccl;
 
 use std::time::Duration;
 
+/// An NCCL unique id (the bytes of `ncclUniqueId`), as ranks exchange them whether or not this
+/// build has the NCCL backend.
+pub type UniqueId = [u8; 128];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceOp {
     Sum,

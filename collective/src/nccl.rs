@@ -10,8 +10,8 @@
 //! operation does not complete in time is aborted (`ncclCommAbort`, which cudarc calls when a
 //! `Comm` is dropped) and every later call on it fails.
 //!
-//! The device-buffer methods are the fast path; the [`Communicator`] implementation stages host
-//! buffers through the device, which is what the training step hands a communicator today.
+//! [`NcclComm::all_reduce_device`] is the fast path; the [`Communicator`] implementation stages
+//! host buffers through the device, which is what the training step hands a communicator today.
 
 use crate::{CommError, Communicator, ReduceOp, World, check_split};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
@@ -19,8 +19,7 @@ use cudarc::nccl::safe::{Comm, Id, ReduceOp as NcclOp};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// An NCCL unique id: the bytes of `ncclUniqueId`.
-pub type UniqueId = [u8; 128];
+pub use crate::UniqueId;
 
 pub struct NcclComm {
     /// None once aborted.
@@ -161,8 +160,8 @@ impl NcclComm {
         Ok(())
     }
 
-    /// Issues the sends not issued yet, in one NCCL group with a receive into `into` from `from`
-    /// if given, and waits for all of them.
+    /// Issues the sends not issued yet, in one NCCL group with the receive `into` (a buffer and
+    /// the peer it comes from) if given, and waits for all of them.
     fn exchange(
         &mut self,
         op: &'static str,
@@ -172,7 +171,7 @@ impl NcclComm {
             return Ok(());
         }
         {
-            let comm = self.comm.as_ref().ok_or(CommError::Aborted)?;
+            let comm = self.comm()?;
             let sends: Vec<_> = self
                 .pending
                 .iter()
@@ -207,20 +206,6 @@ impl NcclComm {
         self.comm()?
             .all_reduce_in_place(buf, &nccl_op(op))
             .map_err(backend("ncclAllReduce"))?;
-        Ok(())
-    }
-
-    /// Queues sending a device buffer to another member (pipeline stages).
-    pub fn send_device(&self, buf: &CudaSlice<f32>, peer: u32) -> Result<(), CommError> {
-        self.comm()?
-            .send(buf, peer as i32)
-            .map_err(backend("ncclSend"))
-    }
-
-    pub fn recv_device(&self, buf: &mut CudaSlice<f32>, peer: u32) -> Result<(), CommError> {
-        self.comm()?
-            .recv(buf, peer as i32)
-            .map_err(backend("ncclRecv"))?;
         Ok(())
     }
 

@@ -523,7 +523,6 @@ impl JobSpec {
         params_per_rank * 20 + activations_per_layer * stage_layers * in_flight + (256 << 20)
     }
 
-    /// The data source, with the model's built-in default filled in.
     /// The dataset's path or URL, for a `dataset:` source.
     pub fn dataset(&self) -> Option<&str> {
         self.data.source.strip_prefix("dataset:")
@@ -539,6 +538,7 @@ impl JobSpec {
         }
     }
 
+    /// The data source, with the model's built-in default filled in.
     pub fn data_source(&self) -> &str {
         match (self.data.source.as_str(), self.model.kind) {
             ("", ModelKind::Gpt) => "builtin:arithmetic",
@@ -601,10 +601,7 @@ impl JobSpec {
                     ),
                 );
             }
-            let scheme = url::Url::parse(dataset)
-                .ok()
-                .filter(|_| dataset.contains("://"))
-                .map_or("file".to_string(), |u| u.scheme().into());
+            let scheme = crate::store_options::scheme_of(dataset);
             for key in self.data.options.keys() {
                 crate::store_options::canonical(Some(&scheme), key)
                     .map_err(|e| SpecError::new(format!("data.options.{key}"), e))?;
@@ -726,7 +723,7 @@ impl JobSpec {
                 );
             }
         }
-        let scheme = url::Url::parse(&c.url).map_or("file".to_string(), |u| u.scheme().into());
+        let scheme = crate::store_options::scheme_of(&c.url);
         for key in c.options.keys() {
             crate::store_options::canonical(Some(&scheme), key)
                 .map_err(|e| SpecError::new(format!("checkpoint.options.{key}"), e))?;

@@ -57,6 +57,31 @@ pub fn applies(scheme: &str, key: &str) -> bool {
     canonical(Some(scheme), key).is_ok()
 }
 
+/// The scheme of a store URL (`s3`, `az`, …); `file` for a local path.
+pub fn scheme_of(url: &str) -> String {
+    match url.split_once("://") {
+        Some(_) => url::Url::parse(url).map_or(String::new(), |u| u.scheme().to_string()),
+        None => "file".into(),
+    }
+}
+
+/// The options of the client of the store at `url`: the worker's that apply to its scheme, then
+/// the spec's own over them.
+pub fn for_url(
+    url: &str,
+    worker: &std::collections::BTreeMap<String, String>,
+    spec: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let scheme = scheme_of(url);
+    let mut options: std::collections::BTreeMap<String, String> = worker
+        .iter()
+        .filter(|(k, _)| applies(&scheme, k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    options.extend(spec.clone());
+    options
+}
+
 /// A table of strings that also takes numbers and booleans (`aws_allow_http = true`), as
 /// object_store's configuration takes every value as a string.
 pub fn scalars_as_strings<'de, D: serde::Deserializer<'de>>(

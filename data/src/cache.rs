@@ -38,6 +38,9 @@ impl SplitTokens {
     /// Tokens `[start, start + len)` of the stream (which may span shards).
     pub fn read(&self, start: u64, len: usize) -> std::io::Result<Vec<u32>> {
         assert!(start + len as u64 <= self.total, "read past the stream");
+        if len == 0 {
+            return Ok(Vec::new());
+        }
         let width = self.dtype.bytes();
         let mut out = Vec::with_capacity(len);
         let mut at = start;
@@ -74,35 +77,38 @@ impl DatasetReader {
                 self.location.url,
                 shard.tokens_file
             );
+            let width = self.manifest.dtype.bytes() as u64;
+            let want = (shard.tokens_crc32c, shard.tokens * width);
             let path = if let Some(root) = &self.location.local_root {
-                root.join(&shard.tokens_file)
+                let path = root.join(&shard.tokens_file);
+                let got = file_checksum(&path)?;
+                anyhow::ensure!(
+                    got == want,
+                    "dataset {}: {} fails its checksum (CRC-32C {:08x} of {} bytes, the manifest \
+                     says {:08x} of {}): the file is truncated or corrupt",
+                    self.location.url,
+                    shard.tokens_file,
+                    got.0,
+                    got.1,
+                    want.0,
+                    want.1
+                );
+                path
             } else {
                 let path = cache.join(&self.manifest_sha256).join(&shard.tokens_file);
-                if !self.cached(&path, shard.tokens_crc32c) {
-                    self.fetch(&shard.tokens_file, &path).await?;
+                // A copy already there is used if it checks out; otherwise fetched (and checked
+                // before it is written).
+                if file_checksum(&path).ok() != Some(want) {
+                    let bytes = self
+                        .verified(&shard.tokens_file, shard.tokens_crc32c)
+                        .await?;
+                    write_atomically(&path, &bytes)?;
                 }
                 path
             };
-            let bytes =
-                std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            let got = crc32c::crc32c(&bytes);
-            anyhow::ensure!(
-                got == shard.tokens_crc32c
-                    && bytes.len() as u64 == shard.tokens * self.manifest.dtype.bytes() as u64,
-                "dataset {}: {} fails its checksum (CRC-32C {got:08x}, the manifest says {:08x}): \
-                 the file is truncated or corrupt",
-                self.location.url,
-                shard.tokens_file,
-                shard.tokens_crc32c
-            );
-            drop(bytes);
             let file = File::open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             shards.push((file, first));
             first += shard.tokens;
-        }
-        if shards.is_empty() {
-            // An empty split: one empty placeholder keeps `read` simple (it reads nothing).
-            shards.push((File::open("/dev/null")?, 0));
         }
         Ok(SplitTokens {
             dtype: self.manifest.dtype,
@@ -110,21 +116,32 @@ impl DatasetReader {
             total: first,
         })
     }
+}
 
-    /// Whether `path` holds a copy with checksum `crc`.
-    fn cached(&self, path: &Path, crc: u32) -> bool {
-        std::fs::read(path).is_ok_and(|b| crc32c::crc32c(&b) == crc)
+/// The CRC-32C and length of a file, read in pieces.
+fn file_checksum(path: &Path) -> anyhow::Result<(u32, u64)> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (mut crc, mut len) = (0, 0);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if n == 0 {
+            return Ok((crc, len));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        len += n as u64;
     }
+}
 
-    /// Copies `name` from the store to `path`, atomically (a temporary file renamed into place,
-    /// so ranks copying the same shard at once do not see each other's half-written files).
-    async fn fetch(&self, name: &str, path: &Path) -> anyhow::Result<()> {
-        let bytes = self.get(name).await?;
-        let dir = path.parent().expect("a cache path has a folder");
-        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
-        let tmp = path.with_extension(format!("partial-{}", std::process::id()));
-        std::fs::write(&tmp, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(())
-    }
+/// Writes `path` through a temporary file renamed into place, so ranks copying the same shard at
+/// once never see each other's half-written files.
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().expect("a cache path has a folder");
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let tmp = path.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }

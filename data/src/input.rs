@@ -211,38 +211,28 @@ fn read_txt(
     match options.txt_documents {
         TxtDocuments::File => push(&text),
         TxtDocuments::Line => text.lines().for_each(push),
-        TxtDocuments::Paragraph => paragraphs(&text).for_each(push),
+        TxtDocuments::Paragraph => paragraphs(&text).into_iter().for_each(push),
     }
     Ok(())
 }
 
 /// Runs of lines separated by blank (whitespace-only) lines.
-fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
-    let mut rest = text;
-    std::iter::from_fn(move || {
-        loop {
-            if rest.is_empty() {
-                return None;
+fn paragraphs(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut at) = (None, 0);
+    for line in text.split_inclusive('\n') {
+        match (line.trim().is_empty(), start) {
+            (false, None) => start = Some(at),
+            (true, Some(s)) => {
+                out.push(&text[s..at]);
+                start = None;
             }
-            // Skip blank lines.
-            let line_end = rest.find('\n').map_or(rest.len(), |i| i + 1);
-            if rest[..line_end].trim().is_empty() {
-                rest = &rest[line_end..];
-                continue;
-            }
-            let mut end = 0;
-            while end < rest.len() {
-                let line_end = rest[end..].find('\n').map_or(rest.len(), |i| end + i + 1);
-                if rest[end..line_end].trim().is_empty() {
-                    break;
-                }
-                end = line_end;
-            }
-            let (paragraph, after) = rest.split_at(end);
-            rest = after;
-            return Some(paragraph);
+            _ => {}
         }
-    })
+        at += line.len();
+    }
+    out.extend(start.map(|s| &text[s..]));
+    out
 }
 
 fn read_jsonl(
@@ -301,7 +291,7 @@ mod tests {
 
     #[test]
     fn paragraphs_are_separated_by_blank_lines() {
-        let got: Vec<&str> = paragraphs("\n\na\nb\n\n  \nc\n\nd").collect();
+        let got = paragraphs("\n\na\nb\n\n  \nc\n\nd");
         assert_eq!(got, ["a\nb\n", "c\n", "d"]);
     }
 

@@ -216,6 +216,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
         settings: serde_json::to_value(config)?,
     };
     let manifest_json = serde_json::to_vec_pretty(&manifest)?;
+    let manifest_sha256 = crate::read::manifest_sha256(&manifest_json);
     files.insert(0, ("tokenizer.json".into(), tokenizer_json.into_bytes()));
 
     let bytes: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
@@ -233,10 +234,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
             progress.advance(len);
         }
         out.store
-            .put(
-                &out.path("manifest.json"),
-                PutPayload::from(manifest_json.clone()),
-            )
+            .put(&out.path("manifest.json"), PutPayload::from(manifest_json))
             .await
             .map_err(|e| anyhow::anyhow!("writing {}/manifest.json: {e}", config.out))?;
         anyhow::Ok(())
@@ -250,7 +248,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
     }
     Ok(Summary {
         manifest,
-        manifest_sha256: crate::read::manifest_sha256(&manifest_json),
+        manifest_sha256,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

@@ -74,7 +74,7 @@ impl DatasetReader {
         got.bytes().await.map_err(failed)
     }
 
-    async fn verified(&self, name: &str, crc: u32) -> anyhow::Result<bytes::Bytes> {
+    pub(crate) async fn verified(&self, name: &str, crc: u32) -> anyhow::Result<bytes::Bytes> {
         let url = &self.location.url;
         let bytes = self.get(name).await?;
         let got = crc32c::crc32c(&bytes);
@@ -106,27 +106,6 @@ impl DatasetReader {
             );
             decode(self.manifest.dtype, &bytes, &mut out);
         }
-        Ok(out)
-    }
-
-    /// Where each document of the split starts in its token stream, and the stream's end.
-    pub async fn document_starts(&self, split: SplitName) -> anyhow::Result<Vec<u64>> {
-        let mut out = Vec::new();
-        let mut base = 0;
-        for shard in &self.manifest.split(split).shards {
-            let bytes = self.verified(&shard.docs_file, shard.docs_crc32c).await?;
-            let offsets: Vec<u64> = bytes
-                .chunks_exact(8)
-                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect();
-            out.extend(
-                offsets[..offsets.len().saturating_sub(1)]
-                    .iter()
-                    .map(|o| base + o),
-            );
-            base += shard.tokens;
-        }
-        out.push(base);
         Ok(out)
     }
 

@@ -140,57 +140,21 @@ pub struct Dataset {
     /// The test split's arithmetic lines, token by token, for exact-match accuracy.
     test_lines: Vec<Vec<i64>>,
     seed: u64,
-    /// SHA-256 of the dataset's manifest, for a `dataset:` source: checkpoints keep it.
-    manifest_sha256: Option<String>,
-    /// A dataset's tokenizer, to show what the model writes.
-    tokenizer: Option<gantry_data::Tokenizer>,
+    /// What a `dataset:` source adds: its manifest's hash (checkpoints keep it), its tokenizer
+    /// (to show what the model writes) and the vocabulary size.
+    prepared: Option<Prepared>,
 }
 
-/// The client options of a dataset's store: the worker's that apply to its scheme, then the
-/// spec's `data.options` over them.
-pub fn store_options(spec: &JobSpec, worker: &gantry_data::Options) -> gantry_data::Options {
-    let url = spec.dataset().unwrap_or_default();
-    let scheme = url
-        .split_once("://")
-        .map_or("file", |(scheme, _)| scheme)
-        .to_string();
-    let mut options: gantry_data::Options = worker
-        .iter()
-        .filter(|(k, _)| gantry_core::store_options::applies(&scheme, k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    options.extend(spec.data.options.clone());
-    options
-}
-
-/// For a `dataset:` source: fills in `model.vocab_size` from the dataset's tokenizer (or
-/// refuses one that differs) and returns the SHA-256 of the dataset's manifest.
-pub fn resolve_dataset(
-    spec: &mut JobSpec,
-    worker: &gantry_data::Options,
-    io: &tokio::runtime::Runtime,
-) -> anyhow::Result<Option<String>> {
-    let Some(url) = spec.dataset() else {
-        return Ok(None);
-    };
-    let reader = io.block_on(gantry_data::DatasetReader::open(
-        url,
-        &store_options(spec, worker),
-    ))?;
-    let theirs = reader.manifest.tokenizer.vocab_size;
-    match spec.model.vocab_size {
-        None => spec.model.vocab_size = Some(theirs),
-        Some(ours) if ours != theirs => anyhow::bail!(
-            "model.vocab_size: {ours}, but the tokenizer of dataset {url} has {theirs} tokens"
-        ),
-        Some(_) => {}
-    }
-    Ok(Some(reader.manifest_sha256))
+struct Prepared {
+    manifest_sha256: String,
+    tokenizer: gantry_data::Tokenizer,
+    vocab_size: u32,
 }
 
 impl Dataset {
-    /// The spec's data: generated for a `builtin:` source, read (every shard verified) for a
-    /// `dataset:` one, through the worker's store options.
+    /// The spec's data: generated for a `builtin:` source; for a `dataset:` one, its shards on
+    /// local files (verified, a remote dataset's copied into the machine's cache), opened
+    /// through the worker's store options with the spec's `data.options` over them.
     pub fn open(
         spec: &JobSpec,
         worker: &gantry_data::Options,
@@ -200,10 +164,8 @@ impl Dataset {
             return Ok(Self::for_spec(spec));
         };
         use gantry_data::SplitName;
-        let reader = io.block_on(gantry_data::DatasetReader::open(
-            url,
-            &store_options(spec, worker),
-        ))?;
+        let options = gantry_core::store_options::for_url(url, worker, &spec.data.options);
+        let reader = io.block_on(gantry_data::DatasetReader::open(url, &options))?;
         let seq_len = spec.data.seq_len as usize;
         let cache = gantry_data::cache::default_dir();
         let mut splits = Vec::new();
@@ -226,17 +188,35 @@ impl Dataset {
             test,
             test_lines: Vec::new(),
             seed: spec.train.seed,
-            tokenizer: Some(io.block_on(reader.tokenizer())?),
-            manifest_sha256: Some(reader.manifest_sha256),
+            prepared: Some(Prepared {
+                tokenizer: io.block_on(reader.tokenizer())?,
+                vocab_size: reader.manifest.tokenizer.vocab_size,
+                manifest_sha256: reader.manifest_sha256,
+            }),
         })
     }
 
-    /// A fixed prompt (the first tokens of the validation split, or of the train split) and
-    /// the text of tokens, for a dataset's generated samples.
+    /// Fills in `model.vocab_size` from a dataset's tokenizer, or refuses one that differs.
+    pub fn fit_vocab(&self, spec: &mut JobSpec) -> anyhow::Result<()> {
+        let Some(theirs) = self.prepared.as_ref().map(|p| p.vocab_size) else {
+            return Ok(());
+        };
+        match spec.model.vocab_size {
+            None => spec.model.vocab_size = Some(theirs),
+            Some(ours) if ours != theirs => anyhow::bail!(
+                "model.vocab_size: {ours}, but the tokenizer of dataset {} has {theirs} tokens",
+                spec.dataset().unwrap_or_default()
+            ),
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// A fixed prompt for a dataset's generated samples: the first tokens of the validation
+    /// split, or of the train split.
     pub fn sample_prompt(&self, len: usize) -> Option<Vec<i64>> {
-        self.tokenizer.as_ref()?;
+        self.prepared.as_ref()?;
         let from = |s: &Samples| match s {
-            Samples::Tokens { stream, .. } if stream.len() >= len => Some(stream[..len].to_vec()),
             Samples::Stream { tokens, .. } if tokens.len() >= len as u64 => tokens
                 .read(0, len)
                 .ok()
@@ -249,12 +229,12 @@ impl Dataset {
     /// The text of `tokens`, with a dataset's tokenizer.
     pub fn decode(&self, tokens: &[i64]) -> Option<String> {
         let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
-        self.tokenizer.as_ref()?.decode(&ids, false).ok()
+        self.prepared.as_ref()?.tokenizer.decode(&ids, false).ok()
     }
 
     /// SHA-256 of the dataset's manifest (a `dataset:` source's).
     pub fn manifest_sha256(&self) -> Option<&str> {
-        self.manifest_sha256.as_deref()
+        Some(&self.prepared.as_ref()?.manifest_sha256)
     }
 
     pub fn for_spec(spec: &JobSpec) -> Self {
@@ -301,8 +281,7 @@ impl Dataset {
             test,
             test_lines,
             seed,
-            manifest_sha256: None,
-            tokenizer: None,
+            prepared: None,
         }
     }
 

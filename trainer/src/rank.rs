@@ -1,7 +1,9 @@
-//! The entry point of a rank process: meet the other ranks through the coordinator, connect
-//! (TCP between cpu ranks, NCCL between cuda ranks), train. Exit code 0 means the rank finished its steps; anything else ends the attempt.
+//! The entry point of a rank process: open the data, meet the other ranks through the
+//! coordinator, connect (TCP between cpu ranks, NCCL between cuda ranks), train. Exit code 0
+//! means the rank finished its steps; anything else ends the attempt.
 
 use crate::control::{Drained, drain_on_sigterm};
+use crate::data::{Dataset, Split};
 use crate::model::{Gpt, GptStage, Mlp, MlpStage};
 use crate::report::Reporter;
 use crate::train::{RankJob, train};
@@ -83,8 +85,12 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let io = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    // A dataset is opened before meeting the others: a bad one fails every rank alike, early.
-    let dataset_sha256 = crate::data::resolve_dataset(&mut spec, &a.store_options, &io)?;
+    // The data is opened before meeting the others: a bad dataset fails every rank alike, early,
+    // and a dataset's tokenizer sizes the model.
+    let loading = Instant::now();
+    let data = Dataset::open(&spec, &a.store_options, &io)?;
+    let loaded = loading.elapsed();
+    data.fit_vocab(&mut spec)?;
     let timeout = Duration::from_secs(spec.fault_tolerance.collective_timeout_secs);
     let p = spec.parallel;
     let mesh = Mesh::new(p.dp, p.tp, p.pp);
@@ -117,9 +123,17 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         spec,
         resume_step: a.resume_step,
         store_options: a.store_options.clone(),
-        dataset_sha256,
+        dataset_sha256: data.manifest_sha256().map(str::to_owned),
     };
     let reporter = Reporter::for_rank(&job.spec, a.rank.get());
+    if let Some(url) = job.spec.dataset() {
+        reporter.log(&format!(
+            "dataset {url}: {} training samples of {} tokens, read and verified in {:.2} s",
+            data.len(Split::Train),
+            job.spec.data.seq_len + 1,
+            loaded.as_secs_f64()
+        ));
+    }
     let over = match job.spec.resources.device {
         DeviceKind::Cpu => "TCP",
         DeviceKind::Cuda => "NCCL",
@@ -132,10 +146,10 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     // otherwise.
     let split = job.spec.parallel.pp > 1 || job.spec.parallel.tp > 1;
     match (job.spec.model.kind, split) {
-        (ModelKind::Mlp, false) => train::<Mlp>(&job, &mut *comm, &reporter, &io)?,
-        (ModelKind::Mlp, true) => train::<MlpStage>(&job, &mut *comm, &reporter, &io)?,
-        (ModelKind::Gpt, false) => train::<Gpt>(&job, &mut *comm, &reporter, &io)?,
-        (ModelKind::Gpt, true) => train::<GptStage>(&job, &mut *comm, &reporter, &io)?,
+        (ModelKind::Mlp, false) => train::<Mlp>(&job, &data, &mut *comm, &reporter, &io)?,
+        (ModelKind::Mlp, true) => train::<MlpStage>(&job, &data, &mut *comm, &reporter, &io)?,
+        (ModelKind::Gpt, false) => train::<Gpt>(&job, &data, &mut *comm, &reporter, &io)?,
+        (ModelKind::Gpt, true) => train::<GptStage>(&job, &data, &mut *comm, &reporter, &io)?,
     };
     Ok(())
 }

@@ -28,9 +28,11 @@ use std::time::Instant;
 pub use crate::job::{RankJob, learning_rate};
 use crate::restore::restore_point;
 use crate::upload::{Commit, Upload, commit, manifest, snapshot};
-/// Trains this rank's stage `S` from the newest checkpoint (or from scratch) to the last step.
+/// Trains this rank's stage `S` on `data` from the newest checkpoint (or from scratch) to the
+/// last step.
 pub fn train<S: Stage>(
     job: &RankJob,
+    data: &Dataset,
     comm: &mut dyn World,
     reporter: &Reporter,
     io: &tokio::runtime::Runtime,
@@ -56,20 +58,6 @@ pub fn train<S: Stage>(
     };
     let mut model = S::init(spec, mesh, rank, &ad);
     let mut optimizer = AdamConfig::new().init();
-    let loading = Instant::now();
-    let data = Dataset::open(spec, &job.store_options, io)?;
-    if let (Some(url), Some(read)) = (spec.dataset(), data.manifest_sha256()) {
-        anyhow::ensure!(
-            job.dataset_sha256.as_deref() == Some(read),
-            "data.source: dataset {url} changed while this rank started (manifest sha256 {read})"
-        );
-        reporter.log(&format!(
-            "dataset {url}: {} training samples of {} tokens, read and verified in {:.2} s",
-            data.len(Split::Train),
-            spec.data.seq_len + 1,
-            loading.elapsed().as_secs_f64()
-        ));
-    }
     let store =
         CheckpointStore::for_job(&spec.checkpoint, job.job_id.as_str(), &job.store_options)?;
 
@@ -143,7 +131,7 @@ pub fn train<S: Stage>(
         () => {
             StepContext {
                 spec,
-                data: &data,
+                data,
                 comm: &mut *comm,
                 mesh,
                 rank,

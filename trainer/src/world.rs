@@ -4,18 +4,18 @@
 //! it listens on, an NCCL rank a fresh unique id for each group it leads (is the first member
 //! of), and every rank gets all of them once the whole attempt has reported.
 
-use gantry_collective::World;
+use gantry_collective::{UniqueId, World};
 use gantry_core::Mesh;
 use std::time::Duration;
 
 /// An NCCL communicator to join: its members (global ranks, ascending) and its unique id.
-pub type NcclGroup = (Vec<u32>, [u8; 128]);
+pub type NcclGroup = (Vec<u32>, UniqueId);
 
 /// The groups `rank` leads, each with a new id from `new_id`: what it sends to the rendezvous.
 pub fn nccl_ids_to_send(
     mesh: Mesh,
     rank: u32,
-    mut new_id: impl FnMut() -> anyhow::Result<[u8; 128]>,
+    mut new_id: impl FnMut() -> anyhow::Result<UniqueId>,
 ) -> anyhow::Result<Vec<NcclGroup>> {
     mesh.groups(rank)
         .into_iter()
@@ -40,7 +40,7 @@ pub fn nccl_ids_of(
                     members[0]
                 )
             })?;
-            let id: [u8; 128] = id.as_slice().try_into().map_err(|_| {
+            let id: UniqueId = id.as_slice().try_into().map_err(|_| {
                 anyhow::anyhow!(
                     "rendezvous: NCCL id of group {members:?} has {} bytes",
                     id.len()
@@ -53,12 +53,12 @@ pub fn nccl_ids_of(
 
 /// A fresh NCCL unique id.
 #[cfg(feature = "cuda")]
-pub fn new_nccl_id() -> anyhow::Result<[u8; 128]> {
+pub fn new_nccl_id() -> anyhow::Result<UniqueId> {
     Ok(gantry_collective::nccl::NcclComm::unique_id()?)
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn new_nccl_id() -> anyhow::Result<[u8; 128]> {
+pub fn new_nccl_id() -> anyhow::Result<UniqueId> {
     // The device check refuses the job first; this only keeps the two builds' code paths equal.
     crate::device::cuda().map(|_| unreachable!("a build without CUDA has no CUDA device"))
 }
