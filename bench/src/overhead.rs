@@ -118,6 +118,7 @@ pub fn overhead(o: &OverheadOptions) -> anyhow::Result<()> {
     let bare_run = || match spec.model.kind {
         gantry_core::ModelKind::Gpt => bare::<Gpt>(&spec),
         gantry_core::ModelKind::Mlp => bare::<Mlp>(&spec),
+        gantry_core::ModelKind::Llama => bare::<gantry_trainer::llama::Llama>(&spec),
     };
     let timed = |v: Vec<f64>| median(v.into_iter().skip(o.warmup as usize).collect());
     let before = timed(bare_run());

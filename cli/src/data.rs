@@ -43,9 +43,12 @@ pub struct PrepareArgs {
     /// The estimated Jaccard similarity at which a document is a near duplicate (MinHash).
     #[arg(long, default_value_t = 0.8)]
     near_duplicates: f64,
-    /// Keep near duplicates (exact duplicates are still removed).
+    /// Keep near duplicates (exact duplicates are still removed, unless --keep-duplicates).
     #[arg(long)]
     keep_near_duplicates: bool,
+    /// Keep exact duplicates too (data where a repeated document is a sample, not noise).
+    #[arg(long)]
+    keep_duplicates: bool,
     /// What to do with input that is not UTF-8.
     #[arg(long, value_enum, default_value = "refuse")]
     invalid_utf8: InvalidUtf8Arg,
@@ -133,7 +136,9 @@ pub async fn prepare(args: PrepareArgs) -> Result<i32, Failure> {
     config.clean = CleanOptions {
         min_chars: args.min_chars,
         max_non_text: args.max_non_text,
-        near_duplicate_threshold: (!args.keep_near_duplicates).then_some(args.near_duplicates),
+        near_duplicate_threshold: (!args.keep_near_duplicates && !args.keep_duplicates)
+            .then_some(args.near_duplicates),
+        exact_duplicates: !args.keep_duplicates,
     };
     config.split = args
         .split

@@ -111,9 +111,14 @@ enum Command {
     /// Write a checkpoint's whole-model parameters (shards joined) to a safetensors file.
     Export {
         job: String,
-        /// The file to write, e.g. `model.safetensors`.
+        /// The file to write, e.g. `model.safetensors` (with `--format hf`, a folder).
         #[arg(long)]
         out: PathBuf,
+        /// `safetensors`: one file, Gantry's parameter names. `hf`: a Hugging Face model folder
+        /// (`config.json`, `model.safetensors` in `transformers`' names and layouts, and the
+        /// dataset's `tokenizer.json`), for the llama family.
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: store::ExportFormat,
         /// This checkpoint step instead of the newest verified one.
         #[arg(long)]
         step: Option<u64>,
@@ -250,13 +255,18 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Checkpoints { job, verify } => {
             store::checkpoints(&cli.coordinator, out, job, verify).await
         }
-        Command::Export { job, out, step } => {
+        Command::Export {
+            job,
+            out,
+            step,
+            format,
+        } => {
             let job = connect(&cli.coordinator)
                 .await?
                 .get_job(pb::GetJobRequest { job_id: job })
                 .await?
                 .into_inner();
-            store::export(&job, step, &out).await?;
+            store::export(&job, step, &out, format).await?;
             Ok(0)
         }
         Command::Data {

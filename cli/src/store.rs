@@ -84,8 +84,28 @@ async fn stored_checkpoints(
 
 /// `gantry export`: reads a checkpoint of `job` straight from its object store and writes the
 /// whole model as one safetensors file.
-pub async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> anyhow::Result<()> {
+/// What `gantry export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Safetensors,
+    Hf,
+}
+
+pub async fn export(
+    job: &pb::Job,
+    step: Option<u64>,
+    out: &std::path::Path,
+    format: ExportFormat,
+) -> anyhow::Result<()> {
     let spec = JobSpec::from_json(&job.spec_json)?;
+    if format == ExportFormat::Hf && spec.model.kind != gantry_core::ModelKind::Llama {
+        anyhow::bail!(
+            "--format hf: writes the llama family; {} trains the {:?} (export it with --format \
+             safetensors, Gantry's names)",
+            job.id,
+            spec.model.kind
+        );
+    }
     let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
     // The shards are checked as they are read; without --step, a step whose shards are torn
     // or damaged is skipped for the one before (a store that cannot be read is an error).
@@ -130,7 +150,29 @@ pub async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> 
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    export::write_safetensors(&params, metadata, out)?;
+    let (params, file) = match format {
+        ExportFormat::Safetensors => (params, out.to_path_buf()),
+        ExportFormat::Hf => {
+            let (params, config) = gantry_trainer::hf::export(&spec, &params)?;
+            std::fs::create_dir_all(out)?;
+            std::fs::write(
+                out.join("config.json"),
+                serde_json::to_string_pretty(&config)?,
+            )?;
+            // The tokenizer the model was trained with, when it trained on a dataset.
+            if let Some(url) = spec.dataset() {
+                let options = gantry_core::store_options::for_url(
+                    url,
+                    &Default::default(),
+                    &spec.data.options,
+                );
+                let reader = gantry_data::DatasetReader::open(url, &options).await?;
+                std::fs::write(out.join("tokenizer.json"), reader.tokenizer_json().await?)?;
+            }
+            (params, out.join("model.safetensors"))
+        }
+    };
+    export::write_safetensors(&params, metadata, &file)?;
     let bytes: usize = params.values().map(|t| t.values.len() * 4).sum();
     println!(
         "wrote {} tensors ({:.1} MiB) of {} at step {} to {}",
@@ -138,7 +180,7 @@ pub async fn export(job: &pb::Job, step: Option<u64>, out: &std::path::Path) -> 
         bytes as f64 / (1 << 20) as f64,
         job.id,
         manifest.step,
-        out.display()
+        file.display()
     );
     Ok(())
 }

@@ -682,6 +682,169 @@ fn every_3d_layout_of_the_gpt_trains_like_one_process() {
     assert_layouts_match(&cluster, "gpt-dp1.toml", &gpt, &layouts);
 }
 
+/// A Llama-family decoder with grouped-query attention (4 query heads on 2 key/value heads) on
+/// real text (the Bible, prepared by `gantry data prepare`) trains like one process at dp·tp·pp
+/// = 2·2·2 and the layouts between (losses, norms, evaluation and final parameters within
+/// 1e-4), and a run stopped at 2·2·2 resumes at one process with the one-process run's losses.
+#[test]
+fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
+    let corpora = std::env::var("GANTRY_TEST_CORPORA").expect(
+        "GANTRY_TEST_CORPORA: the folder scripts/test-corpora fills (scripts/test sets it)",
+    );
+    let cluster = Cluster::start_with(4, 2, Vec::new());
+    let dataset = cluster.dir.path().join("kjv");
+    let kjv = format!("{corpora}/kjv.txt");
+    let out = cluster.gantry(&[
+        "data",
+        "prepare",
+        &kjv,
+        "--out",
+        dataset.to_str().unwrap(),
+        "--vocab-size",
+        "384",
+        "--documents",
+        "line",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = format!("data.source=\"dataset:{}\"", dataset.display());
+    let llama = [
+        source.as_str(),
+        "model.layers=2",
+        "model.d_model=32",
+        "model.heads=4",
+        "model.num_key_value_heads=2",
+        "model.intermediate_size=64",
+        "data.seq_len=16",
+        "train.global_batch=8",
+        "train.micro_batches=2",
+        "train.steps=8",
+        "train.warmup_steps=2",
+        "train.grad_clip=0.05",
+        "checkpoint.every_steps=4",
+    ];
+    let layouts: [&[&str]; 4] = [
+        &[],
+        &["parallel.tp=2"],
+        &["parallel.pp=2", "parallel.schedule=\"gpipe\""],
+        &["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"],
+    ];
+    assert_layouts_match(&cluster, "llama-kjv.toml", &llama, &layouts);
+
+    // Stopped at 2·2·2, resumed at one process: the 20 steps after the resume are those of the
+    // one-process run (its state resharded from eight shards into one).
+    let longer = [&llama[..], &["train.steps=200"]].concat();
+    let one = ["parallel.dp=1", "parallel.tp=1"];
+    let reference = cluster.submit("llama-kjv.toml", &[&longer[..], &one].concat());
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded", "{reference_end}");
+    let layout_3d = ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"];
+    let job = cluster.submit("llama-kjv.toml", &[&longer[..], &layout_3d].concat());
+    cluster.cancel_after_checkpoint(&job, 8);
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    let from = newest_committed(&cluster, &job);
+    cluster.resume_from(
+        &job,
+        from,
+        &["parallel.dp=1", "parallel.tp=1", "parallel.pp=1"],
+    );
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert!(logs.contains("resharded from dp=2 tp=2 pp=2"), "{logs}");
+    let want: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    let resumed: Vec<(u64, f64)> = cluster
+        .losses(&job)
+        .into_iter()
+        .filter(|(s, _)| (from + 1..=from + 20).contains(s))
+        .collect();
+    assert_eq!(resumed.len(), 20, "{logs}");
+    for (step, loss) in resumed {
+        let want = want[&step];
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs(),
+            "step {step}: resumed at one process {loss}, one process throughout {want}"
+        );
+    }
+
+    // Exported in Hugging Face's format, the model opens in the NumPy reference, which checks
+    // every tensor's name and shape against `LlamaForCausalLM`'s; the tokenizer comes along.
+    let hf = cluster.dir.path().join("hf");
+    let out = cluster.gantry(&[
+        "export",
+        &reference,
+        "--format",
+        "hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(hf.join(file).exists(), "{file}");
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../trainer/tests/reference/llama.py"
+    );
+    let out = Command::new("python3")
+        .args([script, hf.to_str().unwrap(), "[[5, 17, 300, 2]]"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A new job starts from that folder (`model.init_from`), each of its tp = 2 ranks cutting its
+    // slice: its first loss is the trained model's, far below a fresh start's.
+    let init = format!("model.init_from=\"{}\"", hf.display());
+    let tuned = [
+        &llama[..],
+        &[init.as_str(), "parallel.tp=2", "train.steps=2"],
+    ]
+    .concat();
+    let tuned = cluster.submit("llama-kjv.toml", &tuned);
+    let tuned_end = cluster.wait_until_ended(&tuned);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &tuned]).stdout).unwrap();
+    assert_eq!(tuned_end["state"], "Succeeded", "{tuned_end}\n{logs}");
+    assert!(
+        logs.contains(&format!("initialised from {}", hf.display())),
+        "{logs}"
+    );
+    let (first, fresh) = (cluster.losses(&tuned)[0].1, cluster.losses(&reference)[0].1);
+    assert!(
+        first < 0.9 * fresh,
+        "from the pretrained folder {first}, fresh {fresh}"
+    );
+    // A folder whose config disagrees with the spec is refused, naming both.
+    let wider = [
+        &llama[..],
+        &[
+            init.as_str(),
+            "model.d_model=64",
+            "fault_tolerance.max_restarts=0",
+        ],
+    ]
+    .concat();
+    let wider = cluster.submit("llama-kjv.toml", &wider);
+    let end = cluster.wait_until_ended(&wider);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &wider]).stdout).unwrap();
+    assert_eq!(end["state"], "Failed", "{end}");
+    assert!(
+        logs.contains("hidden_size is 32, but model.d_model is 64"),
+        "{logs}"
+    );
+}
+
 /// Runs `example` under every layout and checks each trains like the first (one process):
 /// per-step losses and the final evaluation loss within a relative 1e-4.
 fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts: &[&[&str]]) {
@@ -869,9 +1032,13 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
         "checkpoint.keep_last=100",
     ];
     let (reference, job) = reference_and_cancelled_run(&cluster, "mlp-dp2.toml", &set, 100);
-    // Damage one byte of rank 1's optimizer state in the newest committed checkpoint, keeping
-    // its size: only rank 1 reads that file, and only its checksum can tell.
-    let newest = newest_committed(&cluster, &job);
+    // Damage one byte of rank 1's optimizer state in the checkpoint a resume starts from (the
+    // newest the coordinator recorded; a commit racing the cancel may have left a newer one in
+    // the store, which the resume does not read), keeping its size: only rank 1 reads that file,
+    // and only its checksum can tell.
+    let newest = cluster.status(&job)["last_checkpoint"]["step"]
+        .as_u64()
+        .unwrap();
     let shard = cluster.dir.path().join(format!(
         "state/checkpoints/{job}/step-{newest:08}/rank-1.optim.bpk"
     ));
@@ -1073,6 +1240,83 @@ fn a_prepared_corpus_trains_and_resumes_at_another_data_parallel_degree() {
     let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
     assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
     assert_losses_follow(&cluster, &reference, &job, from, 50, &logs);
+}
+
+/// A dataset in S3 (moto): `gantry data prepare` writes it there, ranks read it by ranged reads
+/// through their machine's cache, and a rank killed mid-run restarts from the checkpoint and
+/// takes the samples it would have taken, so the job ends with the uninterrupted run's loss.
+#[test]
+fn a_dataset_in_s3_trains_and_a_killed_rank_resumes_on_the_same_samples() {
+    let corpora = std::env::var("GANTRY_TEST_CORPORA").expect(
+        "GANTRY_TEST_CORPORA: the folder scripts/test-corpora fills (scripts/test sets it)",
+    );
+    let moto = Moto::start("corpora");
+    let cache = tempfile::tempdir().unwrap();
+    let cache_env = (
+        "GANTRY_DATA_CACHE".to_string(),
+        cache.path().display().to_string(),
+    );
+    let cluster = Cluster::start_with_env(2, [moto.env(), vec![cache_env]].concat());
+    let kjv = format!("{corpora}/kjv.txt");
+    let mut prepare = vec![
+        "data",
+        "prepare",
+        &kjv,
+        "--out",
+        "s3://corpora/kjv",
+        "--vocab-size",
+        "512",
+        "--documents",
+        "line",
+    ];
+    let store_options: Vec<String> = moto
+        .options()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for option in &store_options {
+        prepare.extend(["--store-option", option]);
+    }
+    let out = cluster.gantry(&prepare);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(moto.list("corpora", "kjv/").contains("kjv/manifest.json"));
+    let endpoint = format!("data.options.aws_endpoint=\"{}\"", moto.url);
+    let set = [
+        "data.source=\"dataset:s3://corpora/kjv\"",
+        endpoint.as_str(),
+        "data.options.aws_allow_http=true",
+        "model.d_model=64",
+        "train.steps=150",
+        "train.eval_every=50",
+        "train.global_batch=16",
+        "checkpoint.every_steps=25",
+    ];
+    let reference = cluster.submit("gpt-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &reference]).stdout).unwrap();
+    assert_eq!(
+        reference_end["state"], "Succeeded",
+        "{reference_end}\n{logs}"
+    );
+    assert!(logs.contains("fetched by ranged reads"), "{logs}");
+
+    let job = cluster.submit("gpt-dp2.toml", &set);
+    let (end, logs) = kill_a_rank_after_a_checkpoint(&cluster, &job);
+    // The restarted ranks found every block they read in the machine's cache.
+    assert!(
+        logs.contains("dataset reads (rank 0): 0 blocks (0.0 MB) fetched by ranged reads"),
+        "{logs}"
+    );
+    assert_eq!(end["loss"], reference_end["loss"], "{logs}");
+    let want: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    for (step, loss) in cluster.losses(&job) {
+        assert_eq!(loss, want[&step], "step {step}");
+    }
 }
 
 /// The 50 losses after step `from` of `job`, resumed at dp = 1, are those of the dp = 2
@@ -1417,6 +1661,22 @@ impl Drop for Azurite {
     }
 }
 
+/// `kill -9` of one of `job`'s ranks once it has a checkpoint: the job restarts from it and
+/// succeeds. Its end and its logs.
+fn kill_a_rank_after_a_checkpoint(cluster: &Cluster, job: &str) -> (Value, String) {
+    cluster.wait_for(
+        |c| c.status(job)["last_checkpoint"].is_object(),
+        "a first checkpoint",
+    );
+    kill9(cluster.rank_pids(job)[0]);
+    let end = cluster.wait_until_ended(job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert!(end["restarts"].as_u64().unwrap() >= 1, "{end}");
+    assert!(logs.contains("resumed from checkpoint"), "{logs}");
+    (end, logs)
+}
+
 /// Trains the mlp example with checkpoints at `url`, kills a rank once one is committed, and
 /// checks that the job resumed from the store and ended with `reference`'s exact loss; returns
 /// the job.
@@ -1434,16 +1694,7 @@ fn resume_a_killed_rank_from(
     set.extend_from_slice(options);
     let set: Vec<&str> = set.iter().map(String::as_str).collect();
     let job = cluster.submit("mlp-dp2.toml", &set);
-    cluster.wait_for(
-        |c| c.status(&job)["last_checkpoint"].is_object(),
-        "a first checkpoint",
-    );
-    kill9(cluster.rank_pids(&job)[0]);
-    let end = cluster.wait_until_ended(&job);
-    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
-    assert_eq!(end["state"], "Succeeded", "{end}");
-    assert!(end["restarts"].as_u64().unwrap() >= 1, "{end}");
-    assert!(logs.contains("resumed from checkpoint"), "{logs}");
+    let (end, logs) = kill_a_rank_after_a_checkpoint(cluster, &job);
     assert_eq!(end["loss"], reference["loss"], "{logs}");
     let last = end["last_checkpoint"]["url"].as_str().unwrap();
     assert!(last.starts_with(&format!("{url}/{job}/step-")), "{last}");

@@ -53,27 +53,85 @@ pub struct JobSpec {
 pub enum ModelKind {
     /// A multi-layer perceptron on a synthetic regression task.
     Mlp,
-    /// A character-level decoder-only transformer language model.
+    /// A small decoder-only transformer language model (GPT-2's block: pre-LayerNorm, learned
+    /// positions, GELU).
     Gpt,
+    /// A Llama-family decoder (Hugging Face's `LlamaForCausalLM`): RMSNorm, rotary positions,
+    /// SwiGLU, grouped-query attention, optionally tied embeddings.
+    Llama,
+}
+
+impl ModelKind {
+    /// Whether the model predicts tokens (and so trains on token data).
+    pub fn is_language_model(self) -> bool {
+        matches!(self, ModelKind::Gpt | ModelKind::Llama)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub kind: ModelKind,
-    /// Transformer blocks (`gpt`) or hidden layers (`mlp`).
-    #[serde(default = "default_layers")]
+    /// Transformer blocks (`gpt`, `llama`) or hidden layers (`mlp`). Also read as Hugging
+    /// Face's `num_hidden_layers`.
+    #[serde(default = "default_layers", alias = "num_hidden_layers")]
     pub layers: u32,
-    /// Width of the residual stream (`gpt`) or of the hidden layers (`mlp`).
-    #[serde(default = "default_d_model")]
+    /// Width of the residual stream (`gpt`, `llama`) or of the hidden layers (`mlp`). Also read
+    /// as `hidden_size`.
+    #[serde(default = "default_d_model", alias = "hidden_size")]
     pub d_model: u32,
-    /// Attention heads (`gpt` only).
-    #[serde(default = "default_heads")]
+    /// Attention heads (`gpt`, `llama`). Also read as `num_attention_heads`.
+    #[serde(default = "default_heads", alias = "num_attention_heads")]
     pub heads: u32,
+    /// `llama`: key/value heads of grouped-query attention (1 is multi-query); by default
+    /// `heads` (multi-head attention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<u32>,
+    /// `llama`: the SwiGLU MLP's width; by default 8/3 · d_model rounded up to a multiple of 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediate_size: Option<u32>,
+    /// `llama`: the rotary embeddings' base, 10000 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// `llama`: RMSNorm's epsilon, 1e-6 by default (Hugging Face's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_eps: Option<f64>,
+    /// `llama`: the output head is the embedding matrix (pp = 1 only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tie_word_embeddings: bool,
+    /// The longest sequence the model is for; `data.seq_len` may not exceed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<u32>,
+    /// `llama`: a Hugging Face model folder (`config.json`, `model.safetensors` or sharded
+    /// safetensors with their index), an absolute path or a store URL, whose weights a fresh
+    /// job starts from. Its config must agree with the model's fields.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
     /// The `gpt`'s vocabulary: 13 on `builtin:arithmetic`; on a dataset, its tokenizer's (taken
     /// from the dataset when not given, refused when different).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<u32>,
+}
+
+impl ModelSpec {
+    /// Key/value heads (`llama`): `num_key_value_heads`, or `heads`.
+    pub fn kv_heads(&self) -> u32 {
+        self.num_key_value_heads.unwrap_or(self.heads)
+    }
+
+    /// The SwiGLU width (`llama`): `intermediate_size`, or 8/3 · d_model rounded up to 32.
+    pub fn intermediate_size(&self) -> u32 {
+        self.intermediate_size
+            .unwrap_or_else(|| (8 * self.d_model).div_ceil(3).div_ceil(32) * 32)
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta.unwrap_or(10_000.0)
+    }
+
+    pub fn rms_norm_eps(&self) -> f64 {
+        self.rms_norm_eps.unwrap_or(1e-6)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -503,18 +561,30 @@ impl JobSpec {
                 let params = 16 * d + layers * (d * d + d) + d * 4 + 4;
                 (params, micro_batch * d * 4 * 3)
             }
-            ModelKind::Gpt => {
+            ModelKind::Gpt | ModelKind::Llama => {
                 let vocab = self.vocab_size() as u64;
-                let params = (vocab + seq) * d + layers * (12 * d * d + 13 * d) + 2 * d + d * vocab;
+                let (params, mlp) = if m.kind == ModelKind::Gpt {
+                    let params = (vocab + seq) * d + layers * (12 * d * d + 13 * d) + 2 * d;
+                    (params + d * vocab, 16 * d)
+                } else {
+                    // q and o of d × d; k and v of d × (kv heads · head_dim); SwiGLU's three
+                    // d × intermediate; two norms a layer, one at the end.
+                    let kv = d / u64::from(m.heads) * u64::from(m.kv_heads());
+                    let inter = u64::from(m.intermediate_size());
+                    let per_layer = 2 * d * d + 2 * d * kv + 3 * d * inter + 2 * d;
+                    let head = if m.tie_word_embeddings { 0 } else { d * vocab };
+                    // The MLP's activations: gate, up, their product and SwiGLU's input.
+                    (vocab * d + layers * per_layer + d + head, 6 * inter)
+                };
                 let per_layer = if self.train.activation_checkpointing {
                     micro_batch * seq * d * 4
                 } else {
                     // s·b·h·(10 + 24/t + 5·a·s/(h·t)) bytes at 16 bits (Megatron, tensor
-                    // parallel without sequence parallelism), doubled for f32.
+                    // parallel without sequence parallelism; of its 24·h/t, 16·h/t are a GELU
+                    // MLP of 4·h, replaced here by the model's own), doubled for f32.
                     let tp = u64::from(p.tp);
-                    2 * micro_batch
-                        * seq
-                        * (10 * d + 24 * d / tp + 5 * u64::from(m.heads) * seq / tp)
+                    let mlp_part = (8 * d + mlp) / tp;
+                    2 * micro_batch * seq * (10 * d + mlp_part + 5 * u64::from(m.heads) * seq / tp)
                 };
                 (params, per_layer)
             }
@@ -541,10 +611,95 @@ impl JobSpec {
     /// The data source, with the model's built-in default filled in.
     pub fn data_source(&self) -> &str {
         match (self.data.source.as_str(), self.model.kind) {
-            ("", ModelKind::Gpt) => "builtin:arithmetic",
+            ("", ModelKind::Gpt | ModelKind::Llama) => "builtin:arithmetic",
             ("", ModelKind::Mlp) => "builtin:regression",
             (source, _) => source,
         }
+    }
+
+    /// The `llama`'s own fields, by name.
+    fn validate_llama(&self) -> Result<(), SpecError> {
+        let (m, p) = (&self.model, self.parallel);
+        let err = |field: &str, message: String| Err(SpecError::new(field, message));
+        let kv = m.kv_heads();
+        positive("model.num_key_value_heads", kv)?;
+        if !m.heads.is_multiple_of(kv) {
+            return err(
+                "model.num_key_value_heads",
+                format!(
+                    "{} query heads (model.heads) do not group evenly into {kv}",
+                    m.heads
+                ),
+            );
+        }
+        if m.d_model.is_multiple_of(m.heads) && !(m.d_model / m.heads).is_multiple_of(2) {
+            return err(
+                "model.heads",
+                format!(
+                    "a head of d_model / heads = {} features; rotary embeddings need an even \
+                     number",
+                    m.d_model / m.heads
+                ),
+            );
+        }
+        if !kv.is_multiple_of(p.tp) {
+            return err(
+                "parallel.tp",
+                format!(
+                    "{kv} key/value heads (model.num_key_value_heads) do not split evenly over \
+                     tp = {} (replicating key/value heads over tp is not supported yet)",
+                    p.tp
+                ),
+            );
+        }
+        positive("model.intermediate_size", m.intermediate_size())?;
+        if !m.intermediate_size().is_multiple_of(p.tp) {
+            return err(
+                "parallel.tp",
+                format!(
+                    "model.intermediate_size {} does not split evenly over tp = {}",
+                    m.intermediate_size(),
+                    p.tp
+                ),
+            );
+        }
+        let theta = m.rope_theta();
+        if !theta.is_finite() || theta <= 1.0 {
+            return err(
+                "model.rope_theta",
+                format!("{theta} must be a number above 1"),
+            );
+        }
+        let eps = m.rms_norm_eps();
+        if !eps.is_finite() || eps <= 0.0 {
+            return err(
+                "model.rms_norm_eps",
+                format!("{eps} must be a positive number"),
+            );
+        }
+        if let Some(from) = &m.init_from
+            && !from.contains("://")
+            && !from.starts_with('/')
+        {
+            return err(
+                "model.init_from",
+                format!(
+                    "path {from:?} is relative; give an absolute path or a URL (ranks run in \
+                     their workers' directories)"
+                ),
+            );
+        }
+        if m.tie_word_embeddings && p.pp > 1 {
+            return err(
+                "model.tie_word_embeddings",
+                format!(
+                    "tied embeddings need the embeddings and the head on one stage; pp = {} \
+                     puts them on the first and last",
+                    p.pp
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// Checks everything that can be checked without a cluster.
@@ -569,7 +724,7 @@ impl JobSpec {
         positive("model.layers", m.layers)?;
         positive("model.d_model", m.d_model)?;
         positive("model.heads", m.heads)?;
-        if m.kind == ModelKind::Gpt && !m.d_model.is_multiple_of(m.heads) {
+        if m.kind.is_language_model() && !m.d_model.is_multiple_of(m.heads) {
             return err(
                 "model.heads",
                 format!(
@@ -578,15 +733,26 @@ impl JobSpec {
                 ),
             );
         }
+        if m.kind == ModelKind::Llama {
+            self.validate_llama()?;
+        } else if m.init_from.is_some() {
+            return err(
+                "model.init_from",
+                format!("loads the llama family, not the {:?}", m.kind),
+            );
+        }
         let expected_source = match m.kind {
-            ModelKind::Gpt => "builtin:arithmetic",
+            ModelKind::Gpt | ModelKind::Llama => "builtin:arithmetic",
             ModelKind::Mlp => "builtin:regression",
         };
         if let Some(dataset) = self.dataset() {
-            if m.kind != ModelKind::Gpt {
+            if !m.kind.is_language_model() {
                 return err(
                     "data.source",
-                    format!("a dataset trains the gpt, not the {:?}", m.kind),
+                    format!(
+                        "a dataset trains a language model (gpt, llama), not the {:?}",
+                        m.kind
+                    ),
                 );
             }
             if dataset.is_empty() {
@@ -617,6 +783,17 @@ impl JobSpec {
         }
         if self.data.seq_len < 2 {
             return err("data.seq_len", "must be at least 2".into());
+        }
+        if let Some(max) = m.max_position_embeddings
+            && self.data.seq_len > max
+        {
+            return err(
+                "data.seq_len",
+                format!(
+                    "{} is longer than the model's {max} positions (model.max_position_embeddings)",
+                    self.data.seq_len
+                ),
+            );
         }
         if self.data.examples < 16 {
             return err("data.examples", "must be at least 16".into());
@@ -669,7 +846,7 @@ impl JobSpec {
                     .into(),
             );
         }
-        if m.kind == ModelKind::Gpt && !m.heads.is_multiple_of(p.tp) {
+        if m.kind.is_language_model() && !m.heads.is_multiple_of(p.tp) {
             return err(
                 "parallel.tp",
                 format!(
@@ -678,7 +855,7 @@ impl JobSpec {
                 ),
             );
         }
-        if m.kind == ModelKind::Gpt && p.pp > m.layers {
+        if m.kind.is_language_model() && p.pp > m.layers {
             return err(
                 "parallel.pp",
                 format!(

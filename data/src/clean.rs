@@ -25,6 +25,13 @@ pub struct CleanOptions {
     pub max_non_text: f64,
     /// Near-duplicate removal at this estimated Jaccard similarity; `None` turns it off.
     pub near_duplicate_threshold: Option<f64>,
+    /// Exact-duplicate removal (by content hash).
+    #[serde(default = "yes")]
+    pub exact_duplicates: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for CleanOptions {
@@ -33,6 +40,7 @@ impl Default for CleanOptions {
             min_chars: 16,
             max_non_text: 0.3,
             near_duplicate_threshold: Some(0.8),
+            exact_duplicates: true,
         }
     }
 }
@@ -74,7 +82,7 @@ pub fn clean(documents: Vec<Document>, options: &CleanOptions) -> (Vec<Document>
             report.non_text += 1;
             continue;
         }
-        if !seen.insert(xxh3_64(doc.text.as_bytes())) {
+        if options.exact_duplicates && !seen.insert(xxh3_64(doc.text.as_bytes())) {
             report.exact_duplicates += 1;
             continue;
         }

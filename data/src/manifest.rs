@@ -6,7 +6,9 @@
 //!   report and the settings it was prepared with;
 //! - `tokenizer.json`: the tokenizer, byte for byte what the manifest's hash covers;
 //! - `{split}/{n:05}.tokens`: the split's documents, tokenized, each followed by the end-of-text
-//!   token, as little-endian u16 (when the vocabulary fits) or u32;
+//!   token, as little-endian u16 (when the vocabulary fits) or u32, with a CRC-32C of the whole
+//!   file and one of each block of `block_bytes` (so a reader can fetch and check a block with one
+//!   ranged read);
 //! - `{split}/{n:05}.docs`: where each document of the shard starts, as little-endian u64 token
 //!   offsets into the shard, and the shard's length last.
 //!
@@ -19,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 /// The format this build writes and reads.
 pub const FORMAT: u32 = 1;
+
+/// The block size this build writes: a ranged read of a remote shard fetches whole blocks.
+pub const BLOCK_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,6 +94,10 @@ pub struct ShardEntry {
     pub docs_crc32c: u32,
     pub tokens: u64,
     pub documents: u64,
+    /// CRC-32C of each `block_bytes` of the tokens file (the last block may be shorter). A
+    /// manifest without them is read a whole shard at a time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub block_crc32c: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -113,6 +122,9 @@ pub struct Manifest {
     pub format: u32,
     pub tokenizer: TokenizerEntry,
     pub dtype: Dtype,
+    /// The block size of the shards' `block_crc32c` (0 in a manifest without them).
+    #[serde(default)]
+    pub block_bytes: u64,
     pub train: SplitEntry,
     pub validation: SplitEntry,
     pub test: SplitEntry,

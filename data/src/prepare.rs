@@ -5,7 +5,7 @@
 use crate::clean::{CleanOptions, clean};
 use crate::input::{InputOptions, read_inputs};
 use crate::manifest::{
-    Dtype, FORMAT, Manifest, Report, ShardEntry, SplitEntry, SplitName, TokenizerEntry,
+    BLOCK_BYTES, Dtype, FORMAT, Manifest, Report, ShardEntry, SplitEntry, SplitName, TokenizerEntry,
 };
 use crate::split::{check_fractions, split_of};
 use crate::store::Location;
@@ -42,6 +42,8 @@ pub struct PrepareConfig {
     pub dtype: Option<Dtype>,
     /// Tokens per shard file, at most.
     pub shard_tokens: u64,
+    /// Bytes per checksummed block of a shard (what one ranged read of a remote dataset fetches).
+    pub block_bytes: u64,
     /// Options of the stores' clients (object_store keys), for inputs and output alike.
     #[serde(skip)]
     pub store_options: Options,
@@ -59,6 +61,7 @@ impl PrepareConfig {
             split: [0.8, 0.1, 0.1],
             dtype: None,
             shard_tokens: 64 << 20,
+            block_bytes: BLOCK_BYTES,
             store_options: Options::new(),
         }
     }
@@ -91,6 +94,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
     let started = Instant::now();
     check_fractions(config.split)?;
     anyhow::ensure!(config.shard_tokens > 0, "shard_tokens: must be at least 1");
+    anyhow::ensure!(config.block_bytes > 0, "block_bytes: must be at least 1");
     anyhow::ensure!(
         !config.end_of_text.is_empty(),
         "end_of_text: must not be empty"
@@ -173,7 +177,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
             }),
             ..SplitEntry::default()
         };
-        let mut shard = ShardBuffer::new(dtype);
+        let mut shard = ShardBuffer::new(dtype, config.block_bytes);
         for chunk in docs.chunks(256) {
             let texts: Vec<&str> = chunk.iter().map(|d| d.text.as_str()).collect();
             let encodings = tokenizer
@@ -183,7 +187,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
                 let ids = encoding.get_ids();
                 if shard.tokens > 0 && shard.tokens + ids.len() as u64 + 1 > config.shard_tokens {
                     shard.finish(split, entry.shards.len(), &mut files, &mut entry);
-                    shard = ShardBuffer::new(dtype);
+                    shard = ShardBuffer::new(dtype, config.block_bytes);
                 }
                 shard.push(ids, eot_id);
                 entry.documents += 1;
@@ -206,6 +210,7 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
             end_of_text_id: eot_id,
         },
         dtype,
+        block_bytes: config.block_bytes,
         train,
         validation,
         test,
@@ -256,15 +261,17 @@ pub async fn prepare(config: &PrepareConfig, progress: &dyn Progress) -> anyhow:
 /// One shard being filled: its tokens and where each document starts.
 struct ShardBuffer {
     dtype: Dtype,
+    block_bytes: u64,
     bytes: Vec<u8>,
     starts: Vec<u64>,
     tokens: u64,
 }
 
 impl ShardBuffer {
-    fn new(dtype: Dtype) -> Self {
+    fn new(dtype: Dtype, block_bytes: u64) -> Self {
         Self {
             dtype,
+            block_bytes,
             bytes: Vec::new(),
             starts: Vec::new(),
             tokens: 0,
@@ -304,6 +311,11 @@ impl ShardBuffer {
             docs_file: docs_file.clone(),
             tokens: self.tokens,
             documents: self.starts.len() as u64,
+            block_crc32c: self
+                .bytes
+                .chunks(self.block_bytes as usize)
+                .map(crc32c::crc32c)
+                .collect(),
         });
         entry.tokens += self.tokens;
         files.push((tokens_file, self.bytes));

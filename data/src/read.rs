@@ -9,6 +9,8 @@ use sha2::{Digest, Sha256};
 
 pub struct DatasetReader {
     pub(crate) location: Location,
+    /// What the store was opened with (a fetcher thread opens its own client with them).
+    pub(crate) options: Options,
     pub manifest: Manifest,
     /// SHA-256 of `manifest.json`, in hex.
     pub manifest_sha256: String,
@@ -56,6 +58,7 @@ impl DatasetReader {
         );
         Ok(Self {
             location,
+            options: options.clone(),
             manifest_sha256: manifest_sha256(&bytes),
             manifest,
         })
@@ -109,18 +112,28 @@ impl DatasetReader {
         Ok(out)
     }
 
+    /// The dataset's `tokenizer.json`, checked against the manifest's hash.
+    pub async fn tokenizer_json(&self) -> anyhow::Result<String> {
+        let entry = &self.manifest.tokenizer;
+        let url = &self.location.url;
+        let bytes = self.get(&entry.file).await?;
+        let json = String::from_utf8(bytes.to_vec())
+            .map_err(|e| anyhow::anyhow!("dataset {url}: {}: {e}", entry.file))?;
+        anyhow::ensure!(
+            crate::tokenizer::sha256(&json) == entry.sha256,
+            "dataset {url}: {} does not match the manifest's hash",
+            entry.file
+        );
+        Ok(json)
+    }
+
     /// The dataset's tokenizer, checked against the manifest's hash.
     pub async fn tokenizer(&self) -> anyhow::Result<tokenizers::Tokenizer> {
         let entry = &self.manifest.tokenizer;
         let url = &self.location.url;
-        let bytes = self.get(&entry.file).await?;
-        let json = std::str::from_utf8(&bytes)?;
-        anyhow::ensure!(
-            crate::tokenizer::sha256(json) == entry.sha256,
-            "dataset {url}: {} does not match the manifest's hash",
-            entry.file
-        );
-        json.parse()
+        self.tokenizer_json()
+            .await?
+            .parse()
             .map_err(|e| anyhow::anyhow!("dataset {url}: {}: {e}", entry.file))
     }
 }

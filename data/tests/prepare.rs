@@ -8,6 +8,7 @@ use gantry_data::input::{InvalidUtf8, TxtDocuments};
 use gantry_data::prepare::{PrepareConfig, Quiet, TokenizerChoice};
 use gantry_data::{DatasetReader, SplitName, prepare};
 use gantry_testkit::Moto;
+use object_store::ObjectStoreExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -302,8 +303,7 @@ async fn bad_input_is_refused_by_name_and_writes_nothing() {
         .await
         .unwrap();
     let err = reader
-        .local_split(SplitName::Train, &dir.path().join("cache"))
-        .await
+        .splits(&dir.path().join("cache"))
         .err()
         .unwrap()
         .to_string();
@@ -350,23 +350,108 @@ async fn a_dataset_in_s3_reads_back_as_the_one_on_disk() {
     let keys = moto.list("datasets", "jargon/");
     assert!(keys.contains("jargon/manifest.json") && keys.contains("jargon/train/00000.tokens"));
 
-    // Training reads an S3 dataset from local copies in a cache: fetched once, checked, and
-    // fetched again when the copy is damaged; a local dataset is read where it is.
+    // A local dataset is read where it is, nothing copied.
     let cache = dir.path().join("cache");
     let want = s3.tokens(SplitName::Train).await.unwrap();
-    let local = s3.local_split(SplitName::Train, &cache).await.unwrap();
-    assert_eq!(local.read(0, want.len()).unwrap(), want);
-    let copy = cache.join(&s3.manifest_sha256).join("train/00000.tokens");
-    let mut bytes = std::fs::read(&copy).unwrap();
-    bytes[10] ^= 0xff;
-    std::fs::write(&copy, &bytes).unwrap();
-    let again = s3.local_split(SplitName::Train, &cache).await.unwrap();
-    assert_eq!(again.read(0, want.len()).unwrap(), want);
-    let in_place = disk.local_split(SplitName::Train, &cache).await.unwrap();
-    assert_eq!(in_place.read(0, want.len()).unwrap(), want);
+    let in_place = disk.splits(&cache).unwrap();
+    assert_eq!(in_place.train.read(0, want.len()).unwrap(), want);
+    assert!(in_place.io.is_none());
     assert!(
         !cache.join(&disk.manifest_sha256).exists(),
         "a local dataset was copied"
+    );
+}
+
+/// Training reads an S3 dataset block by block with ranged reads, into a cache: a window
+/// fetches only the blocks it touches, a prefetched range is there before it is read, a block
+/// already in the cache is checked and not fetched again (fetched again when the copy is
+/// damaged), and a block damaged in the store is refused, naming the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataset_in_s3_is_read_by_ranged_reads_through_a_cache() {
+    let moto = Moto::start("ranged");
+    let options: gantry_data::Options = moto.options().into_iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = PrepareConfig::new(
+        vec![corpus("jargon.txt")],
+        "s3://ranged/jargon".into(),
+        TokenizerChoice::Train { vocab_size: 1024 },
+    );
+    config.store_options = options.clone();
+    config.block_bytes = 16 << 10;
+    prepare(&config, &Quiet).await.unwrap();
+    let s3 = DatasetReader::open("s3://ranged/jargon", &options)
+        .await
+        .unwrap();
+    let want = s3.tokens(SplitName::Train).await.unwrap();
+    let blocks = s3.manifest.train.shards[0].block_crc32c.len();
+    assert!(blocks > 20, "{blocks} blocks");
+    let cache = dir.path().join("cache");
+    // Blocks of 8,192 u16 tokens: a window inside the third fetches it alone.
+    let splits = s3.splits(&cache).unwrap();
+    let io = splits.io.clone().unwrap();
+    let at = 2 * 8192 + 100;
+    assert_eq!(
+        splits.train.read(at, 65).unwrap(),
+        want[at as usize..][..65]
+    );
+    assert_eq!((io.fetched_blocks(), io.fetched_bytes()), (1, 16 << 10));
+    assert_eq!(io.waits(), 1, "the read waited for its block");
+    // A window across a block boundary fetches the next block only.
+    let at = 3 * 8192 - 10;
+    assert_eq!(
+        splits.train.read(at, 65).unwrap(),
+        want[at as usize..][..65]
+    );
+    assert_eq!(io.fetched_blocks(), 2);
+    // Prefetched, a range is read without waiting.
+    splits.train.prefetch(10 * 8192, 4 * 8192);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while io.fetched_blocks() < 6 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(io.fetched_blocks(), 6);
+    let got = splits.train.read(10 * 8192, 4 * 8192).unwrap();
+    assert_eq!(got, want[10 * 8192..14 * 8192]);
+    assert_eq!(io.waits(), 2, "a prefetched read waited");
+    drop(splits);
+
+    // Later attempts find the blocks in the cache, checked; a damaged one is fetched again.
+    let copy = cache.join(&s3.manifest_sha256).join("train/00000.tokens");
+    let mut bytes = std::fs::read(&copy).unwrap();
+    bytes[10 * (16 << 10) + 7] ^= 0xff;
+    std::fs::write(&copy, &bytes).unwrap();
+    let again = s3.splits(&cache).unwrap();
+    let io = again.io.clone().unwrap();
+    let got = again.train.read(10 * 8192, 4 * 8192).unwrap();
+    assert_eq!(got, want[10 * 8192..14 * 8192]);
+    assert_eq!((io.cached_blocks(), io.fetched_blocks()), (3, 1));
+    // The whole stream, fetched block by block, is the stream.
+    assert_eq!(again.train.read(0, want.len()).unwrap(), want);
+    drop(again);
+
+    // A shard damaged in the store: the block that holds the damage is refused, by name.
+    let (store, prefix) = gantry_checkpoint::open_url("s3://ranged/jargon", &options).unwrap();
+    let object = prefix.join("train").join("00000.tokens");
+    let mut damaged = store
+        .get(&object)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    damaged[30 * (16 << 10) + 1] ^= 0xff;
+    store.put(&object, damaged.into()).await.unwrap();
+    let fresh = s3.splits(&dir.path().join("fresh-cache")).unwrap();
+    let err = fresh.train.read(30 * 8192, 65).unwrap_err().to_string();
+    assert!(
+        err.contains("train/00000.tokens: bytes 491520..507904 fail their checksum"),
+        "{err}"
+    );
+    // The blocks around it still read.
+    assert_eq!(
+        fresh.train.read(29 * 8192, 65).unwrap(),
+        want[29 * 8192..][..65]
     );
 }
 
@@ -389,10 +474,7 @@ async fn windows_read_across_shards_are_slices_of_the_stream() {
     let shards = reader.manifest.split(SplitName::Train).shards.len();
     assert!(shards > 10, "{shards} shards");
     let stream = reader.tokens(SplitName::Train).await.unwrap();
-    let local = reader
-        .local_split(SplitName::Train, &dir.path().join("cache"))
-        .await
-        .unwrap();
+    let local = reader.splits(&dir.path().join("cache")).unwrap().train;
     assert_eq!(local.len(), stream.len() as u64);
     for start in (0..stream.len() - 70).step_by(997) {
         assert_eq!(

@@ -7,17 +7,19 @@
 //! contiguous slice of them, so the samples of a step are the same at any dp size and the data
 //! cursor of a checkpoint is its step.
 
+use crate::corpus;
+pub use crate::corpus::{REGRESSION_IN, REGRESSION_OUT, VOCAB, arithmetic_lines};
 use gantry_core::JobSpec;
+use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::{Arc, Mutex};
 
-/// Input and output widths of the synthetic regression task.
-pub const REGRESSION_IN: usize = 16;
-pub const REGRESSION_OUT: usize = 4;
+/// Samples of the validation and test splits an evaluation reads, at most (their first).
+pub const EVAL_SAMPLES: usize = 512;
 
-/// Characters of the arithmetic corpus; the token id is the index.
-pub const VOCAB: &[u8] = b"\n+=0123456789";
+/// Steps whose samples a remote dataset fetches ahead of the step being trained.
+pub const PREFETCH_STEPS: u64 = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
@@ -57,12 +59,7 @@ enum Samples {
         x: Vec<f32>,
         y: Vec<f32>,
     },
-    /// A token stream cut into windows of `seq_len + 1`.
-    Tokens {
-        stream: Vec<i64>,
-        seq_len: usize,
-    },
-    /// A dataset's split on local files, cut the same way and read window by window.
+    /// A dataset's split cut into windows of `seq_len + 1` tokens, read window by window.
     Stream {
         tokens: gantry_data::cache::SplitTokens,
         seq_len: usize,
@@ -73,9 +70,17 @@ impl Samples {
     fn len(&self) -> usize {
         match self {
             Samples::Regression { y, .. } => y.len() / REGRESSION_OUT,
-            Samples::Tokens { stream, seq_len } => stream.len().saturating_sub(1) / seq_len,
             Samples::Stream { tokens, seq_len } => {
                 (tokens.len().saturating_sub(1) / *seq_len as u64) as usize
+            }
+        }
+    }
+
+    /// Starts fetching the samples `indices` of a remote dataset (nothing to do otherwise).
+    fn prefetch(&self, indices: &[usize]) {
+        if let Samples::Stream { tokens, seq_len } = self {
+            for &i in indices {
+                tokens.prefetch((i * seq_len) as u64, seq_len + 1);
             }
         }
     }
@@ -95,23 +100,6 @@ impl Samples {
                     .collect(),
                 n: indices.len(),
             },
-            Samples::Tokens { stream, seq_len } => {
-                let window = |i: usize| &stream[i * seq_len..i * seq_len + seq_len + 1];
-                Batch::Tokens {
-                    inputs: indices
-                        .iter()
-                        .flat_map(|&i| &window(i)[..*seq_len])
-                        .copied()
-                        .collect(),
-                    targets: indices
-                        .iter()
-                        .flat_map(|&i| &window(i)[1..])
-                        .copied()
-                        .collect(),
-                    n: indices.len(),
-                    seq_len: *seq_len,
-                }
-            }
             Samples::Stream { tokens, seq_len } => {
                 let mut inputs = Vec::with_capacity(indices.len() * seq_len);
                 let mut targets = Vec::with_capacity(indices.len() * seq_len);
@@ -140,58 +128,110 @@ pub struct Dataset {
     /// The test split's arithmetic lines, token by token, for exact-match accuracy.
     test_lines: Vec<Vec<i64>>,
     seed: u64,
+    /// Whether `model.vocab_size` comes from the data (a `dataset:` source's tokenizer).
+    fits_vocab: bool,
+    /// Recent epochs' sample orders.
+    permutations: Mutex<Vec<(usize, Arc<Vec<usize>>)>>,
     /// What a `dataset:` source adds: its manifest's hash (checkpoints keep it), its tokenizer
     /// (to show what the model writes) and the vocabulary size.
     prepared: Option<Prepared>,
 }
 
 struct Prepared {
-    manifest_sha256: String,
+    /// None for a built-in corpus (a pure function of the spec).
+    manifest_sha256: Option<String>,
+    /// What reading it from a store cost so far (a remote dataset's).
+    io: Option<gantry_data::cache::IoStats>,
     tokenizer: gantry_data::Tokenizer,
     vocab_size: u32,
 }
 
 impl Dataset {
-    /// The spec's data: generated for a `builtin:` source; for a `dataset:` one, its shards on
-    /// local files (verified, a remote dataset's copied into the machine's cache), opened
-    /// through the worker's store options with the spec's `data.options` over them.
+    /// The spec's data. A `dataset:` source's shards are read where they are (verified) or, for
+    /// a remote dataset, fetched block by block into the machine's cache, through the worker's
+    /// store options with the spec's `data.options` over them. `builtin:arithmetic` is made a
+    /// dataset by the same prepare code (in the machine's cache) and read the same way;
+    /// `builtin:regression`, numbers rather than text, is generated.
     pub fn open(
         spec: &JobSpec,
         worker: &gantry_data::Options,
         io: &tokio::runtime::Runtime,
     ) -> anyhow::Result<Self> {
-        let Some(url) = spec.dataset() else {
-            return Ok(Self::for_spec(spec));
-        };
-        use gantry_data::SplitName;
-        let options = gantry_core::store_options::for_url(url, worker, &spec.data.options);
-        let reader = io.block_on(gantry_data::DatasetReader::open(url, &options))?;
-        let seq_len = spec.data.seq_len as usize;
-        let cache = gantry_data::cache::default_dir();
-        let mut splits = Vec::new();
-        for split in SplitName::ALL {
-            splits.push(Samples::Stream {
-                tokens: io.block_on(reader.local_split(split, &cache))?,
-                seq_len,
-            });
+        if let Some(url) = spec.dataset() {
+            let options = gantry_core::store_options::for_url(url, worker, &spec.data.options);
+            let reader = io.block_on(gantry_data::DatasetReader::open(url, &options))?;
+            let mut data = Self::read(spec, url, reader, io)?;
+            data.fits_vocab = true;
+            return Ok(data);
         }
-        let [train, validation, test]: [Samples; 3] = splits.try_into().ok().expect("three splits");
+        if spec.data_source() != corpus::ARITHMETIC {
+            return Ok(Self::regression(spec));
+        }
+        let root = io.block_on(corpus::arithmetic_dataset(spec))?;
+        let url = root.display().to_string();
+        let reader = io.block_on(gantry_data::DatasetReader::open(&url, &Default::default()))?;
+        let mut data = Self::read(spec, corpus::ARITHMETIC, reader, io)?;
+        // Generated from the spec, it cannot change under a job: checkpoints need no hash of it.
+        if let Some(p) = data.prepared.as_mut() {
+            p.manifest_sha256 = None;
+        }
+        // The test split's lines, each with its end-of-line, for exact-match accuracy.
+        if let Samples::Stream { tokens, .. } = &data.test {
+            let stream = tokens.read(0, tokens.len() as usize)?;
+            data.test_lines = stream
+                .split_inclusive(|&t| t == corpus::END_OF_LINE)
+                .map(|line| line.iter().map(|&t| i64::from(t)).collect())
+                .collect();
+        }
+        Ok(data)
+    }
+
+    /// The data of a spec without a remote dataset, for tests and benchmarks (a built-in corpus,
+    /// or a dataset on the local disk).
+    pub fn for_spec(spec: &JobSpec) -> Self {
+        let io = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        Self::open(spec, &Default::default(), &io).expect("the spec's data")
+    }
+
+    fn read(
+        spec: &JobSpec,
+        name: &str,
+        reader: gantry_data::DatasetReader,
+        io: &tokio::runtime::Runtime,
+    ) -> anyhow::Result<Self> {
+        let seq_len = spec.data.seq_len as usize;
+        let splits = reader.splits(&gantry_data::cache::default_dir())?;
+        let stream = |tokens| Samples::Stream { tokens, seq_len };
+        let (train, validation, test) = (
+            stream(splits.train),
+            stream(splits.validation),
+            stream(splits.test),
+        );
         anyhow::ensure!(
             train.len() > 0,
-            "data.source: the train split of dataset {url} holds fewer than data.seq_len + 1 = {} \
-             tokens",
+            "data.source: the train split of {name} holds fewer than data.seq_len + 1 = {} tokens",
             seq_len + 1
         );
+        // What every evaluation reads (the first samples of each split) is fetched meanwhile.
+        for split in [&validation, &test] {
+            split.prefetch(&(0..split.len().min(EVAL_SAMPLES)).collect::<Vec<_>>());
+        }
         Ok(Self {
             train,
             validation,
             test,
             test_lines: Vec::new(),
             seed: spec.train.seed,
+            permutations: Mutex::default(),
+            fits_vocab: false,
             prepared: Some(Prepared {
+                io: splits.io,
                 tokenizer: io.block_on(reader.tokenizer())?,
                 vocab_size: reader.manifest.tokenizer.vocab_size,
-                manifest_sha256: reader.manifest_sha256,
+                manifest_sha256: Some(reader.manifest_sha256),
             }),
         })
     }
@@ -201,6 +241,9 @@ impl Dataset {
         let Some(theirs) = self.prepared.as_ref().map(|p| p.vocab_size) else {
             return Ok(());
         };
+        if !self.fits_vocab {
+            return Ok(());
+        }
         match spec.model.vocab_size {
             None => spec.model.vocab_size = Some(theirs),
             Some(ours) if ours != theirs => anyhow::bail!(
@@ -232,55 +275,53 @@ impl Dataset {
         self.prepared.as_ref()?.tokenizer.decode(&ids, false).ok()
     }
 
-    /// SHA-256 of the dataset's manifest (a `dataset:` source's).
-    pub fn manifest_sha256(&self) -> Option<&str> {
-        Some(&self.prepared.as_ref()?.manifest_sha256)
+    /// Starts fetching this dp rank's samples of `step` (for a remote dataset; nothing to do for
+    /// the others), so the step finds them on disk.
+    pub fn prefetch_step(&self, step: u64, global_batch: usize, dp_rank: usize, dp: usize) {
+        if self.prepared.as_ref().is_some_and(|p| p.io.is_some()) {
+            let global = self.global_batch_indices(step, global_batch);
+            self.train.prefetch(shard(&global, dp_rank, dp));
+        }
     }
 
-    pub fn for_spec(spec: &JobSpec) -> Self {
+    /// What reading a remote dataset cost so far, for the logs.
+    pub fn io_report(&self) -> Option<String> {
+        Some(self.prepared.as_ref()?.io.as_ref()?.to_string())
+    }
+
+    /// The vocabulary the model trains with: the dataset's tokenizer's, else the spec's.
+    pub fn vocab_size(&self, spec: &JobSpec) -> usize {
+        match &self.prepared {
+            Some(p) if self.fits_vocab => p.vocab_size as usize,
+            _ => spec.vocab_size(),
+        }
+    }
+
+    /// SHA-256 of the dataset's manifest (a `dataset:` source's).
+    pub fn manifest_sha256(&self) -> Option<&str> {
+        self.prepared.as_ref()?.manifest_sha256.as_deref()
+    }
+
+    /// `builtin:regression`: features and targets generated from the seed, split by position.
+    fn regression(spec: &JobSpec) -> Self {
         let seed = spec.train.seed;
         let examples = spec.data.examples as usize;
         let [train_frac, val_frac, _] = spec.data.split;
         let n_train = ((examples as f64) * train_frac).round() as usize;
         let n_val = ((examples as f64) * val_frac).round() as usize;
-        let cut = |n_train: usize, n_val: usize| (0..n_train, n_train..n_train + n_val);
-        let mut test_lines = Vec::new();
-        let (train, validation, test) = match spec.data_source() {
-            "builtin:arithmetic" => {
-                let lines = arithmetic_lines(examples, seed);
-                let seq_len = spec.data.seq_len as usize;
-                let (tr, va) = cut(n_train, n_val);
-                let stream = |lines: &[String]| Samples::Tokens {
-                    stream: lines.iter().flat_map(|l| encode(l)).collect(),
-                    seq_len,
-                };
-                test_lines = lines[va.end..]
-                    .iter()
-                    .map(|l| encode(l).collect())
-                    .collect();
-                (
-                    stream(&lines[tr]),
-                    stream(&lines[va.clone()]),
-                    stream(&lines[va.end..]),
-                )
-            }
-            _ => {
-                let (x, y) = regression(examples, seed);
-                let part = |range: std::ops::Range<usize>| Samples::Regression {
-                    x: x[range.start * REGRESSION_IN..range.end * REGRESSION_IN].to_vec(),
-                    y: y[range.start * REGRESSION_OUT..range.end * REGRESSION_OUT].to_vec(),
-                };
-                let (tr, va) = cut(n_train, n_val);
-                let rest = va.end..examples;
-                (part(tr), part(va), part(rest))
-            }
+        let (x, y) = corpus::regression(examples, seed);
+        let part = |range: std::ops::Range<usize>| Samples::Regression {
+            x: x[range.start * REGRESSION_IN..range.end * REGRESSION_IN].to_vec(),
+            y: y[range.start * REGRESSION_OUT..range.end * REGRESSION_OUT].to_vec(),
         };
         Self {
-            train,
-            validation,
-            test,
-            test_lines,
+            train: part(0..n_train),
+            validation: part(n_train..n_train + n_val),
+            test: part(n_train + n_val..examples),
+            test_lines: Vec::new(),
             seed,
+            permutations: Mutex::default(),
+            fits_vocab: false,
             prepared: None,
         }
     }
@@ -303,21 +344,36 @@ impl Dataset {
         let n = self.train.len();
         assert!(n > 0, "the training split is empty");
         let start = step as usize * global_batch;
-        let mut epoch_cache: Option<(usize, Vec<usize>)> = None;
+        let mut current: Option<(usize, Arc<Vec<usize>>)> = None;
         (start..start + global_batch)
             .map(|pos| {
                 let epoch = pos / n;
-                if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                    let mut perm: Vec<usize> = (0..n).collect();
-                    let mut rng = ChaCha8Rng::seed_from_u64(
-                        self.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-                    );
-                    perm.shuffle(&mut rng);
-                    epoch_cache = Some((epoch, perm));
+                if current.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    current = Some((epoch, self.permutation(epoch)));
                 }
-                epoch_cache.as_ref().expect("filled above").1[pos % n]
+                current.as_ref().expect("filled above").1[pos % n]
             })
             .collect()
+    }
+
+    /// The order of the training samples in `epoch`, seeded by (seed, epoch). The last two
+    /// epochs' are kept: a step and the one prefetched ahead of it may straddle an epoch's end.
+    fn permutation(&self, epoch: usize) -> Arc<Vec<usize>> {
+        let mut kept = self.permutations.lock().expect("permutations");
+        if let Some((_, perm)) = kept.iter().find(|(e, _)| *e == epoch) {
+            return perm.clone();
+        }
+        let mut perm: Vec<usize> = (0..self.train.len()).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        );
+        perm.shuffle(&mut rng);
+        let perm = Arc::new(perm);
+        if kept.len() == 2 {
+            kept.remove(0);
+        }
+        kept.push((epoch, perm.clone()));
+        perm
     }
 
     /// Test-split lines (`a+b=c\n`, as tokens) and where each answer starts (after `=`).
@@ -340,61 +396,6 @@ impl Dataset {
 pub fn shard(indices: &[usize], dp_rank: usize, dp: usize) -> &[usize] {
     let per = indices.len() / dp;
     &indices[dp_rank * per..(dp_rank + 1) * per]
-}
-
-fn encode(line: &str) -> impl Iterator<Item = i64> + '_ {
-    line.bytes().map(|b| {
-        VOCAB
-            .iter()
-            .position(|&v| v == b)
-            .expect("the corpus only uses vocabulary characters") as i64
-    })
-}
-
-/// Lines like `17+25=42\n`, operands below 100.
-pub fn arithmetic_lines(count: usize, seed: u64) -> Vec<String> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa11c_e5ed);
-    (0..count)
-        .map(|_| {
-            let a: u32 = rng.random_range(0..100);
-            let b: u32 = rng.random_range(0..100);
-            format!("{a}+{b}={}\n", a + b)
-        })
-        .collect()
-}
-
-/// Inputs uniform in [-1, 1]; targets from a fixed random two-layer teacher network.
-fn regression(count: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
-    const HIDDEN: usize = 32;
-    let mut teacher = ChaCha8Rng::seed_from_u64(seed ^ 0x7eac_4e55);
-    let w1: Vec<f32> = (0..REGRESSION_IN * HIDDEN)
-        .map(|_| teacher.random_range(-1.0..1.0f32) / (REGRESSION_IN as f32).sqrt())
-        .collect();
-    let w2: Vec<f32> = (0..HIDDEN * REGRESSION_OUT)
-        .map(|_| teacher.random_range(-1.0..1.0f32) / (HIDDEN as f32).sqrt() * 2.0)
-        .collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xda7a);
-    let x: Vec<f32> = (0..count * REGRESSION_IN)
-        .map(|_| rng.random_range(-1.0..1.0f32))
-        .collect();
-    let mut y = vec![0.0f32; count * REGRESSION_OUT];
-    for i in 0..count {
-        let xi = &x[i * REGRESSION_IN..(i + 1) * REGRESSION_IN];
-        let hidden: Vec<f32> = (0..HIDDEN)
-            .map(|h| {
-                (0..REGRESSION_IN)
-                    .map(|k| xi[k] * w1[k * HIDDEN + h])
-                    .sum::<f32>()
-                    .tanh()
-            })
-            .collect();
-        for o in 0..REGRESSION_OUT {
-            y[i * REGRESSION_OUT + o] = (0..HIDDEN)
-                .map(|h| hidden[h] * w2[h * REGRESSION_OUT + o])
-                .sum();
-        }
-    }
-    (x, y)
 }
 
 #[cfg(test)]

@@ -91,6 +91,7 @@ pub fn write_safetensors(
 mod tests {
     use super::*;
     use crate::layout::{Split, join_slices, whole_name};
+    use crate::llama::{Llama, LlamaStage};
     use crate::model::{Gpt, GptStage, Mlp, MlpStage, PipelineModel, TrainModel};
     use gantry_core::{Mesh, ModelKind};
 
@@ -107,9 +108,10 @@ mod tests {
     #[test]
     fn shards_of_every_layout_join_into_the_whole_model() {
         let _rng = crate::rng_lock();
-        for kind in ["gpt", "mlp"] {
+        for kind in ["gpt", "mlp", "llama"] {
             let spec = JobSpec::from_json(&format!(
-                r#"{{"name":"t","model":{{"kind":"{kind}","layers":2,"d_model":16,"heads":2}},
+                r#"{{"name":"t","model":{{"kind":"{kind}","layers":2,"d_model":16,"heads":4,
+                "num_key_value_heads":2}},
                 "train":{{"steps":1,"global_batch":8,"lr":0.1}}}}"#
             ))
             .unwrap();
@@ -118,10 +120,11 @@ mod tests {
             let whole: BTreeMap<String, Tensor32> = match spec.model.kind {
                 ModelKind::Gpt => named_parameters(&<Gpt as TrainModel>::init(&spec, &device)),
                 ModelKind::Mlp => named_parameters(&<Mlp as TrainModel>::init(&spec, &device)),
+                ModelKind::Llama => named_parameters(&<Llama as TrainModel>::init(&spec, &device)),
             }
             .into_iter()
             .collect();
-            let tps: &[u32] = if kind == "gpt" { &[1, 2] } else { &[1] };
+            let tps: &[u32] = if kind == "mlp" { &[1] } else { &[1, 2] };
             for &tp in tps {
                 for pp in [1, 2] {
                     let mesh = Mesh::new(1, tp, pp);
@@ -135,6 +138,9 @@ mod tests {
                             }
                             ModelKind::Mlp => {
                                 named_parameters(&MlpStage::new_stage(&spec, mesh, at, &device))
+                            }
+                            ModelKind::Llama => {
+                                named_parameters(&LlamaStage::new_stage(&spec, mesh, at, &device))
                             }
                         };
                         for (local, t) in named {

@@ -28,6 +28,15 @@ pub const BLOCK_SPLITS: &[(&str, Split)] = &[
     ("fc.bias", Split::Along { dim: 0, parts: 1 }),
     ("proj.weight", Split::Along { dim: 0, parts: 1 }),
     ("fc_out.weight", Split::Along { dim: 0, parts: 1 }),
+    // The llama's layer: column-parallel q/k/v (by query and key/value heads) and gate/up,
+    // row-parallel o and down; no biases.
+    ("q_proj.weight", Split::Along { dim: 1, parts: 1 }),
+    ("k_proj.weight", Split::Along { dim: 1, parts: 1 }),
+    ("v_proj.weight", Split::Along { dim: 1, parts: 1 }),
+    ("gate_proj.weight", Split::Along { dim: 1, parts: 1 }),
+    ("up_proj.weight", Split::Along { dim: 1, parts: 1 }),
+    ("o_proj.weight", Split::Along { dim: 0, parts: 1 }),
+    ("down_proj.weight", Split::Along { dim: 0, parts: 1 }),
 ];
 
 /// How a block's parameter `field` is split over `tp` ranks.
@@ -42,11 +51,11 @@ pub fn block_split(field: &str, tp: u32) -> Split {
 }
 
 /// How many blocks a model's pipeline stages split among them: the gpt's transformer blocks,
-/// the mlp's hidden layers and its output layer. (The gpt's embeddings go with the first
+/// the llama's decoder layers, the mlp's hidden layers and its output layer. (The gpt's embeddings go with the first
 /// stage, its final norm and head with the last.)
 pub fn pipeline_blocks(spec: &JobSpec) -> usize {
     match spec.model.kind {
-        ModelKind::Gpt => spec.model.layers as usize,
+        ModelKind::Gpt | ModelKind::Llama => spec.model.layers as usize,
         ModelKind::Mlp => spec.model.layers as usize + 1,
     }
 }
@@ -60,7 +69,7 @@ pub fn stage_blocks(blocks: usize, stage: usize, stages: usize) -> std::ops::Ran
 pub fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (String, Split) {
     let list = match spec.model.kind {
         ModelKind::Gpt => "blocks.",
-        ModelKind::Mlp => "layers.",
+        ModelKind::Mlp | ModelKind::Llama => "layers.",
     };
     let Some(rest) = local.strip_prefix(list) else {
         return (local.to_string(), Split::Replicated);

@@ -5,14 +5,18 @@
 //! checkpoints from `gantry-checkpoint`.
 
 pub mod control;
+pub mod corpus;
 pub mod data;
 pub mod device;
 pub mod export;
 pub mod gradients;
+pub mod hf;
 pub mod job;
 pub mod layout;
+pub mod llama;
 pub mod model;
 pub mod precision;
+pub mod pretrained;
 pub mod rank;
 pub mod records;
 pub mod report;

@@ -315,14 +315,19 @@ pub struct ShardedBlock {
 }
 
 /// A fresh trainable copy of (part of) an initialised parameter.
-fn param<const D: usize>(value: Tensor<D>) -> Param<Tensor<D>> {
+pub(crate) fn param<const D: usize>(value: Tensor<D>) -> Param<Tensor<D>> {
     Param::from_tensor(value.detach())
 }
 
 /// Rank `rank` of `tp`'s piece of a block's parameter `field`, cut as the split table says
 /// ([`block_split`]): of `parts` equal parts along `dim`, each cut into `tp` slices, slice
 /// `rank` of each, side by side (one rank's columns of a fused QKV weight, `parts` = 3).
-fn shard<const D: usize>(t: Tensor<D>, field: &str, rank: usize, tp: usize) -> Tensor<D> {
+pub(crate) fn shard<const D: usize>(
+    t: Tensor<D>,
+    field: &str,
+    rank: usize,
+    tp: usize,
+) -> Tensor<D> {
     let Split::Along { dim, parts } = block_split(field, tp as u32) else {
         return t;
     };
@@ -380,14 +385,14 @@ pub trait TpSum {
 
 /// Records a stage's forward pass as [`Segment`]s. Without tensor parallelism there is nothing
 /// to cut and the whole stage is one segment.
-struct Tape<'a> {
+pub(crate) struct Tape<'a> {
     tp: &'a mut dyn TpSum,
     done: Vec<Segment>,
     open: Vec<(Tensor<3>, bool)>,
 }
 
 impl<'a> Tape<'a> {
-    fn new(tp: &'a mut dyn TpSum, inputs: Vec<(Tensor<3>, bool)>) -> Self {
+    pub(crate) fn new(tp: &'a mut dyn TpSum, inputs: Vec<(Tensor<3>, bool)>) -> Self {
         Self {
             tp,
             done: Vec::new(),
@@ -397,7 +402,7 @@ impl<'a> Tape<'a> {
 
     /// Ends the open segment at `(residual, normed)`, the input of a column-parallel layer, and
     /// opens the next from fresh leaves of both; the normed leaf's gradient is summed over tp.
-    fn cut(&mut self, residual: Tensor<3>, normed: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+    pub(crate) fn cut(&mut self, residual: Tensor<3>, normed: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         if self.tp.size() == 1 {
             return (residual, normed);
         }
@@ -412,7 +417,7 @@ impl<'a> Tape<'a> {
 
     /// Megatron's g: the sum of a row-parallel layer's partial outputs over tp in the forward
     /// pass; the identity in the backward pass (every rank already has the whole gradient).
-    fn sum(&mut self, partial: Tensor<3>) -> anyhow::Result<Tensor<3>> {
+    pub(crate) fn sum(&mut self, partial: Tensor<3>) -> anyhow::Result<Tensor<3>> {
         if self.tp.size() == 1 {
             return Ok(partial);
         }
@@ -420,7 +425,7 @@ impl<'a> Tape<'a> {
         Ok(total + (partial.clone() - partial.detach()))
     }
 
-    fn finish(mut self, output: Tensor<3>) -> Vec<Segment> {
+    pub(crate) fn finish(mut self, output: Tensor<3>) -> Vec<Segment> {
         self.done.push(Segment {
             inputs: self.open,
             outputs: vec![output],
@@ -480,7 +485,7 @@ fn embed(
 }
 
 /// Mean next-token cross-entropy of `[n, seq_len, vocab]` logits.
-fn next_token_loss(logits: Tensor<3>, targets: &[i64], device: &Device) -> Tensor<1> {
+pub(crate) fn next_token_loss(logits: Tensor<3>, targets: &[i64], device: &Device) -> Tensor<1> {
     let [n, t, v] = logits.dims();
     let targets = Tensor::<1, Int>::from_data(TensorData::new(targets.to_vec(), [n * t]), device);
     CrossEntropyLossConfig::new()
@@ -577,21 +582,15 @@ impl PipelineModel for GptStage {
     }
 
     fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1> {
-        let Batch::Tokens { targets, .. } = batch else {
-            panic!("the gpt trains on token batches");
-        };
-        next_token_loss(output, targets, device)
+        token_stage_loss(output, batch, device)
     }
 
     fn activation_shape(spec: &JobSpec, batch: &Batch) -> [usize; 3] {
-        let Batch::Tokens { n, seq_len, .. } = batch else {
-            panic!("the gpt trains on token batches");
-        };
-        [*n, *seq_len, spec.model.d_model as usize]
+        token_activation_shape(spec, batch)
     }
 }
 
-fn causal_mask(t: usize, device: &Device) -> Tensor<4> {
+pub(crate) fn causal_mask(t: usize, device: &Device) -> Tensor<4> {
     let values: Vec<f32> = (0..t * t)
         .map(|i| if i % t > i / t { -1e9 } else { 0.0 })
         .collect();
@@ -614,31 +613,62 @@ impl TrainModel for Gpt {
     }
 
     fn loss(&self, batch: &Batch, device: &Device) -> Tensor<1> {
-        let Batch::Tokens {
-            inputs,
-            targets,
-            n,
-            seq_len,
-        } = batch
-        else {
-            panic!("the gpt trains on token batches");
-        };
-        // The loss in f32, whatever precision the logits were computed in.
-        let logits = self
-            .logits(inputs, *n, *seq_len, device)
-            .cast(FloatDType::F32);
-        next_token_loss(logits, targets, device)
+        token_loss(batch, device, |i, n, t| self.logits(i, n, t, device))
     }
 
     fn logits_for(&self, batch: &Batch, device: &Device) -> Option<Tensor<3>> {
-        let Batch::Tokens {
-            inputs, n, seq_len, ..
-        } = batch
-        else {
-            return None;
-        };
-        Some(self.logits(inputs, *n, *seq_len, device))
+        token_logits(batch, |i, n, t| self.logits(i, n, t, device))
     }
+}
+
+/// A language model's mean next-token loss on a token batch, from its `logits(inputs, n,
+/// seq_len)`, in f32 whatever precision the logits were computed in.
+pub(crate) fn token_loss(
+    batch: &Batch,
+    device: &Device,
+    logits: impl FnOnce(&[i64], usize, usize) -> Tensor<3>,
+) -> Tensor<1> {
+    let Batch::Tokens {
+        inputs,
+        targets,
+        n,
+        seq_len,
+    } = batch
+    else {
+        panic!("a language model trains on token batches");
+    };
+    next_token_loss(
+        logits(inputs, *n, *seq_len).cast(FloatDType::F32),
+        targets,
+        device,
+    )
+}
+
+/// A language model's logits for a token batch (None for other batches).
+pub(crate) fn token_logits(
+    batch: &Batch,
+    logits: impl FnOnce(&[i64], usize, usize) -> Tensor<3>,
+) -> Option<Tensor<3>> {
+    let Batch::Tokens {
+        inputs, n, seq_len, ..
+    } = batch
+    else {
+        return None;
+    };
+    Some(logits(inputs, *n, *seq_len))
+}
+
+/// A language model's last pipeline stage's loss: its output is the logits.
+pub(crate) fn token_stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1> {
+    token_loss(batch, device, |_, _, _| output)
+}
+
+/// The activations between a language model's pipeline stages: `[n, seq_len, d_model]`.
+pub(crate) fn token_activation_shape(spec: &JobSpec, batch: &Batch) -> [usize; 3] {
+    let Batch::Tokens { n, seq_len, .. } = batch else {
+        panic!("a language model trains on token batches");
+    };
+    [*n, *seq_len, spec.model.d_model as usize]
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use crate::control::{Drained, drain_on_sigterm};
 use crate::data::{Dataset, Split};
+use crate::llama::{Llama, LlamaStage};
 use crate::model::{Gpt, GptStage, Mlp, MlpStage};
 use crate::report::Reporter;
 use crate::train::{RankJob, train};
@@ -150,6 +151,8 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         (ModelKind::Mlp, true) => train::<MlpStage>(&job, &data, &mut *comm, &reporter, &io)?,
         (ModelKind::Gpt, false) => train::<Gpt>(&job, &data, &mut *comm, &reporter, &io)?,
         (ModelKind::Gpt, true) => train::<GptStage>(&job, &data, &mut *comm, &reporter, &io)?,
+        (ModelKind::Llama, false) => train::<Llama>(&job, &data, &mut *comm, &reporter, &io)?,
+        (ModelKind::Llama, true) => train::<LlamaStage>(&job, &data, &mut *comm, &reporter, &io)?,
     };
     Ok(())
 }

@@ -352,6 +352,7 @@ pub fn reshard(
 mod tests {
     use super::*;
     use crate::data::{Dataset, Split as DataSplit};
+    use crate::llama::{Llama, LlamaStage};
     use crate::model::{Gpt, GptStage, Mlp, MlpStage, TrainModel};
     use crate::stage::Stage;
     use burn::module::Module;
@@ -492,6 +493,14 @@ mod tests {
             .unwrap()
         };
         round_trips::<Gpt, GptStage>(&spec("gpt"), &[(2, 1), (1, 2), (2, 2)]);
+        // A llama with grouped-query attention: two key/value heads, one per tp rank.
+        let llama = JobSpec::from_json(
+            r#"{"name":"t","model":{"kind":"llama","layers":2,"d_model":16,"heads":4,
+            "num_key_value_heads":2},"data":{"seq_len":8,"examples":64},
+            "train":{"steps":4,"global_batch":4,"lr":0.01}}"#,
+        )
+        .unwrap();
+        round_trips::<Llama, LlamaStage>(&llama, &[(2, 1), (1, 2), (2, 2)]);
         // The mlp's three blocks (two hidden layers, the output layer) are one per stage at
         // pp 3; at tp 2 × pp 2 the first stage holds one, the second two.
         let mlp = spec("mlp");

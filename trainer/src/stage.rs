@@ -102,7 +102,7 @@ fn answer_chunks<'d>(ctx: &StepContext<'d>) -> Vec<Vec<(&'d [i64], usize)>> {
 
 /// This dp rank's evaluation samples, in chunks of 64.
 fn eval_chunks(ctx: &StepContext<'_>, split: Split) -> Vec<Vec<usize>> {
-    let n = ctx.data.len(split).min(512);
+    let n = ctx.data.len(split).min(crate::data::EVAL_SAMPLES);
     let dp = ctx.mesh.dp as usize;
     let dp_rank = ctx.coords().dp as usize;
     let mine: Vec<usize> = (0..n).filter(|i| i % dp == dp_rank).collect();
@@ -470,3 +470,4 @@ macro_rules! pipeline_stage {
 
 pipeline_stage!(MlpStage);
 pipeline_stage!(GptStage);
+pipeline_stage!(crate::llama::LlamaStage);

@@ -11,7 +11,7 @@
 //! it is judged by is the global one).
 
 use crate::control::{Control, Drained, drain_requested};
-use crate::data::{Dataset, Split, shard};
+use crate::data::{Dataset, PREFETCH_STEPS, Split, shard};
 use crate::gradients::{squared_norm, unflatten};
 use crate::precision::{LossScaler, Verdict};
 use crate::report::{Reporter, StepReport};
@@ -74,6 +74,28 @@ pub fn train<S: Stage>(
             .map_err(|e| anyhow::anyhow!("model record: {e:?}"))
     };
     let restored = restore_point(job, mesh, &fresh, comm, reporter, &store, io)?;
+    // A fresh run starts from pretrained weights when asked (a resumed one has its own).
+    if restored.is_none()
+        && let Some(url) = &spec.model.init_from
+    {
+        let loading = Instant::now();
+        let options =
+            gantry_core::store_options::for_url(url, &job.store_options, &spec.data.options);
+        let pretrained = io.block_on(crate::pretrained::load(
+            spec,
+            url,
+            &options,
+            data.vocab_size(spec),
+        ))?;
+        model = pretrained.apply(model, spec, mesh, coords)?;
+        if job.rank == Rank::LEADER {
+            reporter.log(&format!(
+                "initialised from {url} ({} tensors) in {:.2} s",
+                pretrained.tensors(),
+                loading.elapsed().as_secs_f64()
+            ));
+        }
+    }
     let mut scaler = LossScaler::for_spec(spec);
     let mut start = 0;
     let mut last_eval = None;
@@ -148,8 +170,15 @@ pub fn train<S: Stage>(
     // Rank 0's commit of the checkpoint in flight, once every shard of it is uploaded.
     let mut committing: Option<Commit> = None;
     let mut flat = Vec::new();
+    let global_batch = t.global_batch as usize;
+    for ahead in start..(start + PREFETCH_STEPS).min(t.steps) {
+        data.prefetch_step(ahead, global_batch, dp_rank, dp);
+    }
     for step in start..t.steps {
         let started = Instant::now();
+        if step + PREFETCH_STEPS < t.steps {
+            data.prefetch_step(step + PREFETCH_STEPS, global_batch, dp_rank, dp);
+        }
         let global = data.global_batch_indices(step, t.global_batch as usize);
         let local = shard(&global, dp_rank, dp);
         let per_micro = local.len() / micro;
@@ -319,6 +348,9 @@ pub fn train<S: Stage>(
         if let Some(loss) = test_loss {
             reporter.test(loss, accuracy);
         }
+    }
+    if let Some(io) = data.io_report().filter(|_| job.rank == Rank::LEADER) {
+        reporter.log(&format!("dataset reads (rank 0): {io}"));
     }
     Ok(())
 }
