@@ -7,6 +7,7 @@ mod cluster;
 mod data;
 mod failure;
 mod follow;
+mod generate;
 mod local;
 mod render;
 mod resume;
@@ -119,6 +120,29 @@ enum Command {
         /// dataset's `tokenizer.json`), for the llama family.
         #[arg(long, value_enum, default_value = "safetensors")]
         format: store::ExportFormat,
+        /// This checkpoint step instead of the newest verified one.
+        #[arg(long)]
+        step: Option<u64>,
+    },
+    /// Continue a prompt with a trained llama, on this machine's CPU (key/value cache), from the
+    /// job's newest verified checkpoint.
+    Generate {
+        job: String,
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to write after the prompt.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 writes the most likely token each time; above 0, tokens are sampled from the
+        /// logits divided by it.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Sample among the K most likely tokens only (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// The sampler's seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         /// This checkpoint step instead of the newest verified one.
         #[arg(long)]
         step: Option<u64>,
@@ -267,6 +291,38 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 .await?
                 .into_inner();
             store::export(&job, step, &out, format).await?;
+            Ok(0)
+        }
+        Command::Generate {
+            job,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            seed,
+            step,
+        } => {
+            if !temperature.is_finite() || temperature < 0.0 {
+                return Err(Failure::usage(format!(
+                    "--temperature: {temperature} must be 0 (greedy) or positive"
+                )));
+            }
+            let job = connect(&cli.coordinator)
+                .await?
+                .get_job(pb::GetJobRequest { job_id: job })
+                .await?
+                .into_inner();
+            let request = generate::Request {
+                prompt,
+                max_tokens,
+                sampling: gantry_trainer::llama::Sampling {
+                    temperature,
+                    top_k,
+                    seed,
+                },
+                step,
+            };
+            generate::generate(&job, request).await?;
             Ok(0)
         }
         Command::Data {

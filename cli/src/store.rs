@@ -106,37 +106,7 @@ pub async fn export(
             spec.model.kind
         );
     }
-    let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
-    // The shards are checked as they are read; without --step, a step whose shards are torn
-    // or damaged is skipped for the one before (a store that cannot be read is an error).
-    let candidates = match step {
-        Some(step) => vec![step],
-        None => store.steps().await?,
-    };
-    let mut exported = None;
-    for candidate in candidates {
-        let read = async {
-            let manifest = store.committed(candidate).await?;
-            let params = export::whole_model(&spec, &store, &manifest).await?;
-            Ok::<_, anyhow::Error>((manifest, params))
-        };
-        match read.await {
-            Ok(found) => {
-                exported = Some(found);
-                break;
-            }
-            Err(e)
-                if step.is_none()
-                    && e.downcast_ref::<CheckpointError>()
-                        .is_some_and(|e| store.is_damage(e)) =>
-            {
-                eprintln!("skipping step {candidate}: {e:#}")
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let (manifest, params) =
-        exported.ok_or_else(|| anyhow::anyhow!("{} has no usable checkpoint", job.id))?;
+    let (manifest, params) = whole_model(job, &spec, step).await?;
     let metadata = [
         ("format", "pt".to_string()),
         ("gantry.job", job.id.clone()),
@@ -183,4 +153,45 @@ pub async fn export(
         file.display()
     );
     Ok(())
+}
+
+/// The whole model of `job`'s checkpoint at `step`, or of its newest one whose shards verify.
+pub async fn whole_model(
+    job: &pb::Job,
+    spec: &JobSpec,
+    step: Option<u64>,
+) -> anyhow::Result<(
+    gantry_checkpoint::Manifest,
+    std::collections::BTreeMap<String, export::Tensor32>,
+)> {
+    let store = CheckpointStore::for_job(&spec.checkpoint, &job.id, &Default::default())?;
+    // The shards are checked as they are read; without --step, a step whose shards are torn
+    // or damaged is skipped for the one before (a store that cannot be read is an error).
+    let candidates = match step {
+        Some(step) => vec![step],
+        None => store.steps().await?,
+    };
+    let mut exported = None;
+    for candidate in candidates {
+        let read = async {
+            let manifest = store.committed(candidate).await?;
+            let params = export::whole_model(spec, &store, &manifest).await?;
+            Ok::<_, anyhow::Error>((manifest, params))
+        };
+        match read.await {
+            Ok(found) => {
+                exported = Some(found);
+                break;
+            }
+            Err(e)
+                if step.is_none()
+                    && e.downcast_ref::<CheckpointError>()
+                        .is_some_and(|e| store.is_damage(e)) =>
+            {
+                eprintln!("skipping step {candidate}: {e:#}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    exported.ok_or_else(|| anyhow::anyhow!("{} has no usable checkpoint", job.id))
 }

@@ -804,6 +804,31 @@ fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `gantry generate` continues a prompt from the trained checkpoint, greedily: the same
+    // text twice.
+    let generate = || {
+        let out = cluster.gantry(&[
+            "generate",
+            &reference,
+            "--prompt",
+            "And God said",
+            "--max-tokens",
+            "12",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = generate();
+    assert!(
+        text.starts_with("And God said") && text.trim_end().len() > "And God said".len(),
+        "{text:?}"
+    );
+    assert_eq!(generate(), text);
+
     // A new job starts from that folder (`model.init_from`), each of its tp = 2 ranks cutting its
     // slice: its first loss is the trained model's, far below a fresh start's.
     let init = format!("model.init_from=\"{}\"", hf.display());

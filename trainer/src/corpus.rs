@@ -36,8 +36,16 @@ pub fn arithmetic_lines(count: usize, seed: u64) -> Vec<String> {
         .collect()
 }
 
+/// The arithmetic corpus's tokenizer (what its dataset stores).
+pub fn arithmetic_tokenizer() -> gantry_data::Tokenizer {
+    arithmetic_tokenizer_json()
+        .to_string()
+        .parse()
+        .expect("the arithmetic tokenizer parses")
+}
+
 /// A character per token, the ids of [`VOCAB`], joined back without spaces.
-fn arithmetic_tokenizer() -> serde_json::Value {
+fn arithmetic_tokenizer_json() -> serde_json::Value {
     let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
         .iter()
         .enumerate()
@@ -85,7 +93,7 @@ pub async fn arithmetic_dataset(spec: &JobSpec) -> anyhow::Result<PathBuf> {
         let lines = sources.join("arithmetic.txt");
         std::fs::write(&lines, arithmetic_lines(examples as usize, seed).concat())?;
         let tokenizer = sources.join("tokenizer.json");
-        std::fs::write(&tokenizer, arithmetic_tokenizer().to_string())?;
+        std::fs::write(&tokenizer, arithmetic_tokenizer_json().to_string())?;
         let path = |p: &std::path::Path| p.display().to_string();
         let mut config = PrepareConfig::new(
             vec![path(&lines)],

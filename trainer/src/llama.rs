@@ -23,6 +23,7 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNor
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use gantry_core::{Coords, JobSpec, Mesh};
+use rand::SeedableRng;
 
 /// The shape of a llama, from the spec (Hugging Face's `config.json` fields).
 #[derive(Debug, Clone, Copy)]
@@ -191,18 +192,29 @@ impl Rope {
 
     /// `x` is `[batch, heads, time, dh]`.
     fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        let dtype = x.dtype();
-        let [_, _, _, dh] = x.dims();
-        let half = dh / 2;
-        let rotated = Tensor::cat(
-            vec![
-                x.clone().narrow(3, half, half).neg(),
-                x.clone().narrow(3, 0, half),
-            ],
-            3,
-        );
-        x * self.cos.clone().cast(dtype) + rotated * self.sin.clone().cast(dtype)
+        rotate(x, self.cos.clone(), self.sin.clone())
     }
+
+    /// `x` `[batch, heads, 1, dh]` at position `pos`.
+    fn apply_at(&self, x: Tensor<4>, pos: usize) -> Tensor<4> {
+        let at = |t: &Tensor<4>| t.clone().narrow(2, pos, 1);
+        rotate(x, at(&self.cos), at(&self.sin))
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin`, the tables broadcast over batch and heads.
+fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let dtype = x.dtype();
+    let [_, _, _, dh] = x.dims();
+    let half = dh / 2;
+    let rotated = Tensor::cat(
+        vec![
+            x.clone().narrow(3, half, half).neg(),
+            x.clone().narrow(3, 0, half),
+        ],
+        3,
+    );
+    x * cos.cast(dtype) + rotated * sin.cast(dtype)
 }
 
 /// A whole llama (pp = tp = 1).
@@ -394,5 +406,253 @@ impl PipelineModel for LlamaStage {
 
     fn activation_shape(spec: &JobSpec, batch: &Batch) -> [usize; 3] {
         token_activation_shape(spec, batch)
+    }
+}
+
+/// How `Llama::generate` picks each next token.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// 0 is greedy (the most likely token); above 0, logits are divided by it and sampled.
+    pub temperature: f64,
+    /// Sample among the `top_k` most likely tokens only (0: all).
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+/// One layer's keys and values so far (after the rotary embedding), `[1, kv_heads, t, dh]`.
+struct LayerCache {
+    k: Tensor<4>,
+    v: Tensor<4>,
+}
+
+impl LlamaLayer {
+    /// The layer on one new position `pos`, `x` `[1, 1, hidden]`, attending to the cached keys
+    /// and values (to which it adds its own).
+    fn decode(
+        &self,
+        x: Tensor<3>,
+        rope: &Rope,
+        pos: usize,
+        cache: &mut Option<LayerCache>,
+    ) -> Tensor<3> {
+        let (heads, kv) = (self.heads, self.kv_heads);
+        let dh = self.q_proj.weight.val().dims()[1] / heads;
+        let normed = self.input_layernorm.forward(x.clone());
+        let split = |y: Tensor<3>, n: usize| y.reshape([1, 1, n, dh]).swap_dims(1, 2);
+        let q = rope.apply_at(split(self.q_proj.forward(normed.clone()), heads), pos);
+        let k = rope.apply_at(split(self.k_proj.forward(normed.clone()), kv), pos);
+        let v = split(self.v_proj.forward(normed), kv);
+        let (k, v) = match cache.take() {
+            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some(LayerCache {
+            k: k.clone(),
+            v: v.clone(),
+        });
+        let t = pos + 1;
+        let repeat = |y: Tensor<4>| {
+            y.unsqueeze_dim::<5>(2)
+                .expand([1, kv, heads / kv, t, dh])
+                .reshape([1, heads, t, dh])
+        };
+        let scores = q
+            .matmul(repeat(k).swap_dims(2, 3))
+            .div_scalar((dh as f32).sqrt());
+        let attended = softmax(scores, 3)
+            .matmul(repeat(v))
+            .swap_dims(1, 2)
+            .reshape([1, 1, heads * dh]);
+        let x = x + self.o_proj.forward(attended);
+        let normed = self.post_attention_layernorm.forward(x.clone());
+        let gated = silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed);
+        x + self.down_proj.forward(gated)
+    }
+}
+
+impl Llama {
+    /// `new` tokens after `prompt`. With `cache`, each step runs the model on the new token
+    /// only, reading earlier positions' keys and values from a cache; without, it runs the whole
+    /// sequence again (what the cache must equal).
+    pub fn generate(
+        &self,
+        prompt: &[i64],
+        new: usize,
+        sampling: Sampling,
+        cache: bool,
+        device: &Device,
+    ) -> Vec<i64> {
+        self.generate_with_logits(prompt, new, sampling, cache, device)
+            .0
+    }
+
+    /// [`Llama::generate`], with the logits each new token was picked from.
+    pub fn generate_with_logits(
+        &self,
+        prompt: &[i64],
+        new: usize,
+        sampling: Sampling,
+        cache: bool,
+        device: &Device,
+    ) -> (Vec<i64>, Vec<Vec<f32>>) {
+        assert!(!prompt.is_empty(), "a prompt of at least one token");
+        let dh = self.layers[0].q_proj.weight.val().dims()[1] / self.layers[0].heads;
+        let total = prompt.len() + new;
+        let rope = Rope::new(total, dh, self.rope_theta, device);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+        let mut tokens = prompt.to_vec();
+        let mut caches: Vec<Option<LayerCache>> = (0..self.layers.len()).map(|_| None).collect();
+        let mut fed = 0;
+        let mut seen = Vec::with_capacity(new);
+        while tokens.len() < total {
+            let last = if cache {
+                let mut out = None;
+                for (pos, &token) in tokens.iter().enumerate().skip(fed) {
+                    let mut x = self.embed_tokens.forward(tokens_of(&[token], 1, 1, device));
+                    for (layer, c) in self.layers.iter().zip(&mut caches) {
+                        x = layer.decode(x, &rope, pos, c);
+                    }
+                    out = Some(x);
+                }
+                fed = tokens.len();
+                let x = self.norm.forward(out.expect("a token fed"));
+                head(x, self.lm_head.as_ref(), Some(&self.embed_tokens))
+            } else {
+                let t = tokens.len();
+                self.logits(&tokens, 1, t, device).narrow(1, t - 1, 1)
+            };
+            let logits: Vec<f32> = last
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec()
+                .expect("f32 logits");
+            tokens.push(pick(&logits, sampling, &mut rng));
+            seen.push(logits);
+        }
+        (tokens.split_off(prompt.len()), seen)
+    }
+}
+
+/// `new` tokens after `prompt` from a llama of `spec` holding `whole` (a checkpoint's
+/// whole-model parameters, from `source`), on the CPU with the key/value cache.
+pub fn continue_on_cpu(
+    spec: &JobSpec,
+    source: String,
+    whole: std::collections::BTreeMap<String, crate::reshard::Tensor32>,
+    prompt: &[i64],
+    new: usize,
+    sampling: Sampling,
+) -> anyhow::Result<Vec<i64>> {
+    let device = Device::flex();
+    let one = Mesh::new(1, 1, 1);
+    let model = crate::pretrained::Pretrained::from_whole(source, whole).apply(
+        Llama::init(spec, &device),
+        spec,
+        one,
+        one.coords(0),
+    )?;
+    Ok(model.generate(prompt, new, sampling, true, &device))
+}
+
+/// The next token from one position's logits.
+fn pick(logits: &[f32], s: Sampling, rng: &mut impl rand::Rng) -> i64 {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    // Most likely first; ties to the lower id, as argmax.
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if s.temperature <= 0.0 {
+        return order[0] as i64;
+    }
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let top = f64::from(logits[order[0]]);
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - top) / s.temperature).exp())
+        .collect();
+    let mut at = rng.random::<f64>() * weights.iter().sum::<f64>();
+    for (i, w) in order.iter().zip(&weights) {
+        if at < *w {
+            return *i as i64;
+        }
+        at -= w;
+    }
+    *order.last().expect("a vocabulary") as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> JobSpec {
+        JobSpec::from_json(&format!(
+            r#"{{"name":"t","model":{{"kind":"llama","layers":2,"d_model":32,"heads":4,
+            "num_key_value_heads":2{extra}}},"train":{{"steps":1,"global_batch":2,"lr":0.1}}}}"#
+        ))
+        .unwrap()
+    }
+
+    /// Decoding with the key/value cache writes what decoding without it (the whole sequence
+    /// again each step) writes: greedily, and sampled from the same seed.
+    #[test]
+    fn decoding_with_the_cache_equals_decoding_without_it() {
+        let _rng = crate::rng_lock();
+        let device = Device::flex();
+        for extra in ["", r#","num_key_value_heads":1,"tie_word_embeddings":true"#] {
+            device.seed(3);
+            let model = Llama::init(&spec(extra), &device);
+            let prompt = [1, 5, 9, 2];
+            for sampling in [
+                Sampling {
+                    temperature: 0.0,
+                    top_k: 0,
+                    seed: 0,
+                },
+                Sampling {
+                    temperature: 1000.0,
+                    top_k: 5,
+                    seed: 7,
+                },
+            ] {
+                let cached = model.generate(&prompt, 12, sampling, true, &device);
+                let full = model.generate(&prompt, 12, sampling, false, &device);
+                assert_eq!(cached.len(), 12);
+                assert_eq!(cached, full, "{extra} {sampling:?}");
+            }
+            // Greedily, step by step, the cached logits are the recomputed ones within 1e-4,
+            // and they change from step to step (each position is its own).
+            let greedy = Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                seed: 0,
+            };
+            let (_, cached) = model.generate_with_logits(&prompt, 12, greedy, true, &device);
+            let (_, full) = model.generate_with_logits(&prompt, 12, greedy, false, &device);
+            let differ = |a: &[f32], b: &[f32]| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max)
+            };
+            for (step, (c, f)) in cached.iter().zip(&full).enumerate() {
+                assert!(differ(c, f) < 1e-4, "{extra} step {step}: {}", differ(c, f));
+            }
+            assert!(differ(&cached[0], &cached[11]) > 1e-3, "{extra}");
+            // Sampling hot does not always write what greedy does.
+            let hot = Sampling {
+                temperature: 1000.0,
+                top_k: 0,
+                seed: 1,
+            };
+            let greedy = Sampling {
+                temperature: 0.0,
+                top_k: 0,
+                seed: 0,
+            };
+            assert_ne!(
+                model.generate(&prompt, 12, hot, true, &device),
+                model.generate(&prompt, 12, greedy, true, &device)
+            );
+        }
     }
 }

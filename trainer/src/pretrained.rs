@@ -209,6 +209,11 @@ fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
 }
 
 impl Pretrained {
+    /// Whole-model parameters under Gantry's names (a checkpoint's, say), from `url`.
+    pub fn from_whole(url: String, whole: BTreeMap<String, Tensor32>) -> Self {
+        Self { url, whole }
+    }
+
     /// Tensors the folder held.
     pub fn tensors(&self) -> usize {
         self.whole.len()
