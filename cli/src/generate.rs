@@ -21,15 +21,8 @@ pub async fn generate(job: &pb::Job, request: Request) -> anyhow::Result<()> {
         job.id,
         spec.model.kind
     );
-    let tokenizer = match spec.dataset() {
-        Some(url) => {
-            let options =
-                gantry_core::store_options::for_url(url, &Default::default(), &spec.data.options);
-            gantry_data::DatasetReader::open(url, &options)
-                .await?
-                .tokenizer()
-                .await?
-        }
+    let tokenizer = match store::job_dataset(&spec).await? {
+        Some(reader) => reader.tokenizer().await?,
         None => gantry_trainer::corpus::arithmetic_tokenizer(),
     };
     let (manifest, whole) = store::whole_model(job, &spec, request.step).await?;
@@ -49,7 +42,6 @@ pub async fn generate(job: &pb::Job, request: Request) -> anyhow::Result<()> {
     anyhow::ensure!(!ids.is_empty(), "--prompt: the prompt has no tokens");
     let new = gantry_trainer::llama::continue_on_cpu(
         &spec,
-        job.id.clone(),
         whole,
         &ids,
         request.max_tokens,

@@ -130,13 +130,7 @@ pub async fn export(
                 serde_json::to_string_pretty(&config)?,
             )?;
             // The tokenizer the model was trained with, when it trained on a dataset.
-            if let Some(url) = spec.dataset() {
-                let options = gantry_core::store_options::for_url(
-                    url,
-                    &Default::default(),
-                    &spec.data.options,
-                );
-                let reader = gantry_data::DatasetReader::open(url, &options).await?;
+            if let Some(reader) = job_dataset(&spec).await? {
                 std::fs::write(out.join("tokenizer.json"), reader.tokenizer_json().await?)?;
             }
             (params, out.join("model.safetensors"))
@@ -194,4 +188,14 @@ pub async fn whole_model(
         }
     }
     exported.ok_or_else(|| anyhow::anyhow!("{} has no usable checkpoint", job.id))
+}
+
+/// The dataset a job trained on (a `dataset:` source's), opened from this machine with the
+/// spec's `data.options`.
+pub async fn job_dataset(spec: &JobSpec) -> anyhow::Result<Option<gantry_data::DatasetReader>> {
+    let Some(url) = spec.dataset() else {
+        return Ok(None);
+    };
+    let options = gantry_core::store_options::for_url(url, &Default::default(), &spec.data.options);
+    Ok(Some(gantry_data::DatasetReader::open(url, &options).await?))
 }

@@ -22,6 +22,7 @@ pub mod tokenizer;
 pub use manifest::{Dtype, Manifest, SplitName};
 pub use prepare::{PrepareConfig, Progress, Summary, prepare};
 pub use read::DatasetReader;
+pub use store::url_of;
 pub use tokenizers::Tokenizer;
 
 /// Options for an object store's client, by object_store's configuration key.

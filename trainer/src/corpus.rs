@@ -9,7 +9,6 @@ use gantry_data::input::TxtDocuments;
 use gantry_data::prepare::{PrepareConfig, Quiet, TokenizerChoice};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 
 pub const ARITHMETIC: &str = "builtin:arithmetic";
@@ -74,8 +73,7 @@ pub async fn arithmetic_dataset(spec: &JobSpec) -> anyhow::Result<PathBuf> {
         "arithmetic examples={examples} seed={seed} split={split:?} format={}",
         gantry_data::manifest::FORMAT
     );
-    let digest = Sha256::digest(key.as_bytes());
-    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let name = &gantry_data::tokenizer::sha256(&key)[..16];
     let root = gantry_data::cache::default_dir()
         .join("builtin")
         .join(format!("arithmetic-{name}"));

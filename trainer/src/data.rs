@@ -128,8 +128,6 @@ pub struct Dataset {
     /// The test split's arithmetic lines, token by token, for exact-match accuracy.
     test_lines: Vec<Vec<i64>>,
     seed: u64,
-    /// Whether `model.vocab_size` comes from the data (a `dataset:` source's tokenizer).
-    fits_vocab: bool,
     /// Recent epochs' sample orders.
     permutations: Mutex<Vec<(usize, Arc<Vec<usize>>)>>,
     /// What a `dataset:` source adds: its manifest's hash (checkpoints keep it), its tokenizer
@@ -160,9 +158,7 @@ impl Dataset {
         if let Some(url) = spec.dataset() {
             let options = gantry_core::store_options::for_url(url, worker, &spec.data.options);
             let reader = io.block_on(gantry_data::DatasetReader::open(url, &options))?;
-            let mut data = Self::read(spec, url, reader, io)?;
-            data.fits_vocab = true;
-            return Ok(data);
+            return Self::read(spec, url, reader, io);
         }
         if spec.data_source() != corpus::ARITHMETIC {
             return Ok(Self::regression(spec));
@@ -226,7 +222,6 @@ impl Dataset {
             test_lines: Vec::new(),
             seed: spec.train.seed,
             permutations: Mutex::default(),
-            fits_vocab: false,
             prepared: Some(Prepared {
                 io: splits.io,
                 tokenizer: io.block_on(reader.tokenizer())?,
@@ -241,7 +236,8 @@ impl Dataset {
         let Some(theirs) = self.prepared.as_ref().map(|p| p.vocab_size) else {
             return Ok(());
         };
-        if !self.fits_vocab {
+        // A built-in corpus's vocabulary is the spec's own.
+        if spec.dataset().is_none() {
             return Ok(());
         }
         match spec.model.vocab_size {
@@ -292,7 +288,7 @@ impl Dataset {
     /// The vocabulary the model trains with: the dataset's tokenizer's, else the spec's.
     pub fn vocab_size(&self, spec: &JobSpec) -> usize {
         match &self.prepared {
-            Some(p) if self.fits_vocab => p.vocab_size as usize,
+            Some(p) if spec.dataset().is_some() => p.vocab_size as usize,
             _ => spec.vocab_size(),
         }
     }
@@ -321,7 +317,6 @@ impl Dataset {
             test_lines: Vec::new(),
             seed,
             permutations: Mutex::default(),
-            fits_vocab: false,
             prepared: None,
         }
     }

@@ -80,6 +80,7 @@ pub struct LlamaLayer {
     down_proj: Linear,
     heads: usize,
     kv_heads: usize,
+    head_dim: usize,
 }
 
 impl LlamaLayer {
@@ -97,6 +98,7 @@ impl LlamaLayer {
             down_proj: linear(s.intermediate, h, device),
             heads: s.heads,
             kv_heads: s.kv_heads,
+            head_dim: dh,
         }
     }
 
@@ -116,6 +118,7 @@ impl LlamaLayer {
             down_proj: cut(&self.down_proj, "down_proj"),
             heads: self.heads / tp,
             kv_heads: self.kv_heads / tp,
+            head_dim: self.head_dim,
             input_layernorm: self.input_layernorm,
             post_attention_layernorm: self.post_attention_layernorm,
         }
@@ -134,31 +137,60 @@ impl LlamaLayer {
         let x = x + tape.sum(self.o_proj.forward(attended))?;
         let normed = self.post_attention_layernorm.forward(x.clone());
         let (x, normed) = tape.cut(x, normed);
-        let gated = silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed);
-        Ok(x + tape.sum(self.down_proj.forward(gated))?)
+        Ok(x + tape.sum(self.swiglu(normed))?)
     }
 
-    /// Causal grouped-query attention: each key/value head serves `heads / kv_heads` query heads
-    /// (consecutive ones, as Hugging Face's `repeat_kv`). Returns `[batch, time, heads · dh]`.
-    fn attention(&self, x: Tensor<3>, rope: &Rope, mask: &Tensor<4>) -> Tensor<3> {
+    /// The SwiGLU MLP of normed `x` (this rank's partial sum under tp).
+    fn swiglu(&self, x: Tensor<3>) -> Tensor<3> {
+        let gated = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        self.down_proj.forward(gated)
+    }
+
+    /// Queries, keys and values of `x` `[batch, time, hidden]` at positions `from..`, each
+    /// `[batch, heads, time, dh]`, the queries and keys rotated.
+    fn project(&self, x: Tensor<3>, rope: &Rope, from: usize) -> [Tensor<4>; 3] {
         let [b, t, _] = x.dims();
-        let (heads, kv) = (self.heads, self.kv_heads);
-        let dh = self.q_proj.weight.val().dims()[1] / heads;
-        let split = |y: Tensor<3>, n: usize| y.reshape([b, t, n, dh]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone()), heads));
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), kv));
-        let v = split(self.v_proj.forward(x), kv);
+        let split = |y: Tensor<3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone()), self.heads), from);
+        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.kv_heads), from);
+        [q, k, split(self.v_proj.forward(x), self.kv_heads)]
+    }
+
+    /// Grouped-query attention of queries `q` over keys and values `k`, `v` (`[batch, kv_heads,
+    /// time, dh]`): each key/value head serves `heads / kv_heads` query heads (consecutive
+    /// ones, as Hugging Face's `repeat_kv`). `mask` is added to the scores when given. Returns
+    /// `[batch, time of q, heads · dh]`.
+    fn attend(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: Option<&Tensor<4>>,
+    ) -> Tensor<3> {
+        let [b, heads, tq, dh] = q.dims();
+        let [_, kv, tk, _] = k.dims();
         let repeat = |y: Tensor<4>| {
             y.unsqueeze_dim::<5>(2)
-                .expand([b, kv, heads / kv, t, dh])
-                .reshape([b, heads, t, dh])
+                .expand([b, kv, heads / kv, tk, dh])
+                .reshape([b, heads, tk, dh])
         };
-        let (k, v) = (repeat(k), repeat(v));
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((dh as f32).sqrt()) + mask.clone();
+        let scores = q
+            .matmul(repeat(k).swap_dims(2, 3))
+            .div_scalar((dh as f32).sqrt());
+        let scores = match mask {
+            Some(mask) => scores + mask.clone(),
+            None => scores,
+        };
         softmax(scores, 3)
-            .matmul(v)
+            .matmul(repeat(v))
             .swap_dims(1, 2)
-            .reshape([b, t, heads * dh])
+            .reshape([b, tq, heads * dh])
+    }
+
+    /// Causal self-attention of normed `x`. Returns `[batch, time, heads · dh]`.
+    fn attention(&self, x: Tensor<3>, rope: &Rope, mask: &Tensor<4>) -> Tensor<3> {
+        let [q, k, v] = self.project(x, rope, 0);
+        self.attend(q, k, v, Some(mask))
     }
 }
 
@@ -190,14 +222,10 @@ impl Rope {
         }
     }
 
-    /// `x` is `[batch, heads, time, dh]`.
-    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        rotate(x, self.cos.clone(), self.sin.clone())
-    }
-
-    /// `x` `[batch, heads, 1, dh]` at position `pos`.
-    fn apply_at(&self, x: Tensor<4>, pos: usize) -> Tensor<4> {
-        let at = |t: &Tensor<4>| t.clone().narrow(2, pos, 1);
+    /// `x` is `[batch, heads, time, dh]`, at positions `from..from + time`.
+    fn apply(&self, x: Tensor<4>, from: usize) -> Tensor<4> {
+        let t = x.dims()[2];
+        let at = |table: &Tensor<4>| table.clone().narrow(2, from, t);
         rotate(x, at(&self.cos), at(&self.sin))
     }
 }
@@ -268,8 +296,7 @@ impl Llama {
             .embed_tokens
             .forward(tokens_of(inputs, n, seq_len, device));
         let dtype = x.dtype();
-        let dh = self.layers[0].q_proj.weight.val().dims()[1] / self.layers[0].heads;
-        let rope = Rope::new(seq_len, dh, self.rope_theta, device);
+        let rope = Rope::new(seq_len, self.layers[0].head_dim, self.rope_theta, device);
         let mask = causal_mask(seq_len, device).cast(dtype);
         let mut alone = Alone;
         let mut tape = Tape::new(&mut alone, Vec::new());
@@ -318,8 +345,6 @@ pub struct LlamaStage {
     layers: Vec<LlamaLayer>,
     norm: Option<RmsNorm>,
     lm_head: Option<Linear>,
-    /// Whether this (last) stage's head is the embedding matrix.
-    tied: bool,
     rope_theta: f64,
     head_dim: usize,
 }
@@ -332,7 +357,8 @@ impl PipelineModel for LlamaStage {
         let mine = stage_blocks(full.layers.len(), at.pp as usize, mesh.pp as usize);
         let (first, last) = (at.pp == 0, at.pp + 1 == mesh.pp);
         Self {
-            embed_tokens: (first || (last && s.tied)).then_some(full.embed_tokens),
+            // Tied embeddings keep pp = 1: the one stage has the embeddings for its head too.
+            embed_tokens: first.then_some(full.embed_tokens),
             layers: full
                 .layers
                 .into_iter()
@@ -342,7 +368,6 @@ impl PipelineModel for LlamaStage {
                 .collect(),
             norm: last.then_some(full.norm),
             lm_head: full.lm_head.filter(|_| last),
-            tied: last && s.tied,
             rope_theta: s.rope_theta,
             head_dim: s.head_dim(),
         }
@@ -373,10 +398,11 @@ impl PipelineModel for LlamaStage {
             x = layer.forward(x, &rope, &mask, &mut tape)?;
         }
         let output = match &self.norm {
-            Some(norm) => {
-                let embed = self.embed_tokens.as_ref().filter(|_| self.tied);
-                head(norm.forward(x), self.lm_head.as_ref(), embed)
-            }
+            Some(norm) => head(
+                norm.forward(x),
+                self.lm_head.as_ref(),
+                self.embed_tokens.as_ref(),
+            ),
             None => x,
         };
         Ok(tape.finish(output))
@@ -435,13 +461,8 @@ impl LlamaLayer {
         pos: usize,
         cache: &mut Option<LayerCache>,
     ) -> Tensor<3> {
-        let (heads, kv) = (self.heads, self.kv_heads);
-        let dh = self.q_proj.weight.val().dims()[1] / heads;
         let normed = self.input_layernorm.forward(x.clone());
-        let split = |y: Tensor<3>, n: usize| y.reshape([1, 1, n, dh]).swap_dims(1, 2);
-        let q = rope.apply_at(split(self.q_proj.forward(normed.clone()), heads), pos);
-        let k = rope.apply_at(split(self.k_proj.forward(normed.clone()), kv), pos);
-        let v = split(self.v_proj.forward(normed), kv);
+        let [q, k, v] = self.project(normed, rope, pos);
         let (k, v) = match cache.take() {
             Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
             None => (k, v),
@@ -450,23 +471,10 @@ impl LlamaLayer {
             k: k.clone(),
             v: v.clone(),
         });
-        let t = pos + 1;
-        let repeat = |y: Tensor<4>| {
-            y.unsqueeze_dim::<5>(2)
-                .expand([1, kv, heads / kv, t, dh])
-                .reshape([1, heads, t, dh])
-        };
-        let scores = q
-            .matmul(repeat(k).swap_dims(2, 3))
-            .div_scalar((dh as f32).sqrt());
-        let attended = softmax(scores, 3)
-            .matmul(repeat(v))
-            .swap_dims(1, 2)
-            .reshape([1, 1, heads * dh]);
-        let x = x + self.o_proj.forward(attended);
+        // The one new query sees every cached position: nothing to mask.
+        let x = x + self.o_proj.forward(self.attend(q, k, v, None));
         let normed = self.post_attention_layernorm.forward(x.clone());
-        let gated = silu(self.gate_proj.forward(normed.clone())) * self.up_proj.forward(normed);
-        x + self.down_proj.forward(gated)
+        x + self.swiglu(normed)
     }
 }
 
@@ -474,20 +482,8 @@ impl Llama {
     /// `new` tokens after `prompt`. With `cache`, each step runs the model on the new token
     /// only, reading earlier positions' keys and values from a cache; without, it runs the whole
     /// sequence again (what the cache must equal).
+    /// With the logits each new token was picked from.
     pub fn generate(
-        &self,
-        prompt: &[i64],
-        new: usize,
-        sampling: Sampling,
-        cache: bool,
-        device: &Device,
-    ) -> Vec<i64> {
-        self.generate_with_logits(prompt, new, sampling, cache, device)
-            .0
-    }
-
-    /// [`Llama::generate`], with the logits each new token was picked from.
-    pub fn generate_with_logits(
         &self,
         prompt: &[i64],
         new: usize,
@@ -496,9 +492,8 @@ impl Llama {
         device: &Device,
     ) -> (Vec<i64>, Vec<Vec<f32>>) {
         assert!(!prompt.is_empty(), "a prompt of at least one token");
-        let dh = self.layers[0].q_proj.weight.val().dims()[1] / self.layers[0].heads;
         let total = prompt.len() + new;
-        let rope = Rope::new(total, dh, self.rope_theta, device);
+        let rope = Rope::new(total, self.layers[0].head_dim, self.rope_theta, device);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
         let mut tokens = prompt.to_vec();
         let mut caches: Vec<Option<LayerCache>> = (0..self.layers.len()).map(|_| None).collect();
@@ -534,10 +529,9 @@ impl Llama {
 }
 
 /// `new` tokens after `prompt` from a llama of `spec` holding `whole` (a checkpoint's
-/// whole-model parameters, from `source`), on the CPU with the key/value cache.
+/// whole-model parameters), on the CPU with the key/value cache.
 pub fn continue_on_cpu(
     spec: &JobSpec,
-    source: String,
     whole: std::collections::BTreeMap<String, crate::reshard::Tensor32>,
     prompt: &[i64],
     new: usize,
@@ -545,13 +539,13 @@ pub fn continue_on_cpu(
 ) -> anyhow::Result<Vec<i64>> {
     let device = Device::flex();
     let one = Mesh::new(1, 1, 1);
-    let model = crate::pretrained::Pretrained::from_whole(source, whole).apply(
+    let model = crate::pretrained::Pretrained::from_whole(whole).apply(
         Llama::init(spec, &device),
         spec,
         one,
         one.coords(0),
     )?;
-    Ok(model.generate(prompt, new, sampling, true, &device))
+    Ok(model.generate(prompt, new, sampling, true, &device).0)
 }
 
 /// The next token from one position's logits.
@@ -614,8 +608,8 @@ mod tests {
                     seed: 7,
                 },
             ] {
-                let cached = model.generate(&prompt, 12, sampling, true, &device);
-                let full = model.generate(&prompt, 12, sampling, false, &device);
+                let (cached, _) = model.generate(&prompt, 12, sampling, true, &device);
+                let (full, _) = model.generate(&prompt, 12, sampling, false, &device);
                 assert_eq!(cached.len(), 12);
                 assert_eq!(cached, full, "{extra} {sampling:?}");
             }
@@ -626,8 +620,8 @@ mod tests {
                 top_k: 0,
                 seed: 0,
             };
-            let (_, cached) = model.generate_with_logits(&prompt, 12, greedy, true, &device);
-            let (_, full) = model.generate_with_logits(&prompt, 12, greedy, false, &device);
+            let (_, cached) = model.generate(&prompt, 12, greedy, true, &device);
+            let (_, full) = model.generate(&prompt, 12, greedy, false, &device);
             let differ = |a: &[f32], b: &[f32]| {
                 a.iter()
                     .zip(b)
@@ -650,8 +644,8 @@ mod tests {
                 seed: 0,
             };
             assert_ne!(
-                model.generate(&prompt, 12, hot, true, &device),
-                model.generate(&prompt, 12, greedy, true, &device)
+                model.generate(&prompt, 12, hot, true, &device).0,
+                model.generate(&prompt, 12, greedy, true, &device).0
             );
         }
     }

@@ -17,7 +17,6 @@ use std::collections::BTreeMap;
 
 /// The folder's weights under Gantry's whole-model names, in burn's layouts, checked.
 pub struct Pretrained {
-    pub url: String,
     whole: BTreeMap<String, Tensor32>,
 }
 
@@ -33,12 +32,7 @@ pub async fn load(
         "model.init_from: loads the llama family; this job trains the {:?}",
         spec.model.kind
     );
-    let full = if url.contains("://") {
-        url.to_string()
-    } else {
-        format!("file://{}", std::path::absolute(url)?.display())
-    };
-    let (store, prefix) = gantry_checkpoint::open_url(&full, options)
+    let (store, prefix) = gantry_checkpoint::open_url(&gantry_data::url_of(url)?, options)
         .map_err(|e| anyhow::anyhow!("model.init_from: {url}: {e}"))?;
     let get = |name: String| {
         let (store, path) = (store.clone(), prefix.clone().join(name.as_str()));
@@ -122,10 +116,7 @@ pub async fn load(
             want[name]
         );
     }
-    Ok(Pretrained {
-        url: url.to_string(),
-        whole,
-    })
+    Ok(Pretrained { whole })
 }
 
 /// The config's fields that the spec also sets must agree, each refusal naming both.
@@ -209,9 +200,9 @@ fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
 }
 
 impl Pretrained {
-    /// Whole-model parameters under Gantry's names (a checkpoint's, say), from `url`.
-    pub fn from_whole(url: String, whole: BTreeMap<String, Tensor32>) -> Self {
-        Self { url, whole }
+    /// Whole-model parameters under Gantry's names (a checkpoint's, say).
+    pub fn from_whole(whole: BTreeMap<String, Tensor32>) -> Self {
+        Self { whole }
     }
 
     /// Tensors the folder held.
