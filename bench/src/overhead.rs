@@ -115,10 +115,16 @@ pub fn overhead(o: &OverheadOptions) -> anyhow::Result<()> {
     ]
     .into();
     let spec = JobSpec::load(&o.spec, &set)?;
+    anyhow::ensure!(
+        spec.model.kind != gantry_core::ModelKind::Bert,
+        "{}: the overhead benchmark times a gpt, llama or mlp (the bert has no bare loop here)",
+        o.spec.display()
+    );
     let bare_run = || match spec.model.kind {
         gantry_core::ModelKind::Gpt => bare::<Gpt>(&spec),
         gantry_core::ModelKind::Mlp => bare::<Mlp>(&spec),
         gantry_core::ModelKind::Llama => bare::<gantry_trainer::llama::Llama>(&spec),
+        gantry_core::ModelKind::Bert => unreachable!("refused above"),
     };
     let timed = |v: Vec<f64>| median(v.into_iter().skip(o.warmup as usize).collect());
     let before = timed(bare_run());

@@ -29,6 +29,22 @@ fn timestamp(ms: i64) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+/// A classifier's metrics as JSON (fractions, not percentages).
+fn metrics_json(m: pb::ClassMetrics) -> Value {
+    json!({
+        "accuracy": m.accuracy,
+        "precision": m.precision,
+        "recall": m.recall,
+        "f1": m.f1,
+        "samples": m.samples,
+    })
+}
+
+/// A classifier's metrics as a line of text.
+fn metrics_text(m: pb::ClassMetrics) -> String {
+    gantry_core::ClassMetrics::from(m).to_string()
+}
+
 /// A job as JSON, with the fields DESIGN.md promises.
 pub fn job_json(job: &pb::Job) -> Value {
     let parallel = job.parallel.unwrap_or_default();
@@ -45,6 +61,8 @@ pub fn job_json(job: &pb::Job) -> Value {
         "test_loss": job.test_loss,
         "test_perplexity": job.test_loss.map(f64::exp),
         "test_accuracy": job.test_accuracy,
+        "eval_metrics": job.eval_metrics.map(metrics_json),
+        "test_metrics": job.test_metrics.map(metrics_json),
         "parallel": {"dp": parallel.dp, "tp": parallel.tp, "pp": parallel.pp},
         "last_checkpoint": job.last_checkpoint.as_ref().map(|c| json!({"step": c.step, "url": c.url})),
         "error": job.error,
@@ -124,6 +142,12 @@ pub fn status(job: &pb::Job, out: Output) {
             test.exp()
         );
     }
+    if let Some(m) = job.eval_metrics {
+        println!("validation:  {}", metrics_text(m));
+    }
+    if let Some(m) = job.test_metrics {
+        println!("test split:  {}", metrics_text(m));
+    }
     println!("layout:      dp={} tp={} pp={}", p.dp, p.tp, p.pp);
     println!("attempt:     {} ({} restarts)", job.attempt, job.restarts);
     match &job.last_checkpoint {
@@ -164,6 +188,9 @@ pub fn summary(job: &pb::Job) -> String {
     }
     if let Some(accuracy) = job.test_accuracy {
         s.push_str(&format!(", exact-match accuracy {:.1}%", accuracy * 100.0));
+    }
+    if let Some(m) = job.test_metrics {
+        s.push_str(&format!("; test {}", metrics_text(m)));
     }
     if let Some(c) = &job.last_checkpoint {
         s.push_str(&format!("; checkpoint at step {}: {}", c.step, c.url));

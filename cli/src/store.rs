@@ -98,10 +98,15 @@ pub async fn export(
     format: ExportFormat,
 ) -> anyhow::Result<()> {
     let spec = JobSpec::from_json(&job.spec_json)?;
-    if format == ExportFormat::Hf && spec.model.kind != gantry_core::ModelKind::Llama {
+    if format == ExportFormat::Hf
+        && !matches!(
+            spec.model.kind,
+            gantry_core::ModelKind::Llama | gantry_core::ModelKind::Bert
+        )
+    {
         anyhow::bail!(
-            "--format hf: writes the llama family; {} trains the {:?} (export it with --format \
-             safetensors, Gantry's names)",
+            "--format hf: writes the llama and bert families; {} trains the {:?} (export it \
+             with --format safetensors, Gantry's names)",
             job.id,
             spec.model.kind
         );
@@ -123,14 +128,19 @@ pub async fn export(
     let (params, file) = match format {
         ExportFormat::Safetensors => (params, out.to_path_buf()),
         ExportFormat::Hf => {
-            let (params, config) = gantry_trainer::hf::export(&spec, &params)?;
+            // The dataset the model trained on: its tokenizer, and a classifier's label names.
+            let dataset = job_dataset(&spec).await?;
+            let labels = dataset
+                .as_ref()
+                .map(|d| d.manifest.label_names())
+                .unwrap_or_default();
+            let (params, config) = gantry_trainer::hf::export(&spec, &params, &labels)?;
             std::fs::create_dir_all(out)?;
             std::fs::write(
                 out.join("config.json"),
                 serde_json::to_string_pretty(&config)?,
             )?;
-            // The tokenizer the model was trained with, when it trained on a dataset.
-            if let Some(reader) = job_dataset(&spec).await? {
+            if let Some(reader) = dataset {
                 std::fs::write(out.join("tokenizer.json"), reader.tokenizer_json().await?)?;
             }
             (params, out.join("model.safetensors"))

@@ -870,6 +870,184 @@ fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
     );
 }
 
+/// Prepares `inputs` with MiniLM's WordPiece tokenizer (end-of-text "[SEP]") into `name`
+/// under the cluster's folder, with `extra` arguments; returns the dataset's path.
+fn prepare_wordpiece(cluster: &Cluster, corpora: &str, name: &str, extra: &[&str]) -> PathBuf {
+    let dataset = cluster.dir.path().join(name);
+    let tokenizer = format!("{corpora}/minilm/tokenizer.json");
+    let base = [
+        "data",
+        "prepare",
+        "--out",
+        dataset.to_str().unwrap(),
+        "--tokenizer",
+        &tokenizer,
+        "--end-of-text",
+        "[SEP]",
+    ];
+    let out = cluster.gantry(&[&base[..], extra].concat());
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dataset
+}
+
+/// A bert pre-trains with masked-LM on the Bible (MiniLM's WordPiece vocabulary) like one
+/// process at tp 2, pp 2 and dp·tp·pp 2·2·2 (losses, norms, evaluations, final parameters), and
+/// its `--format hf` export opens in the NumPy reference, which checks every name and shape
+/// against `BertForMaskedLM`'s.
+#[test]
+fn a_bert_pretrains_with_masked_lm_like_one_process_and_exports_for_hugging_face() {
+    let corpora = std::env::var("GANTRY_TEST_CORPORA").expect(
+        "GANTRY_TEST_CORPORA: the folder scripts/test-corpora fills (scripts/test sets it)",
+    );
+    let cluster = Cluster::start_with(4, 2, Vec::new());
+    let kjv = format!("{corpora}/kjv.txt");
+    let dataset = prepare_wordpiece(&cluster, &corpora, "kjv", &[&kjv, "--documents", "line"]);
+    let source = format!("data.source=\"dataset:{}\"", dataset.display());
+    let bert = [
+        source.as_str(),
+        "model.layers=2",
+        "model.d_model=32",
+        "model.heads=4",
+        "model.intermediate_size=64",
+        "data.seq_len=16",
+        "train.global_batch=8",
+        "train.micro_batches=2",
+        "train.steps=8",
+        "train.warmup_steps=2",
+        "train.grad_clip=0.05",
+        "checkpoint.every_steps=4",
+    ];
+    let layouts: [&[&str]; 4] = [
+        &["parallel.dp=1", "parallel.pp=1"],
+        &["parallel.dp=1", "parallel.pp=1", "parallel.tp=2"],
+        &[
+            "parallel.dp=1",
+            "parallel.pp=2",
+            "parallel.schedule=\"gpipe\"",
+        ],
+        &["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"],
+    ];
+    assert_layouts_match(&cluster, "bert-kjv.toml", &bert, &layouts);
+
+    let job = cluster.submit("bert-kjv.toml", &[&bert[..], layouts[0]].concat());
+    assert_eq!(cluster.wait_until_ended(&job)["state"], "Succeeded");
+    let hf = cluster.dir.path().join("bert-hf");
+    let out = cluster.gantry(&[
+        "export",
+        &job,
+        "--format",
+        "hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../trainer/tests/reference/bert.py"
+    );
+    let out = Command::new("python3")
+        .args([
+            script,
+            hf.to_str().unwrap(),
+            "[[101, 1998, 2643, 2056, 102]]",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "BertForMaskedLM");
+    assert_eq!(config["vocab_size"], 30522);
+}
+
+/// MiniLM (a real pretrained BERT from PyPI) fine-tunes into a spam classifier on the
+/// SpamAssassin corpus, data-parallel: a new classifier from the seed, frozen embeddings, a
+/// learning rate of its own for the head. Its accuracy on the test split beats always saying
+/// the majority label, and `gantry status` reports precision, recall and F1 with it.
+#[test]
+fn minilm_fine_tunes_into_a_spam_classifier_that_beats_the_majority_label() {
+    let corpora = std::env::var("GANTRY_TEST_CORPORA").expect(
+        "GANTRY_TEST_CORPORA: the folder scripts/test-corpora fills (scripts/test sets it)",
+    );
+    let cluster = Cluster::start(2);
+    let spam = format!("{corpora}/spam/spam.jsonl");
+    let dataset = prepare_wordpiece(
+        &cluster,
+        &corpora,
+        "spam",
+        &[&spam, "--label-field", "label"],
+    );
+    let manifest: Value =
+        serde_json::from_slice(&std::fs::read(dataset.join("manifest.json")).unwrap()).unwrap();
+    let labels: Vec<&str> = manifest["test"]["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let spams = labels.iter().filter(|l| **l == "spam").count();
+    // The test split evaluated (its first 512 documents at most): what always saying the more
+    // common label scores there.
+    let evaluated = &labels[..labels.len().min(512)];
+    let spam_share =
+        evaluated.iter().filter(|l| **l == "spam").count() as f64 / evaluated.len() as f64;
+    let majority = spam_share.max(1.0 - spam_share);
+    assert!(
+        spams > 0 && spams < labels.len(),
+        "both labels in the test split"
+    );
+
+    let source = format!("data.source=\"dataset:{}\"", dataset.display());
+    let minilm = format!("model.init_from=\"{corpora}/minilm\"");
+    let job = cluster.submit(
+        "minilm-spam.toml",
+        &[
+            source.as_str(),
+            minilm.as_str(),
+            "data.seq_len=64",
+            "train.steps=24",
+            "train.warmup_steps=4",
+            "train.global_batch=16",
+            "train.eval_every=0",
+            "checkpoint.every_steps=0",
+        ],
+    );
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert!(
+        logs.contains("new head, initialised from the seed: classifier.bias, classifier.weight"),
+        "{logs}"
+    );
+    let test = &end["test_metrics"];
+    let accuracy = test["accuracy"].as_f64().unwrap_or_else(|| panic!("{end}"));
+    assert!(
+        accuracy > majority + 0.03,
+        "test accuracy {accuracy} vs the majority label's {majority}\n{logs}"
+    );
+    for metric in ["precision", "recall", "f1"] {
+        let m = test[metric].as_f64().unwrap();
+        assert!(m > 0.0 && m <= 1.0, "{metric} {m}");
+    }
+    assert!(end["eval_metrics"]["f1"].as_f64().is_some(), "{end}");
+    assert!(logs.contains("test loss") && logs.contains("F1"), "{logs}");
+    let status = String::from_utf8(cluster.gantry(&["status", &job]).stdout).unwrap();
+    assert!(status.contains("test split:  accuracy"), "{status}");
+}
+
 /// Runs `example` under every layout and checks each trains like the first (one process):
 /// per-step losses and the final evaluation loss within a relative 1e-4.
 fn assert_layouts_match(cluster: &Cluster, example: &str, base: &[&str], layouts: &[&[&str]]) {

@@ -85,12 +85,14 @@ pub fn worker_report(
             step: p.step,
             loss: p.loss,
             eval_loss: p.eval_loss,
+            eval_metrics: p.eval_metrics.map(Into::into),
         },
         Body::Exited(e) => WorkerReport::Exited(rank_exit(e, "exited")?),
         Body::Test(t) => WorkerReport::Test {
             key: rank_key(t.key, "test.key")?,
             loss: t.loss,
             accuracy: t.accuracy,
+            metrics: t.metrics.map(Into::into),
         },
         Body::Logs(l) => WorkerReport::Logs {
             key: rank_key(l.key, "logs.key")?,
@@ -199,6 +201,8 @@ pub fn job(job: &Job) -> pb::Job {
         attempts: Vec::new(),
         test_loss: job.test_loss,
         test_accuracy: job.test_accuracy,
+        eval_metrics: job.eval_metrics.map(Into::into),
+        test_metrics: job.test_metrics.map(Into::into),
     }
 }
 

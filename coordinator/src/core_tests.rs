@@ -307,6 +307,7 @@ fn restarts_back_off_and_a_hung_attempt_is_restarted() {
         step: 1,
         loss: 1.0,
         eval_loss: None,
+        eval_metrics: None,
     };
     core.on_worker_message(&a, progress, 3300).unwrap();
     for t in [4000, 5000, 6000, 6300] {
@@ -435,6 +436,7 @@ fn a_running_attempt_gets_a_hang_deadline_when_the_coordinator_restarts() {
             step: 1,
             loss: 1.0,
             eval_loss: None,
+            eval_metrics: None,
         };
         core.on_worker_message(&w, progress, 100).unwrap();
         assert!(matches!(

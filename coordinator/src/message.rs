@@ -52,6 +52,7 @@ pub enum WorkerReport {
         step: u64,
         loss: f64,
         eval_loss: Option<f64>,
+        eval_metrics: Option<gantry_core::ClassMetrics>,
     },
     Exited(RankExit),
     Logs {
@@ -71,6 +72,7 @@ pub enum WorkerReport {
         key: RankKey,
         loss: f64,
         accuracy: Option<f64>,
+        metrics: Option<gantry_core::ClassMetrics>,
     },
 }
 

@@ -120,6 +120,11 @@ pub struct Job {
     pub test_loss: Option<f64>,
     #[serde(default)]
     pub test_accuracy: Option<f64>,
+    /// A classifier's metrics at its latest validation, and on the test split.
+    #[serde(default)]
+    pub eval_metrics: Option<gantry_core::ClassMetrics>,
+    #[serde(default)]
+    pub test_metrics: Option<gantry_core::ClassMetrics>,
     pub last_checkpoint: Option<CheckpointRecord>,
     /// Checkpoint step the attempts of a manual `resume --from-step` start from; cleared when an
     /// attempt fails, so automatic restarts take the newest checkpoint.
@@ -156,6 +161,8 @@ impl Job {
             eval_loss: None,
             test_loss: None,
             test_accuracy: None,
+            eval_metrics: None,
+            test_metrics: None,
             last_checkpoint: None,
             resume_step: None,
             finished_ranks: Vec::new(),

@@ -2,7 +2,7 @@
 //! (its assignment), what it reports back (events on stdout), and what its exit code means.
 //! The coordinator reads the same exit codes, so they are written here once.
 
-use crate::{Attempt, JobId, Rank};
+use crate::{Attempt, ClassMetrics, JobId, Rank};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -85,10 +85,16 @@ pub enum RankEvent {
         /// Bus bandwidth of the step's gradient all-reduce (GB/s), where there is one.
         #[serde(default)]
         allreduce_gbps: Option<f64>,
+        /// A classifier's metrics on the validation split, at the steps it is evaluated.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eval_metrics: Option<ClassMetrics>,
     },
     Test {
         loss: f64,
         accuracy: Option<f64>,
+        /// A classifier's metrics on the test split.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        metrics: Option<ClassMetrics>,
     },
     Checkpoint {
         step: u64,
@@ -141,6 +147,13 @@ mod tests {
         let e = RankEvent::Test {
             loss: 1.5,
             accuracy: None,
+            metrics: Some(ClassMetrics {
+                accuracy: 0.5,
+                precision: 0.25,
+                recall: 0.5,
+                f1: 0.3,
+                samples: 4,
+            }),
         };
         assert_eq!(RankEvent::parse(&e.to_line()), Some(e));
         assert_eq!(RankEvent::parse("step 1/10 loss=2"), None);

@@ -59,13 +59,31 @@ pub enum ModelKind {
     /// A Llama-family decoder (Hugging Face's `LlamaForCausalLM`): RMSNorm, rotary positions,
     /// SwiGLU, grouped-query attention, optionally tied embeddings.
     Llama,
+    /// A BERT encoder (Hugging Face's `BertModel`): word, position and token-type embeddings,
+    /// post-LayerNorm blocks with GELU; a masked-LM head for pre-training
+    /// (`train.task = "language_model"`) or a pooler and classifier for fine-tuning
+    /// (`train.task = "classification"`).
+    Bert,
 }
 
 impl ModelKind {
-    /// Whether the model predicts tokens (and so trains on token data).
+    /// Whether the model is a transformer over tokens (and so trains on token data).
     pub fn is_language_model(self) -> bool {
-        matches!(self, ModelKind::Gpt | ModelKind::Llama)
+        matches!(self, ModelKind::Gpt | ModelKind::Llama | ModelKind::Bert)
     }
+}
+
+/// What a job trains its model for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// The model's own pre-training objective: next-token prediction for decoders, masked-LM
+    /// for `bert` (the `mlp` regresses).
+    #[default]
+    LanguageModel,
+    /// Sequence classification (`bert`): one label per document of a labelled dataset
+    /// (`gantry data prepare --label-field`), reported with accuracy, precision, recall and F1.
+    Classification,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +105,8 @@ pub struct ModelSpec {
     /// `heads` (multi-head attention).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<u32>,
-    /// `llama`: the SwiGLU MLP's width; by default 8/3 · d_model rounded up to a multiple of 32.
+    /// The MLP's width: `llama`'s SwiGLU (by default 8/3 · d_model rounded up to a multiple of
+    /// 32), `bert`'s GELU MLP (by default 4 · d_model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate_size: Option<u32>,
     /// `llama`: the rotary embeddings' base, 10000 by default.
@@ -96,7 +115,7 @@ pub struct ModelSpec {
     /// `llama`: RMSNorm's epsilon, 1e-6 by default (Hugging Face's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rms_norm_eps: Option<f64>,
-    /// `llama`: the output head is the embedding matrix (pp = 1 only).
+    /// `llama`, `bert`'s masked-LM head: the output head is the embedding matrix (pp = 1 only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tie_word_embeddings: bool,
     /// The longest sequence the model is for; `data.seq_len` may not exceed it.
@@ -107,6 +126,16 @@ pub struct ModelSpec {
     /// job starts from. Its config must agree with the model's fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
+    /// `bert`: token types (segments) of the token-type embeddings, 2 by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_vocab_size: Option<u32>,
+    /// `bert`: LayerNorm's epsilon, 1e-12 by default (Hugging Face's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_norm_eps: Option<f64>,
+    /// `bert` with `train.task = "classification"`: how many labels the classifier tells
+    /// apart; by default the dataset's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_labels: Option<u32>,
     /// The `gpt`'s vocabulary: 13 on `builtin:arithmetic`; on a dataset, its tokenizer's (taken
     /// from the dataset when not given, refused when different).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -119,10 +148,21 @@ impl ModelSpec {
         self.num_key_value_heads.unwrap_or(self.heads)
     }
 
-    /// The SwiGLU width (`llama`): `intermediate_size`, or 8/3 · d_model rounded up to 32.
+    /// The MLP's width: `intermediate_size`, or for the `llama` 8/3 · d_model rounded up to 32,
+    /// for the `bert` 4 · d_model.
     pub fn intermediate_size(&self) -> u32 {
-        self.intermediate_size
-            .unwrap_or_else(|| (8 * self.d_model).div_ceil(3).div_ceil(32) * 32)
+        self.intermediate_size.unwrap_or_else(|| match self.kind {
+            ModelKind::Bert => 4 * self.d_model,
+            _ => (8 * self.d_model).div_ceil(3).div_ceil(32) * 32,
+        })
+    }
+
+    pub fn type_vocab_size(&self) -> u32 {
+        self.type_vocab_size.unwrap_or(2)
+    }
+
+    pub fn layer_norm_eps(&self) -> f64 {
+        self.layer_norm_eps.unwrap_or(1e-12)
     }
 
     pub fn rope_theta(&self) -> f64 {
@@ -189,6 +229,24 @@ pub struct TrainSpec {
     /// Recompute activations in the backward pass instead of keeping them: less memory, more compute.
     #[serde(default)]
     pub activation_checkpointing: bool,
+    /// What the model is trained for: "language_model" (its pre-training objective) or
+    /// "classification" (`bert`).
+    #[serde(default)]
+    pub task: Task,
+    /// Fine-tuning: the embeddings keep their (pretrained) values.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub freeze_embeddings: bool,
+    /// Fine-tuning: the first this many layers keep their values.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub freeze_layers: u32,
+    /// Fine-tuning: the learning rate of the task head (the classifier and pooler), on the
+    /// same warm-up and cosine schedule as `lr`; by default `lr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_lr: Option<f64>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// fp16's dynamic loss scaling, as PyTorch's `GradScaler`: the loss is multiplied by `initial`
@@ -561,11 +619,31 @@ impl JobSpec {
                 let params = 16 * d + layers * (d * d + d) + d * 4 + 4;
                 (params, micro_batch * d * 4 * 3)
             }
-            ModelKind::Gpt | ModelKind::Llama => {
+            ModelKind::Gpt | ModelKind::Llama | ModelKind::Bert => {
                 let vocab = self.vocab_size() as u64;
                 let (params, mlp) = if m.kind == ModelKind::Gpt {
                     let params = (vocab + seq) * d + layers * (12 * d * d + 13 * d) + 2 * d;
                     (params + d * vocab, 16 * d)
+                } else if m.kind == ModelKind::Bert {
+                    // Word, position and token-type embeddings and their norm; per layer q, k,
+                    // v, o of d × d with biases, the GELU MLP's two d × intermediate, two norms;
+                    // the masked-LM head (transform, norm, bias, and its own decoder unless
+                    // tied) or the pooler and classifier.
+                    let inter = u64::from(m.intermediate_size());
+                    let positions =
+                        u64::from(m.max_position_embeddings.unwrap_or(self.data.seq_len));
+                    let embeddings =
+                        (vocab + positions + u64::from(m.type_vocab_size())) * d + 2 * d;
+                    let per_layer = 4 * d * d + 4 * d + 2 * d * inter + inter + d + 4 * d;
+                    let head = match self.train.task {
+                        Task::Classification => {
+                            d * d + d + d * u64::from(m.num_labels.unwrap_or(2))
+                        }
+                        Task::LanguageModel if m.tie_word_embeddings => d * d + 3 * d + vocab,
+                        Task::LanguageModel => d * d + 3 * d + vocab + d * vocab,
+                    };
+                    // The MLP's activations: its input, the intermediate before and after GELU.
+                    (embeddings + layers * per_layer + head, 4 * inter)
                 } else {
                     // q and o of d × d; k and v of d × (kv heads · head_dim); SwiGLU's three
                     // d × intermediate; two norms a layer, one at the end.
@@ -613,6 +691,7 @@ impl JobSpec {
         match (self.data.source.as_str(), self.model.kind) {
             ("", ModelKind::Gpt | ModelKind::Llama) => "builtin:arithmetic",
             ("", ModelKind::Mlp) => "builtin:regression",
+            // The bert has no built-in corpus: it needs a dataset.
             (source, _) => source,
         }
     }
@@ -677,27 +756,135 @@ impl JobSpec {
                 format!("{eps} must be a positive number"),
             );
         }
+        self.validate_init_and_tying()
+    }
+
+    /// What the `llama` and `bert` share: `init_from` is absolute, and tied embeddings keep
+    /// the embeddings and the head on one stage.
+    fn validate_init_and_tying(&self) -> Result<(), SpecError> {
+        let (m, p) = (&self.model, self.parallel);
         if let Some(from) = &m.init_from
             && !from.contains("://")
             && !from.starts_with('/')
         {
-            return err(
+            return Err(SpecError::new(
                 "model.init_from",
                 format!(
                     "path {from:?} is relative; give an absolute path or a URL (ranks run in \
                      their workers' directories)"
                 ),
-            );
+            ));
         }
-        if m.tie_word_embeddings && p.pp > 1 {
-            return err(
+        let tied_head = m.kind == ModelKind::Llama || self.train.task == Task::LanguageModel;
+        if m.tie_word_embeddings && tied_head && p.pp > 1 {
+            return Err(SpecError::new(
                 "model.tie_word_embeddings",
                 format!(
                     "tied embeddings need the embeddings and the head on one stage; pp = {} \
                      puts them on the first and last",
                     p.pp
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `bert`'s own fields, by name.
+    fn validate_bert(&self) -> Result<(), SpecError> {
+        let (m, p) = (&self.model, self.parallel);
+        let err = |field: &str, message: String| Err(SpecError::new(field, message));
+        positive("model.type_vocab_size", m.type_vocab_size())?;
+        positive("model.intermediate_size", m.intermediate_size())?;
+        if !m.intermediate_size().is_multiple_of(p.tp) {
+            return err(
+                "parallel.tp",
+                format!(
+                    "model.intermediate_size {} does not split evenly over tp = {}",
+                    m.intermediate_size(),
+                    p.tp
+                ),
             );
+        }
+        let eps = m.layer_norm_eps();
+        if !eps.is_finite() || eps <= 0.0 {
+            return err(
+                "model.layer_norm_eps",
+                format!("{eps} must be a positive number"),
+            );
+        }
+        if let Some(labels) = m.num_labels
+            && labels < 2
+        {
+            return err(
+                "model.num_labels",
+                format!("{labels}: a classifier tells at least 2 labels apart"),
+            );
+        }
+        if self.train.precision != Precision::F32 {
+            return err(
+                "train.precision",
+                format!(
+                    "{}: the bert trains in f32 so far (mixed precision runs on the gpt, llama \
+                     and mlp)",
+                    self.train.precision.name()
+                ),
+            );
+        }
+        if self.dataset().is_none() {
+            return err(
+                "data.source",
+                "the bert trains on a dataset: data.source = \"dataset:<path or URL>\" (one \
+                 that gantry data prepare wrote)"
+                    .into(),
+            );
+        }
+        self.validate_init_and_tying()
+    }
+
+    /// `train.task` and the fine-tuning fields.
+    fn validate_task(&self) -> Result<(), SpecError> {
+        let (m, t) = (&self.model, &self.train);
+        let err = |field: &str, message: String| Err(SpecError::new(field, message));
+        if t.task == Task::Classification && m.kind != ModelKind::Bert {
+            return err(
+                "train.task",
+                format!(
+                    "classification fine-tunes the bert family, not the {:?}",
+                    m.kind
+                ),
+            );
+        }
+        if m.num_labels.is_some() && t.task != Task::Classification {
+            return err(
+                "model.num_labels",
+                "only a classifier has labels (train.task = \"classification\")".into(),
+            );
+        }
+        if t.freeze_layers > m.layers {
+            return err(
+                "train.freeze_layers",
+                format!(
+                    "{} is more than the model's {} layers (model.layers)",
+                    t.freeze_layers, m.layers
+                ),
+            );
+        }
+        if (t.freeze_embeddings || t.freeze_layers > 0) && m.kind != ModelKind::Bert {
+            return err(
+                "train.freeze_embeddings",
+                format!("freezing is for fine-tuning the bert, not the {:?}", m.kind),
+            );
+        }
+        if let Some(lr) = t.head_lr {
+            if t.task != Task::Classification {
+                return err(
+                    "train.head_lr",
+                    "only a classification head has a learning rate of its own".into(),
+                );
+            }
+            if !lr.is_finite() || lr <= 0.0 {
+                return err("train.head_lr", format!("{lr} must be a positive number"));
+            }
         }
         Ok(())
     }
@@ -733,24 +920,29 @@ impl JobSpec {
                 ),
             );
         }
-        if m.kind == ModelKind::Llama {
-            self.validate_llama()?;
-        } else if m.init_from.is_some() {
-            return err(
-                "model.init_from",
-                format!("loads the llama family, not the {:?}", m.kind),
-            );
+        match m.kind {
+            ModelKind::Llama => self.validate_llama()?,
+            ModelKind::Bert => self.validate_bert()?,
+            _ if m.init_from.is_some() => {
+                return err(
+                    "model.init_from",
+                    format!("loads the llama and bert families, not the {:?}", m.kind),
+                );
+            }
+            _ => {}
         }
+        self.validate_task()?;
         let expected_source = match m.kind {
             ModelKind::Gpt | ModelKind::Llama => "builtin:arithmetic",
             ModelKind::Mlp => "builtin:regression",
+            ModelKind::Bert => "dataset:<path or URL> (gantry data prepare)",
         };
         if let Some(dataset) = self.dataset() {
             if !m.kind.is_language_model() {
                 return err(
                     "data.source",
                     format!(
-                        "a dataset trains a language model (gpt, llama), not the {:?}",
+                        "a dataset trains a transformer (gpt, llama, bert), not the {:?}",
                         m.kind
                     ),
                 );
@@ -1019,6 +1211,96 @@ mod tests {
         assert_eq!(spec.parallel.world_size(), 2);
         assert_eq!(spec.data_source(), "builtin:regression");
         assert_eq!(spec.checkpoint.keep_last, 3);
+    }
+
+    /// The bert's fields and the fine-tuning fields: each bad value refused by its field.
+    #[test]
+    fn bert_and_fine_tuning_fields_are_checked_by_name() {
+        let bert = |model: serde_json::Value, train: serde_json::Value| {
+            check(|doc| {
+                doc["model"] = serde_json::json!({"kind": "bert", "layers": 2, "d_model": 32,
+                    "heads": 4, "vocab_size": 100});
+                for (k, v) in model.as_object().unwrap() {
+                    doc["model"][k] = v.clone();
+                }
+                doc["data"] = serde_json::json!({"source": "dataset:/data/spam"});
+                doc["parallel"] = serde_json::json!({"dp": 1});
+                for (k, v) in train.as_object().unwrap() {
+                    doc["train"][k] = v.clone();
+                }
+            })
+        };
+        let none = serde_json::json!({});
+        let classify = serde_json::json!({"task": "classification"});
+        let spec = bert(none.clone(), classify.clone()).unwrap();
+        assert_eq!(
+            spec.model.intermediate_size(),
+            128,
+            "4 · d_model by default"
+        );
+        assert_eq!(spec.model.layer_norm_eps(), 1e-12);
+        let refused = |model: serde_json::Value, train: serde_json::Value| {
+            bert(model, train).unwrap_err().field
+        };
+        assert_eq!(
+            refused(serde_json::json!({"num_labels": 1}), classify.clone()),
+            "model.num_labels"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"num_labels": 3}), none.clone()),
+            "model.num_labels"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"layer_norm_eps": 0.0}), none.clone()),
+            "model.layer_norm_eps"
+        );
+        assert_eq!(
+            refused(none.clone(), serde_json::json!({"freeze_layers": 3})),
+            "train.freeze_layers"
+        );
+        assert_eq!(
+            refused(none.clone(), serde_json::json!({"head_lr": 1e-3})),
+            "train.head_lr"
+        );
+        assert_eq!(
+            refused(
+                none.clone(),
+                serde_json::json!({"task": "classification", "head_lr": -1.0})
+            ),
+            "train.head_lr"
+        );
+        assert_eq!(
+            refused(serde_json::json!({"init_from": "minilm"}), none.clone()),
+            "model.init_from"
+        );
+        // A tied masked-LM head needs the embeddings on its stage; a classifier does not.
+        let tied = |train: serde_json::Value| {
+            check(|doc| {
+                doc["model"] = serde_json::json!({"kind": "bert", "layers": 2, "d_model": 32,
+                    "heads": 4, "vocab_size": 100, "tie_word_embeddings": true});
+                doc["data"] = serde_json::json!({"source": "dataset:/data/spam"});
+                doc["parallel"] = serde_json::json!({"dp": 1, "pp": 2});
+                for (k, v) in train.as_object().unwrap() {
+                    doc["train"][k] = v.clone();
+                }
+            })
+        };
+        assert_eq!(
+            tied(none.clone()).unwrap_err().field,
+            "model.tie_word_embeddings"
+        );
+        assert!(tied(classify.clone()).is_ok());
+        // The bert needs a dataset; classification needs the bert.
+        let no_data = check(|doc| {
+            doc["model"] = serde_json::json!({"kind": "bert", "layers": 2, "d_model": 32,
+                "heads": 4});
+        });
+        assert_eq!(no_data.unwrap_err().field, "data.source");
+        let gpt = check(|doc| {
+            doc["model"]["kind"] = "gpt".into();
+            doc["train"]["task"] = "classification".into();
+        });
+        assert_eq!(gpt.unwrap_err().field, "train.task");
     }
 
     #[test]

@@ -143,6 +143,18 @@ impl Manifest {
         }
     }
 
+    /// A labelled dataset's label names, sorted: a classifier's label i is the i-th (empty for
+    /// a dataset without labels).
+    pub fn label_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = [&self.train, &self.validation, &self.test]
+            .iter()
+            .flat_map(|split| split.labels.iter().flatten().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Samples of `seq_len + 1` tokens the split's packed token stream holds (consecutive
     /// samples share one token: a sample's last target is the next one's first input).
     pub fn samples(&self, split: SplitName, seq_len: u32) -> u64 {

@@ -14,10 +14,17 @@ use tokenizers::{AddedToken, Tokenizer};
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// Loads a `tokenizer.json`; `eot` is added as a special token if the vocabulary lacks it.
+/// Padding and truncation a model's tokenizer.json may carry (a sentence-transformers BERT pads
+/// and cuts every text to 128 tokens) are turned off: a document is tokenized whole, and the
+/// trainer frames and cuts it for the model.
 pub fn load(path: &str, eot: &str) -> anyhow::Result<Tokenizer> {
     let mut tokenizer = Tokenizer::from_file(path).map_err(|e| {
         anyhow::anyhow!("tokenizer {path}: does not parse as a tokenizer.json: {e}")
     })?;
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(None)
+        .map_err(|e| anyhow::anyhow!("tokenizer {path}: turning truncation off: {e}"))?;
     tokenizer
         .add_special_tokens([AddedToken::from(eot, true)])
         .map_err(|e| anyhow::anyhow!("tokenizer {path}: adding {eot:?}: {e}"))?;

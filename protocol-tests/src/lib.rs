@@ -443,14 +443,24 @@ pub async fn job_lifecycle(t: &Target) -> anyhow::Result<()> {
         loss: f64::INFINITY,
         eval_loss: None,
         samples_per_sec: 1.0,
+        eval_metrics: None,
     }))
     .await?;
     w.send(Body::Progress(pb::RankProgress {
         key: Some(key.clone()),
         step: 10,
         loss: 0.5,
-        eval_loss: None,
+        eval_loss: Some(0.4),
         samples_per_sec: 1.0,
+        eval_metrics: Some(metrics(0.9)),
+    }))
+    .await?;
+    // A classifier's final evaluation on the test split.
+    w.send(Body::Test(pb::TestResult {
+        key: Some(key.clone()),
+        loss: 0.3,
+        accuracy: None,
+        metrics: Some(metrics(0.8)),
     }))
     .await?;
     w.exit(&key, 0).await?;
@@ -460,7 +470,24 @@ pub async fn job_lifecycle(t: &Target) -> anyhow::Result<()> {
         done.step == 10 && done.loss == Some(0.5),
         "progress not recorded: {done:?}"
     );
+    ensure!(
+        done.eval_metrics == Some(metrics(0.9)) && done.test_metrics == Some(metrics(0.8)),
+        "a classifier's metrics did not reach the job: {:?} {:?}",
+        done.eval_metrics,
+        done.test_metrics
+    );
     Ok(())
+}
+
+/// Classifier metrics as a rank would report them.
+fn metrics(accuracy: f64) -> pb::ClassMetrics {
+    pb::ClassMetrics {
+        accuracy,
+        precision: accuracy - 0.1,
+        recall: accuracy - 0.05,
+        f1: accuracy - 0.08,
+        samples: 512,
+    }
 }
 
 /// Cancelling a running job sends a stop order and ends it Cancelled.

@@ -9,7 +9,7 @@
 
 use crate::corpus;
 pub use crate::corpus::{REGRESSION_IN, REGRESSION_OUT, VOCAB, arithmetic_lines};
-use gantry_core::JobSpec;
+use gantry_core::{JobSpec, ModelKind, Task};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -40,12 +40,34 @@ pub enum Batch {
         n: usize,
         seq_len: usize,
     },
+    /// Masked-LM: token windows `[n, seq_len]` with the same number of positions masked in
+    /// each sample; `positions` are those positions as flat indices into `[n · seq_len]` (sample
+    /// by sample) and `targets` the tokens they held.
+    Masked {
+        inputs: Vec<i64>,
+        positions: Vec<i64>,
+        targets: Vec<i64>,
+        n: usize,
+        seq_len: usize,
+    },
+    /// Classification: documents as `[CLS] tokens… [SEP]`, padded to `[n, seq_len]`; sample i
+    /// is `lengths[i]` tokens long and labelled `labels[i]`.
+    Labelled {
+        inputs: Vec<i64>,
+        lengths: Vec<usize>,
+        labels: Vec<i64>,
+        n: usize,
+        seq_len: usize,
+    },
 }
 
 impl Batch {
     pub fn len(&self) -> usize {
         match self {
-            Batch::Regression { n, .. } | Batch::Tokens { n, .. } => *n,
+            Batch::Regression { n, .. }
+            | Batch::Tokens { n, .. }
+            | Batch::Masked { n, .. }
+            | Batch::Labelled { n, .. } => *n,
         }
     }
 
@@ -64,6 +86,58 @@ enum Samples {
         tokens: gantry_data::cache::SplitTokens,
         seq_len: usize,
     },
+    /// A labelled dataset's split, document by document (each ends before its end-of-text).
+    Documents {
+        docs: Vec<Vec<u32>>,
+        labels: Vec<i64>,
+        seq_len: usize,
+        special: Special,
+    },
+}
+
+/// The tokens a bert's inputs are framed with.
+#[derive(Debug, Clone, Copy)]
+struct Special {
+    cls: u32,
+    sep: u32,
+    pad: u32,
+}
+
+/// BERT's masking of a window for masked-LM: a fixed number of positions per sample, chosen,
+/// and each replaced by `[MASK]` (80%), a random token (10%) or kept (10%), as a pure function of
+/// (seed, split, sample), so every layout and every restart masks a sample alike.
+#[derive(Debug, Clone, Copy)]
+struct Masking {
+    mask: u32,
+    vocab: u32,
+    per_sample: usize,
+    seed: u64,
+}
+
+impl Masking {
+    /// Masks `window` (sample `index` of `split`) in place; returns the masked positions (in
+    /// order) and the tokens they held.
+    fn apply(&self, split: Split, index: usize, window: &mut [u32]) -> Vec<(usize, u32)> {
+        let stream = (index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ split as u64;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x6d61_736b ^ stream);
+        let mut order: Vec<usize> = (0..window.len()).collect();
+        let (chosen, _) = order.partial_shuffle(&mut rng, self.per_sample);
+        let mut chosen = chosen.to_vec();
+        chosen.sort_unstable();
+        chosen
+            .into_iter()
+            .map(|p| {
+                let held = window[p];
+                let roll: f64 = rand::Rng::random(&mut rng);
+                if roll < 0.8 {
+                    window[p] = self.mask;
+                } else if roll < 0.9 {
+                    window[p] = rand::Rng::random_range(&mut rng, 0..self.vocab);
+                }
+                (p, held)
+            })
+            .collect()
+    }
 }
 
 impl Samples {
@@ -73,6 +147,7 @@ impl Samples {
             Samples::Stream { tokens, seq_len } => {
                 (tokens.len().saturating_sub(1) / *seq_len as u64) as usize
             }
+            Samples::Documents { docs, .. } => docs.len(),
         }
     }
 
@@ -85,7 +160,7 @@ impl Samples {
         }
     }
 
-    fn batch(&self, indices: &[usize]) -> Batch {
+    fn batch(&self, split: Split, indices: &[usize], masking: Option<&Masking>) -> Batch {
         match self {
             Samples::Regression { x, y } => Batch::Regression {
                 x: indices
@@ -100,6 +175,54 @@ impl Samples {
                     .collect(),
                 n: indices.len(),
             },
+            Samples::Stream { tokens, seq_len } if masking.is_some() => {
+                let masking = masking.expect("matched");
+                let (mut inputs, mut positions, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+                for (row, &i) in indices.iter().enumerate() {
+                    let mut window = tokens
+                        .read((i * seq_len) as u64, *seq_len)
+                        .unwrap_or_else(|e| panic!("reading the dataset's sample {i}: {e}"));
+                    for (p, held) in masking.apply(split, i, &mut window) {
+                        positions.push((row * seq_len + p) as i64);
+                        targets.push(i64::from(held));
+                    }
+                    inputs.extend(window.iter().map(|&t| i64::from(t)));
+                }
+                Batch::Masked {
+                    inputs,
+                    positions,
+                    targets,
+                    n: indices.len(),
+                    seq_len: *seq_len,
+                }
+            }
+            Samples::Documents {
+                docs,
+                labels,
+                seq_len,
+                special,
+            } => {
+                let mut inputs = Vec::with_capacity(indices.len() * seq_len);
+                let mut lengths = Vec::with_capacity(indices.len());
+                for &i in indices {
+                    // [CLS] and [SEP] around as much of the document as fits.
+                    let body = &docs[i][..docs[i].len().min(seq_len - 2)];
+                    let framed = std::iter::once(special.cls)
+                        .chain(body.iter().copied())
+                        .chain(std::iter::once(special.sep));
+                    let start = inputs.len();
+                    inputs.extend(framed.map(i64::from));
+                    lengths.push(inputs.len() - start);
+                    inputs.resize(start + seq_len, i64::from(special.pad));
+                }
+                Batch::Labelled {
+                    inputs,
+                    lengths,
+                    labels: indices.iter().map(|&i| labels[i]).collect(),
+                    n: indices.len(),
+                    seq_len: *seq_len,
+                }
+            }
             Samples::Stream { tokens, seq_len } => {
                 let mut inputs = Vec::with_capacity(indices.len() * seq_len);
                 let mut targets = Vec::with_capacity(indices.len() * seq_len);
@@ -133,6 +256,10 @@ pub struct Dataset {
     /// What a `dataset:` source adds: its manifest's hash (checkpoints keep it), its tokenizer
     /// (to show what the model writes) and the vocabulary size.
     prepared: Option<Prepared>,
+    /// A bert's masked-LM masking of the token windows.
+    masking: Option<Masking>,
+    /// A labelled dataset's label names, sorted: label i is `label_names[i]`.
+    label_names: Vec<String>,
 }
 
 struct Prepared {
@@ -200,6 +327,10 @@ impl Dataset {
     ) -> anyhow::Result<Self> {
         let seq_len = spec.data.seq_len as usize;
         let splits = reader.splits(&gantry_data::cache::default_dir())?;
+        let tokenizer = io.block_on(reader.tokenizer())?;
+        if spec.model.kind == ModelKind::Bert {
+            return Self::for_bert(spec, name, reader, splits, tokenizer);
+        }
         let stream = |tokens| Samples::Stream { tokens, seq_len };
         let (train, validation, test) = (
             stream(splits.train),
@@ -222,17 +353,32 @@ impl Dataset {
             test_lines: Vec::new(),
             seed: spec.train.seed,
             permutations: Mutex::default(),
+            masking: None,
+            label_names: Vec::new(),
             prepared: Some(Prepared {
                 io: splits.io,
-                tokenizer: io.block_on(reader.tokenizer())?,
+                tokenizer,
                 vocab_size: reader.manifest.tokenizer.vocab_size,
                 manifest_sha256: Some(reader.manifest_sha256),
             }),
         })
     }
 
-    /// Fills in `model.vocab_size` from a dataset's tokenizer, or refuses one that differs.
+    /// Fills in `model.vocab_size` from a dataset's tokenizer and a classifier's
+    /// `model.num_labels` from its labels, or refuses values that differ.
     pub fn fit_vocab(&self, spec: &mut JobSpec) -> anyhow::Result<()> {
+        if spec.train.task == Task::Classification {
+            let theirs = self.label_names.len() as u32;
+            match spec.model.num_labels {
+                None => spec.model.num_labels = Some(theirs),
+                Some(ours) if ours != theirs => anyhow::bail!(
+                    "model.num_labels: {ours}, but dataset {} has {theirs} labels ({})",
+                    spec.dataset().unwrap_or_default(),
+                    self.label_names.join(", ")
+                ),
+                Some(_) => {}
+            }
+        }
         let Some(theirs) = self.prepared.as_ref().map(|p| p.vocab_size) else {
             return Ok(());
         };
@@ -318,6 +464,8 @@ impl Dataset {
             seed,
             permutations: Mutex::default(),
             prepared: None,
+            masking: None,
+            label_names: Vec::new(),
         }
     }
 
@@ -383,7 +531,125 @@ impl Dataset {
     }
 
     pub fn batch(&self, split: Split, indices: &[usize]) -> Batch {
-        self.samples(split).batch(indices)
+        self.samples(split)
+            .batch(split, indices, self.masking.as_ref())
+    }
+
+    /// A labelled dataset's label names, sorted (label i is the i-th); empty otherwise.
+    pub fn label_names(&self) -> &[String] {
+        &self.label_names
+    }
+
+    /// A bert's data: documents with their labels for classification, else the token stream
+    /// masked for masked-LM. A split's documents are read whole, once, and cut at end-of-text.
+    fn for_bert(
+        spec: &JobSpec,
+        name: &str,
+        reader: gantry_data::DatasetReader,
+        splits: gantry_data::cache::Splits,
+        tokenizer: gantry_data::Tokenizer,
+    ) -> anyhow::Result<Self> {
+        let seq_len = spec.data.seq_len as usize;
+        let manifest = &reader.manifest;
+        let eot = manifest.tokenizer.end_of_text_id;
+        let id = |names: &[&str]| names.iter().find_map(|t| tokenizer.token_to_id(t));
+        let mut data = Self {
+            train: Samples::Regression {
+                x: Vec::new(),
+                y: Vec::new(),
+            },
+            validation: Samples::Regression {
+                x: Vec::new(),
+                y: Vec::new(),
+            },
+            test: Samples::Regression {
+                x: Vec::new(),
+                y: Vec::new(),
+            },
+            test_lines: Vec::new(),
+            seed: spec.train.seed,
+            permutations: Mutex::default(),
+            masking: None,
+            label_names: Vec::new(),
+            prepared: None,
+        };
+        let parts = [
+            (splits.train, &manifest.train),
+            (splits.validation, &manifest.validation),
+            (splits.test, &manifest.test),
+        ];
+        if spec.train.task == Task::Classification {
+            let names = manifest.label_names();
+            anyhow::ensure!(
+                names.len() >= 2,
+                "data.source: {name} has {} label(s); classification needs a dataset prepared \
+                 with --label-field and at least two labels",
+                names.len()
+            );
+            let special = Special {
+                cls: id(&["[CLS]", "<s>"]).unwrap_or(eot),
+                sep: eot,
+                pad: id(&["[PAD]", "<pad>"]).unwrap_or(eot),
+            };
+            let mut samples = Vec::new();
+            for (tokens, entry) in parts {
+                let stream = tokens.read(0, tokens.len() as usize)?;
+                let docs: Vec<Vec<u32>> = stream
+                    .split(|&t| t == eot)
+                    .take(entry.documents as usize)
+                    .map(<[u32]>::to_vec)
+                    .collect();
+                let labels: Vec<i64> = entry
+                    .labels
+                    .iter()
+                    .flatten()
+                    .map(|l| names.binary_search(l).expect("a listed label") as i64)
+                    .collect();
+                anyhow::ensure!(
+                    docs.len() == labels.len(),
+                    "data.source: {name} holds {} documents but {} labels in a split",
+                    docs.len(),
+                    labels.len()
+                );
+                samples.push(Samples::Documents {
+                    docs,
+                    labels,
+                    seq_len,
+                    special,
+                });
+            }
+            let [train, validation, test] =
+                <[Samples; 3]>::try_from(samples).unwrap_or_else(|_| unreachable!("three splits"));
+            (data.train, data.validation, data.test) = (train, validation, test);
+            data.label_names = names;
+        } else {
+            let mask = id(&["[MASK]", "<mask>"]).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "data.source: the tokenizer of {name} has no [MASK] (or <mask>) token, which \
+                     masked-LM needs; prepare the dataset with a BERT tokenizer.json"
+                )
+            })?;
+            data.masking = Some(Masking {
+                mask,
+                vocab: manifest.tokenizer.vocab_size,
+                per_sample: crate::bert::masked_per_sample(seq_len),
+                seed: spec.train.seed,
+            });
+            let stream = |tokens| Samples::Stream { tokens, seq_len };
+            let [train, validation, test] = parts.map(|(tokens, _)| stream(tokens));
+            (data.train, data.validation, data.test) = (train, validation, test);
+        }
+        anyhow::ensure!(
+            data.train.len() > 0,
+            "data.source: the train split of {name} has no samples"
+        );
+        data.prepared = Some(Prepared {
+            io: splits.io,
+            tokenizer,
+            vocab_size: manifest.tokenizer.vocab_size,
+            manifest_sha256: Some(reader.manifest_sha256.clone()),
+        });
+        Ok(data)
     }
 }
 
@@ -440,7 +706,7 @@ mod tests {
                 let joined: Vec<i64> = (0..dp)
                     .flat_map(|r| match data.batch(Split::Train, shard(&global, r, dp)) {
                         Batch::Tokens { inputs, .. } => inputs,
-                        Batch::Regression { .. } => unreachable!(),
+                        _ => unreachable!("token batches"),
                     })
                     .collect();
                 assert_eq!(joined, whole, "step {step} at dp {dp}");

@@ -90,6 +90,7 @@ pub fn write_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bert::Bert;
     use crate::layout::{Split, join_slices, whole_name};
     use crate::llama::{Llama, LlamaStage};
     use crate::model::{Gpt, GptStage, Mlp, MlpStage, PipelineModel, TrainModel};
@@ -108,11 +109,21 @@ mod tests {
     #[test]
     fn shards_of_every_layout_join_into_the_whole_model() {
         let _rng = crate::rng_lock();
-        for kind in ["gpt", "mlp", "llama"] {
+        // A bert (on a dataset: its vocabulary given) with the masked-LM head (its own
+        // decoder), and with a classifier.
+        let bert = r#""vocab_size":40},"data":{"source":"dataset:/nowhere""#;
+        let classifier = r#""vocab_size":40,"num_labels":3},"data":{"source":"dataset:/nowhere""#;
+        let cases = [
+            ("gpt", r#""num_key_value_heads":2"#, ""),
+            ("mlp", r#""num_key_value_heads":2"#, ""),
+            ("llama", r#""num_key_value_heads":2"#, ""),
+            ("bert", bert, ""),
+            ("bert", classifier, r#","task":"classification""#),
+        ];
+        for (kind, model, train) in cases {
             let spec = JobSpec::from_json(&format!(
                 r#"{{"name":"t","model":{{"kind":"{kind}","layers":2,"d_model":16,"heads":4,
-                "num_key_value_heads":2}},
-                "train":{{"steps":1,"global_batch":8,"lr":0.1}}}}"#
+                {model}}},"train":{{"steps":1,"global_batch":8,"lr":0.1{train}}}}}"#
             ))
             .unwrap();
             let device = Device::flex();
@@ -121,6 +132,7 @@ mod tests {
                 ModelKind::Gpt => named_parameters(&<Gpt as TrainModel>::init(&spec, &device)),
                 ModelKind::Mlp => named_parameters(&<Mlp as TrainModel>::init(&spec, &device)),
                 ModelKind::Llama => named_parameters(&<Llama as TrainModel>::init(&spec, &device)),
+                ModelKind::Bert => named_parameters(&Bert::whole(&spec, &device)),
             }
             .into_iter()
             .collect();
@@ -141,6 +153,9 @@ mod tests {
                             }
                             ModelKind::Llama => {
                                 named_parameters(&LlamaStage::new_stage(&spec, mesh, at, &device))
+                            }
+                            ModelKind::Bert => {
+                                named_parameters(&Bert::new_stage(&spec, mesh, at, &device))
                             }
                         };
                         for (local, t) in named {

@@ -35,20 +35,26 @@ impl ModuleVisitor for Flatten<'_> {
     }
 }
 
-/// Rebuilds per-parameter gradients from the flat, averaged buffer.
+/// Rebuilds per-parameter gradients from the flat, averaged buffer (of the parameters `keep`
+/// accepts).
 struct Unflatten<'a> {
     flat: &'a [f32],
     offset: usize,
     device: Device,
     grads: GradientsParams,
+    keep: &'a dyn Fn(ParamId) -> bool,
 }
 
 impl ModuleVisitor for Unflatten<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let shape = param.val().shape();
         let n = shape.num_elements();
-        let values = self.flat[self.offset..self.offset + n].to_vec();
+        let range = self.offset..self.offset + n;
         self.offset += n;
+        if !(self.keep)(param.id) {
+            return;
+        }
+        let values = self.flat[range].to_vec();
         let grad = Tensor::<D>::from_data(TensorData::new(values, shape), &self.device);
         self.grads.register(param.id, grad);
     }
@@ -108,11 +114,23 @@ pub fn accumulate_gradients<M: Module>(
 
 /// The per-parameter gradients of `model` held in `flat` (in visiting order), on `device`.
 pub fn unflatten<M: Module>(model: &M, flat: &[f32], device: &Device) -> GradientsParams {
+    unflatten_where(model, flat, device, &|_| true)
+}
+
+/// [`unflatten`] of the parameters `keep` accepts only (the others get no gradient, so the
+/// optimizer leaves them alone).
+pub fn unflatten_where<M: Module>(
+    model: &M,
+    flat: &[f32],
+    device: &Device,
+    keep: &dyn Fn(ParamId) -> bool,
+) -> GradientsParams {
     let mut unflatten = Unflatten {
         flat,
         offset: 0,
         device: device.clone(),
         grads: GradientsParams::new(),
+        keep,
     };
     model.visit(&mut unflatten);
     unflatten.grads

@@ -37,6 +37,19 @@ pub const BLOCK_SPLITS: &[(&str, Split)] = &[
     ("up_proj.weight", Split::Along { dim: 1, parts: 1 }),
     ("o_proj.weight", Split::Along { dim: 0, parts: 1 }),
     ("down_proj.weight", Split::Along { dim: 0, parts: 1 }),
+    // The bert's layer: column-parallel query/key/value (by heads) and intermediate, with their
+    // biases; row-parallel attention_output and output, whose biases are kept beside them
+    // (`attention_output_bias`, `output_bias`) and so replicated.
+    ("query.weight", Split::Along { dim: 1, parts: 1 }),
+    ("query.bias", Split::Along { dim: 0, parts: 1 }),
+    ("key.weight", Split::Along { dim: 1, parts: 1 }),
+    ("key.bias", Split::Along { dim: 0, parts: 1 }),
+    ("value.weight", Split::Along { dim: 1, parts: 1 }),
+    ("value.bias", Split::Along { dim: 0, parts: 1 }),
+    ("intermediate.weight", Split::Along { dim: 1, parts: 1 }),
+    ("intermediate.bias", Split::Along { dim: 0, parts: 1 }),
+    ("attention_output.weight", Split::Along { dim: 0, parts: 1 }),
+    ("output.weight", Split::Along { dim: 0, parts: 1 }),
 ];
 
 /// How a block's parameter `field` is split over `tp` ranks.
@@ -51,11 +64,11 @@ pub fn block_split(field: &str, tp: u32) -> Split {
 }
 
 /// How many blocks a model's pipeline stages split among them: the gpt's transformer blocks,
-/// the llama's decoder layers, the mlp's hidden layers and its output layer. (The gpt's embeddings go with the first
+/// the llama's decoder layers, the bert's encoder layers, the mlp's hidden layers and its output layer. (The gpt's embeddings go with the first
 /// stage, its final norm and head with the last.)
 pub fn pipeline_blocks(spec: &JobSpec) -> usize {
     match spec.model.kind {
-        ModelKind::Gpt | ModelKind::Llama => spec.model.layers as usize,
+        ModelKind::Gpt | ModelKind::Llama | ModelKind::Bert => spec.model.layers as usize,
         ModelKind::Mlp => spec.model.layers as usize + 1,
     }
 }
@@ -69,7 +82,7 @@ pub fn stage_blocks(blocks: usize, stage: usize, stages: usize) -> std::ops::Ran
 pub fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (String, Split) {
     let list = match spec.model.kind {
         ModelKind::Gpt => "blocks.",
-        ModelKind::Mlp | ModelKind::Llama => "layers.",
+        ModelKind::Mlp | ModelKind::Llama | ModelKind::Bert => "layers.",
     };
     let Some(rest) = local.strip_prefix(list) else {
         return (local.to_string(), Split::Replicated);

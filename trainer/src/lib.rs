@@ -4,11 +4,13 @@
 //! ([`rank::run`]); collectives come from `gantry-collective` through its `World` trait and
 //! checkpoints from `gantry-checkpoint`.
 
+pub mod bert;
 pub mod control;
 pub mod corpus;
 pub mod data;
 pub mod device;
 pub mod export;
+pub mod finetune;
 pub mod gradients;
 pub mod hf;
 pub mod job;

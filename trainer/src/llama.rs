@@ -15,7 +15,7 @@
 use crate::data::Batch;
 use crate::layout::stage_blocks;
 use crate::model::{
-    PipelineModel, Segment, Tape, TpSum, TrainModel, causal_mask, materialize, param, shard,
+    Alone, PipelineModel, Segment, Tape, TpSum, TrainModel, causal_mask, materialize, param, shard,
     token_activation_shape, token_logits, token_loss, token_stage_loss,
 };
 use burn::module::{Module, ParamId};
@@ -254,19 +254,6 @@ pub struct Llama {
     /// None with tied embeddings: the head is `embed_tokens`' matrix.
     lm_head: Option<Linear>,
     rope_theta: f64,
-}
-
-/// Tensor parallelism of 1: nothing to sum.
-struct Alone;
-
-impl TpSum for Alone {
-    fn size(&self) -> usize {
-        1
-    }
-
-    fn sum(&mut self, t: Tensor<3>) -> anyhow::Result<Tensor<3>> {
-        Ok(t)
-    }
 }
 
 fn tokens_of(inputs: &[i64], n: usize, seq_len: usize, device: &Device) -> Tensor<2, Int> {

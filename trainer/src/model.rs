@@ -314,6 +314,12 @@ pub struct ShardedBlock {
     heads: usize,
 }
 
+/// A fresh leaf of the autodiff graph from `t`, when `t` is on an autodiff device (training);
+/// `t` itself otherwise (an evaluation without autodiff has no graph to cut).
+pub(crate) fn leaf(t: Tensor<3>) -> Tensor<3> {
+    if t.is_autodiff() { t.require_grad() } else { t }
+}
+
 /// A fresh trainable copy of (part of) an initialised parameter.
 pub(crate) fn param<const D: usize>(value: Tensor<D>) -> Param<Tensor<D>> {
     Param::from_tensor(value.detach())
@@ -376,6 +382,19 @@ pub struct Segment {
     pub outputs: Vec<Tensor<3>>,
 }
 
+/// Tensor parallelism of 1: nothing to sum.
+pub(crate) struct Alone;
+
+impl TpSum for Alone {
+    fn size(&self) -> usize {
+        1
+    }
+
+    fn sum(&mut self, t: Tensor<3>) -> anyhow::Result<Tensor<3>> {
+        Ok(t)
+    }
+}
+
 /// Sums a tensor over this rank's tensor-parallel group.
 pub trait TpSum {
     /// The group's size; 1 means no tensor parallelism (and no communication).
@@ -406,7 +425,7 @@ impl<'a> Tape<'a> {
         if self.tp.size() == 1 {
             return (residual, normed);
         }
-        let leaf = |t: &Tensor<3>| t.clone().detach().require_grad();
+        let leaf = |t: &Tensor<3>| leaf(t.clone().detach());
         let (r, n) = (leaf(&residual), leaf(&normed));
         self.done.push(Segment {
             inputs: std::mem::replace(&mut self.open, vec![(r.clone(), false), (n.clone(), true)]),
@@ -453,7 +472,7 @@ impl ShardedBlock {
 }
 
 /// A bias vector shaped to broadcast over `[batch, time, width]`.
-fn bias3(b: &Param<Tensor<1>>) -> Tensor<3> {
+pub(crate) fn bias3(b: &Param<Tensor<1>>) -> Tensor<3> {
     let [width] = b.val().dims();
     b.val().reshape([1, 1, width])
 }

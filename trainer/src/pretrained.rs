@@ -18,6 +18,12 @@ use std::collections::BTreeMap;
 /// The folder's weights under Gantry's whole-model names, in burn's layouts, checked.
 pub struct Pretrained {
     whole: BTreeMap<String, Tensor32>,
+    /// Tensors of the folder this job's model has no use for: a bert's heads of another task
+    /// (a pretrained masked-LM head when fine-tuning a classifier, say).
+    pub unused: Vec<String>,
+    /// The model's head tensors the folder does not hold, initialised from the seed instead
+    /// (a new classifier).
+    pub fresh: Vec<String>,
 }
 
 /// Reads and checks the folder at `url` for a job of `spec` (whose vocabulary is `vocab`).
@@ -27,10 +33,10 @@ pub async fn load(
     options: &gantry_checkpoint::Options,
     vocab: usize,
 ) -> anyhow::Result<Pretrained> {
+    let kind = spec.model.kind;
     anyhow::ensure!(
-        spec.model.kind == ModelKind::Llama,
-        "model.init_from: loads the llama family; this job trains the {:?}",
-        spec.model.kind
+        matches!(kind, ModelKind::Llama | ModelKind::Bert),
+        "model.init_from: loads the llama and bert families; this job trains the {kind:?}"
     );
     let (store, prefix) = gantry_checkpoint::open_url(&gantry_data::url_of(url)?, options)
         .map_err(|e| anyhow::anyhow!("model.init_from: {url}: {e}"))?;
@@ -46,8 +52,11 @@ pub async fn load(
     };
     let config: serde_json::Value = serde_json::from_slice(&get("config.json".into()).await?)
         .map_err(|e| anyhow::anyhow!("model.init_from: {url}: config.json: {e}"))?;
-    check_config(spec, &config, vocab)
-        .map_err(|e| anyhow::anyhow!("model.init_from: {url}: config.json: {e}"))?;
+    match kind {
+        ModelKind::Bert => check_bert_config(spec, &config, vocab),
+        _ => check_config(spec, &config, vocab),
+    }
+    .map_err(|e| anyhow::anyhow!("model.init_from: {url}: config.json: {e}"))?;
 
     // One file, or the shards an index names.
     let files: Vec<String> = match get("model.safetensors.index.json".into()).await {
@@ -70,21 +79,33 @@ pub async fn load(
         }
         Err(_) => vec!["model.safetensors".into()],
     };
-    let want = hf::llama_shapes(spec, vocab);
+    let want = hf::shapes(spec, vocab);
     let mut whole = BTreeMap::new();
+    let mut unused = Vec::new();
     for file in files {
         let bytes = get(file.clone()).await?;
         let tensors = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| anyhow::anyhow!("model.init_from: {url}: {file}: {e}"))?;
         for (name, view) in tensors.tensors() {
-            // Rotary frequencies some exports keep as a buffer are computed here instead.
-            if name.ends_with("rotary_emb.inv_freq") {
+            // Buffers some exports keep are computed here instead: rotary frequencies, BERT's
+            // position ids. The masked-LM decoder's bias is `cls.predictions.bias` again.
+            let buffers = [
+                "rotary_emb.inv_freq",
+                "embeddings.position_ids",
+                "cls.predictions.decoder.bias",
+            ];
+            if buffers.iter().any(|b| name.ends_with(b)) {
+                continue;
+            }
+            let name = hf::canonical(kind, &name);
+            if kind == ModelKind::Bert && !want.contains_key(&name) && is_bert_head(&name) {
+                unused.push(name);
                 continue;
             }
             let Some(shape) = want.get(&name) else {
                 anyhow::bail!(
                     "model.init_from: {url}: {file}: tensor {name} is not a parameter of this \
-                     model (a llama of the spec's shape)"
+                     model (a {kind:?} of the spec's shape)"
                 );
             };
             anyhow::ensure!(
@@ -100,7 +121,7 @@ pub async fn load(
                     view.dtype()
                 )
             })?;
-            let (gantry, linear) = hf::gantry_name(&name).expect("every expected name maps");
+            let (gantry, linear) = hf::gantry_name(kind, &name).expect("every expected name maps");
             let t = Tensor32 {
                 shape: view.shape().to_vec(),
                 values,
@@ -108,15 +129,34 @@ pub async fn load(
             whole.insert(gantry, if linear { hf::transpose(&t) } else { t });
         }
     }
+    let mut fresh = Vec::new();
     for name in want.keys() {
-        let (gantry, _) = hf::gantry_name(name).expect("every expected name maps");
+        let (gantry, _) = hf::gantry_name(kind, name).expect("every expected name maps");
+        if whole.contains_key(&gantry) {
+            continue;
+        }
+        // A bert's task head may be new: it starts from the seed, as Hugging Face's
+        // `from_pretrained` initialises a classifier a checkpoint lacks.
         anyhow::ensure!(
-            whole.contains_key(&gantry),
+            kind == ModelKind::Bert && is_bert_head(name),
             "model.init_from: {url}: tensor {name} is missing (shape {:?})",
             want[name]
         );
+        fresh.push(gantry);
     }
-    Ok(Pretrained { whole })
+    Ok(Pretrained {
+        whole,
+        unused,
+        fresh,
+    })
+}
+
+/// Whether a Hugging Face bert tensor belongs to a task head (pooler, classifier, masked-LM or
+/// next-sentence head) rather than to the encoder.
+fn is_bert_head(name: &str) -> bool {
+    ["bert.pooler.", "classifier.", "cls."]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// The config's fields that the spec also sets must agree, each refusal naming both.
@@ -181,6 +221,67 @@ fn check_config(spec: &JobSpec, config: &serde_json::Value, vocab: usize) -> any
     Ok(())
 }
 
+/// A bert's config against the spec: the shape's fields, each refusal naming both.
+fn check_bert_config(
+    spec: &JobSpec,
+    config: &serde_json::Value,
+    vocab: usize,
+) -> anyhow::Result<()> {
+    let s = crate::bert::BertShape::of(spec);
+    if let Some(kind) = config["model_type"].as_str() {
+        anyhow::ensure!(
+            kind == "bert",
+            "model_type is {kind:?}; model.kind bert loads \"bert\" models"
+        );
+    }
+    let ints: [(&str, &str, usize, Option<u64>); 7] = [
+        ("hidden_size", "model.d_model", s.hidden, None),
+        ("num_hidden_layers", "model.layers", s.layers, None),
+        ("num_attention_heads", "model.heads", s.heads, None),
+        (
+            "intermediate_size",
+            "model.intermediate_size",
+            s.intermediate,
+            None,
+        ),
+        ("vocab_size", "model.vocab_size", vocab, None),
+        (
+            "max_position_embeddings",
+            "model.max_position_embeddings",
+            s.positions,
+            None,
+        ),
+        ("type_vocab_size", "model.type_vocab_size", s.types, Some(2)),
+    ];
+    for (key, field, ours, default) in ints {
+        let theirs = config[key].as_u64().or(default);
+        anyhow::ensure!(
+            theirs == Some(ours as u64),
+            "{key} is {}, but {field} is {ours}",
+            theirs.map_or("absent".to_string(), |v| v.to_string())
+        );
+    }
+    let eps = config["layer_norm_eps"].as_f64().unwrap_or(1e-12);
+    anyhow::ensure!(
+        (eps - s.eps).abs() <= 1e-12 * eps.abs(),
+        "layer_norm_eps is {eps}, but model.layer_norm_eps is {}",
+        s.eps
+    );
+    let act = config["hidden_act"].as_str().unwrap_or("gelu");
+    anyhow::ensure!(
+        act == "gelu",
+        "hidden_act is {act:?}; the bert computes the exact GELU (\"gelu\")"
+    );
+    let position = config["position_embedding_type"]
+        .as_str()
+        .unwrap_or("absolute");
+    anyhow::ensure!(
+        position == "absolute",
+        "position_embedding_type is {position:?}; the bert has absolute position embeddings"
+    );
+    Ok(())
+}
+
 fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
     let pairs = || {
         data.chunks_exact(2)
@@ -202,7 +303,11 @@ fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
 impl Pretrained {
     /// Whole-model parameters under Gantry's names (a checkpoint's, say).
     pub fn from_whole(whole: BTreeMap<String, Tensor32>) -> Self {
-        Self { whole }
+        Self {
+            whole,
+            unused: Vec::new(),
+            fresh: Vec::new(),
+        }
     }
 
     /// Tensors the folder held.
@@ -238,6 +343,9 @@ impl Pretrained {
                 let local = self.path.join(".");
                 let (name, split) = whole_name(self.spec, self.mesh, self.at, &local);
                 let Some(whole) = self.pretrained.whole.get(&name) else {
+                    if self.pretrained.fresh.contains(&name) {
+                        return param;
+                    }
                     self.failed.get_or_insert_with(|| {
                         anyhow::anyhow!("model.init_from: nothing for parameter {name}")
                     });

@@ -2,6 +2,7 @@
 //! coordinator, connect (TCP between cpu ranks, NCCL between cuda ranks), train. Exit code 0
 //! means the rank finished its steps; anything else ends the attempt.
 
+use crate::bert::Bert;
 use crate::control::{Drained, drain_on_sigterm};
 use crate::data::{Dataset, Split};
 use crate::llama::{Llama, LlamaStage};
@@ -153,6 +154,8 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         (ModelKind::Gpt, true) => train::<GptStage>(&job, &data, &mut *comm, &reporter, &io)?,
         (ModelKind::Llama, false) => train::<Llama>(&job, &data, &mut *comm, &reporter, &io)?,
         (ModelKind::Llama, true) => train::<LlamaStage>(&job, &data, &mut *comm, &reporter, &io)?,
+        // One type serves the bert at every layout (a whole model is its one stage).
+        (ModelKind::Bert, _) => train::<Bert>(&job, &data, &mut *comm, &reporter, &io)?,
     };
     Ok(())
 }

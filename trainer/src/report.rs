@@ -1,7 +1,7 @@
 //! How a rank process talks to its worker daemon: plain lines on stdout are logs; lines that
 //! start with [`EVENT_PREFIX`] carry a JSON [`RankEvent`] (progress, checkpoint commits).
 
-use gantry_core::JobSpec;
+use gantry_core::{ClassMetrics, JobSpec};
 pub use gantry_core::{EVENT_PREFIX, RankEvent};
 use std::io::Write;
 
@@ -17,6 +17,8 @@ pub struct StepReport {
     pub samples_per_sec: f64,
     pub step_seconds: f64,
     pub allreduce_gbps: Option<f64>,
+    /// A classifier's metrics on the validation split, when it was evaluated at this step.
+    pub eval_metrics: Option<ClassMetrics>,
 }
 
 /// Writes events and log lines for the worker daemon. One rank reports progress: the first
@@ -86,22 +88,34 @@ impl Reporter {
             samples_per_sec: p.samples_per_sec,
             step_seconds: p.step_seconds,
             allreduce_gbps: p.allreduce_gbps,
+            eval_metrics: p.eval_metrics,
         });
+        if let Some(m) = p.eval_metrics {
+            self.log(&format!("validation at step {}: {m}", p.step));
+        }
     }
 
     /// The test-split evaluation at the end of training.
-    pub fn test(&self, loss: f64, accuracy: Option<f64>) {
+    pub fn test(&self, loss: f64, accuracy: Option<f64>, metrics: Option<ClassMetrics>) {
         if !self.reports_progress {
             return;
         }
         let accuracy_text = accuracy.map_or(String::new(), |a| {
             format!(", exact-match accuracy {:.1}%", a * 100.0)
         });
-        self.log(&format!(
-            "test loss {loss:.6}, perplexity {:.3}{accuracy_text}",
-            loss.exp()
-        ));
-        self.emit(&RankEvent::Test { loss, accuracy });
+        match metrics {
+            // A classifier's loss has no perplexity.
+            Some(m) => self.log(&format!("test loss {loss:.6}, {m}")),
+            None => self.log(&format!(
+                "test loss {loss:.6}, perplexity {:.3}{accuracy_text}",
+                loss.exp()
+            )),
+        }
+        self.emit(&RankEvent::Test {
+            loss,
+            accuracy,
+            metrics,
+        });
     }
 
     pub fn checkpoint(

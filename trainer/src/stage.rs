@@ -73,6 +73,17 @@ pub trait Stage: Module + Clone + Send + Sized + 'static {
     /// that see the model's output; None for data without answers.
     fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>>;
 
+    /// A classifier's confusion matrix on (up to 512 samples of) a split, `[truth · labels +
+    /// predicted]`, summed over the data-parallel group, on the ranks that see the model's
+    /// output; None for other models.
+    fn confusion(
+        &self,
+        _ctx: &mut StepContext<'_>,
+        _split: Split,
+    ) -> anyhow::Result<Option<Vec<f64>>> {
+        Ok(None)
+    }
+
     /// Parameters split over the tensor-parallel group; the others are replicated on it.
     fn tp_sharded(&self) -> Vec<ParamId> {
         Vec::new()
@@ -278,7 +289,7 @@ fn forward_micro<P: PipelineModel>(
     let shape = P::activation_shape(ctx.spec, batch);
     let input = match prev {
         None => None,
-        Some(p) => Some(receive(ctx, p, shape)?.require_grad()),
+        Some(p) => Some(crate::model::leaf(receive(ctx, p, shape)?)),
     };
     let device = ctx.device.clone();
     let mut segments = stage.forward_stage(input, batch, &mut ctx.tp(), &device)?;
@@ -432,6 +443,38 @@ fn pipeline_test_accuracy<P: PipelineModel>(
     }
 }
 
+fn pipeline_confusion<P: PipelineModel>(
+    stage: &P,
+    ctx: &mut StepContext<'_>,
+    split: Split,
+) -> anyhow::Result<Option<Vec<f64>>> {
+    let labels = ctx.data.label_names().len();
+    if labels == 0 {
+        return Ok(None);
+    }
+    let mut counts = vec![0.0f32; labels * labels];
+    for chunk in eval_chunks(ctx, split) {
+        let batch = ctx.data.batch(split, &chunk);
+        let f = forward_micro(stage, ctx, &batch, true)?;
+        if let (true, Batch::Labelled { labels: truth, .. }) = (ctx.is_last_stage(), &batch) {
+            // The classifier's output is [n, 1, labels].
+            let predicted = f.output().argmax(2).into_data().convert::<i64>();
+            let predicted = predicted.as_slice::<i64>().expect("i64 predictions");
+            for (t, p) in truth.iter().zip(predicted) {
+                counts[*t as usize * labels + *p as usize] += 1.0;
+            }
+        }
+    }
+    if !ctx.is_last_stage() {
+        return Ok(None);
+    }
+    let group = ctx.dp_group();
+    ctx.comm
+        .group(&group)?
+        .all_reduce(&mut counts, ReduceOp::Sum)?;
+    Ok(Some(counts.into_iter().map(f64::from).collect()))
+}
+
 /// A pipeline stage of a model is a [`Stage`]; the work is in the generic functions above.
 macro_rules! pipeline_stage {
     ($stage:ty) => {
@@ -461,6 +504,14 @@ macro_rules! pipeline_stage {
                 pipeline_test_accuracy(self, ctx)
             }
 
+            fn confusion(
+                &self,
+                ctx: &mut StepContext<'_>,
+                split: Split,
+            ) -> anyhow::Result<Option<Vec<f64>>> {
+                pipeline_confusion(self, ctx, split)
+            }
+
             fn tp_sharded(&self) -> Vec<ParamId> {
                 <$stage as PipelineModel>::tp_sharded(self)
             }
@@ -471,3 +522,4 @@ macro_rules! pipeline_stage {
 pipeline_stage!(MlpStage);
 pipeline_stage!(GptStage);
 pipeline_stage!(crate::llama::LlamaStage);
+pipeline_stage!(crate::bert::Bert);

@@ -12,7 +12,8 @@
 
 use crate::control::{Control, Drained, drain_requested};
 use crate::data::{Dataset, PREFETCH_STEPS, Split, shard};
-use crate::gradients::{squared_norm, unflatten};
+use crate::finetune::ParamGroups;
+use crate::gradients::{squared_norm, unflatten, unflatten_where};
 use crate::precision::{LossScaler, Verdict};
 use crate::report::{Reporter, StepReport};
 use crate::stage::{Stage, StepContext};
@@ -21,7 +22,7 @@ use burn::optim::AdamConfig;
 use burn::store::ModuleRecord;
 use gantry_checkpoint::{self as checkpoint, CheckpointStore};
 use gantry_collective::{ReduceOp, World};
-use gantry_core::{Mesh, Rank};
+use gantry_core::{ClassMetrics, Mesh, Rank};
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -94,6 +95,18 @@ pub fn train<S: Stage>(
                 pretrained.tensors(),
                 loading.elapsed().as_secs_f64()
             ));
+            if !pretrained.fresh.is_empty() {
+                reporter.log(&format!(
+                    "new head, initialised from the seed: {}",
+                    pretrained.fresh.join(", ")
+                ));
+            }
+            if !pretrained.unused.is_empty() {
+                reporter.log(&format!(
+                    "not used by this task: {}",
+                    pretrained.unused.join(", ")
+                ));
+            }
         }
     }
     let mut scaler = LossScaler::for_spec(spec);
@@ -143,6 +156,7 @@ pub fn train<S: Stage>(
                 samples_per_sec: 0.0,
                 step_seconds: 0.0,
                 allreduce_gbps: None,
+                eval_metrics: None,
             });
         }
         last_eval = shard.eval_loss;
@@ -164,6 +178,16 @@ pub fn train<S: Stage>(
     }
     let micro = t.micro_batches as usize;
     let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
+    let groups = ParamGroups::of(&model, spec, mesh, coords);
+    // The evaluations' context: the plain device, for the model without autodiff.
+    macro_rules! eval_context {
+        () => {
+            StepContext {
+                device: device.clone(),
+                ..step_context!()
+            }
+        };
+    }
     let world = comm.world_size();
     let writes = checkpoint::writes_shard(mesh, coords);
     let mut upload: Option<Upload> = None;
@@ -218,6 +242,7 @@ pub fn train<S: Stage>(
         flat.truncate(n_params + 1);
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
+        groups.drop_frozen(&mut flat);
         if let Some(s) = scaler.as_ref() {
             let unscale = (1.0 / s.scale()) as f32;
             flat.iter_mut().for_each(|g| *g *= unscale);
@@ -253,8 +278,21 @@ pub fn train<S: Stage>(
                 let factor = (t.grad_clip / (norm + 1e-6)) as f32;
                 flat.iter_mut().for_each(|g| *g *= factor);
             }
-            let grads = unflatten(&model, &flat, &device);
-            model = optimizer.step(lr, model, grads);
+            if groups.frozen.is_empty() && groups.head.is_empty() {
+                let grads = unflatten(&model, &flat, &device);
+                model = optimizer.step(lr, model, grads);
+            } else {
+                // The head on its own learning rate (the same schedule), then the rest; frozen
+                // parameters get no gradient, so Adam keeps no state for them and moves nothing.
+                if let Some(head_lr) = t.head_lr.filter(|_| !groups.head.is_empty()) {
+                    let head =
+                        unflatten_where(&model, &flat, &device, &|id| groups.head.contains(&id));
+                    model = optimizer.step(lr * head_lr / t.lr, model, head);
+                }
+                let keep = |id| !groups.frozen.contains(&id) && !groups.head.contains(&id);
+                let rest = unflatten_where(&model, &flat, &device, &keep);
+                model = optimizer.step(lr, model, rest);
+            }
         } else if let Some(s) = scaler.as_ref() {
             reporter.log(&format!(
                 "step {}: fp16 gradients overflowed, step skipped; loss scale now {} ({} \
@@ -269,13 +307,18 @@ pub fn train<S: Stage>(
         let step_seconds = started.elapsed().as_secs_f64();
         let samples_per_sec = t.global_batch as f64 / step_seconds.max(1e-9);
         let last = done == t.steps;
+        let mut eval_metrics = None;
         let eval_loss = if (t.eval_every > 0 && done % t.eval_every == 0) || last {
-            let mut ctx = step_context!();
-            let loss = model.evaluate(&mut ctx, Split::Validation)?;
+            // Evaluations run without autodiff: on its device, a model keeps every activation
+            // of a forward pass that no backward pass follows.
+            let valid = model.valid();
+            let mut ctx = eval_context!();
+            let loss = valid.evaluate(&mut ctx, Split::Validation)?;
+            eval_metrics = classifier_metrics(&valid, &mut ctx, Split::Validation)?;
             // What the model writes now, from a fixed prompt of the dataset (one rank says it).
             let leader = job.rank == Rank::LEADER;
             if let Some(prompt) = data.sample_prompt(16).filter(|_| leader)
-                && let Some(more) = model.greedy(&prompt, 32, &ctx)
+                && let Some(more) = valid.greedy(&prompt, 32, &ctx)
                 && let (Some(p), Some(m)) = (data.decode(&prompt), data.decode(&more))
             {
                 reporter.log(&format!("sample at step {done}: {p:?} → {m:?}"));
@@ -295,6 +338,7 @@ pub fn train<S: Stage>(
             samples_per_sec,
             step_seconds,
             allreduce_gbps,
+            eval_metrics,
         });
         last_eval = eval_loss.or(last_eval);
 
@@ -342,15 +386,30 @@ pub fn train<S: Stage>(
         commit.wait()?;
     }
     if start < t.steps {
-        let mut ctx = step_context!();
-        let test_loss = model.evaluate(&mut ctx, Split::Test)?;
-        let accuracy = model.test_accuracy(&mut ctx)?;
+        let valid = model.valid();
+        let mut ctx = eval_context!();
+        let test_loss = valid.evaluate(&mut ctx, Split::Test)?;
+        let accuracy = valid.test_accuracy(&mut ctx)?;
+        let metrics = classifier_metrics(&valid, &mut ctx, Split::Test)?;
         if let Some(loss) = test_loss {
-            reporter.test(loss, accuracy);
+            reporter.test(loss, accuracy, metrics);
         }
     }
     if let Some(io) = data.io_report().filter(|_| job.rank == Rank::LEADER) {
         reporter.log(&format!("dataset reads (rank 0): {io}"));
     }
     Ok(())
+}
+
+/// A classifier's accuracy, precision, recall and F1 on (up to 512 samples of) a split, on the
+/// ranks that see its output; None for other models.
+fn classifier_metrics<S: Stage>(
+    model: &S,
+    ctx: &mut StepContext<'_>,
+    split: Split,
+) -> anyhow::Result<Option<ClassMetrics>> {
+    let labels = ctx.data.label_names().len();
+    Ok(model
+        .confusion(ctx, split)?
+        .and_then(|counts| ClassMetrics::from_confusion(&counts, labels)))
 }

@@ -26,7 +26,7 @@ fn matches_the_numpy_reference(spec: &JobSpec) {
     let model = Llama::init(spec, &device);
     let dir = tempfile::tempdir().unwrap();
     let whole = named_parameters(&model).into_iter().collect();
-    let (tensors, config) = gantry_trainer::hf::export(spec, &whole).unwrap();
+    let (tensors, config) = gantry_trainer::hf::export(spec, &whole, &[]).unwrap();
     write_safetensors(
         &tensors,
         Default::default(),

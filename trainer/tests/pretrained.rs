@@ -51,7 +51,7 @@ fn a_hugging_face_folder_loads_into_every_layout() {
     device.seed(5);
     let source = Llama::init(&spec, &device);
     let whole = named_parameters(&source).into_iter().collect();
-    let (hf, config) = gantry_trainer::hf::export(&spec, &whole).unwrap();
+    let (hf, config) = gantry_trainer::hf::export(&spec, &whole, &[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     folder(dir.path(), &hf, &config);
     let loaded = load(&spec, dir.path()).unwrap();
@@ -100,7 +100,7 @@ fn a_folder_that_does_not_fit_the_model_is_refused_by_name() {
     let whole = named_parameters(&Llama::init(&spec, &device))
         .into_iter()
         .collect();
-    let (hf, config) = gantry_trainer::hf::export(&spec, &whole).unwrap();
+    let (hf, config) = gantry_trainer::hf::export(&spec, &whole, &[]).unwrap();
     let root = tempfile::tempdir().unwrap();
     let refused = |name: &str, tensors: &BTreeMap<String, Tensor32>, config: &serde_json::Value| {
         let dir = root.path().join(name);

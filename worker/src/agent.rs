@@ -472,6 +472,7 @@ async fn supervise(
                         samples_per_sec,
                         step_seconds,
                         allreduce_gbps,
+                        eval_metrics,
                     }) => {
                         metrics.progress(
                             &key.job_id,
@@ -487,6 +488,7 @@ async fn supervise(
                             loss,
                             eval_loss,
                             samples_per_sec,
+                            eval_metrics: eval_metrics.map(Into::into),
                         })
                     }
                     Some(RankEvent::Checkpoint {
@@ -505,10 +507,15 @@ async fn supervise(
                             deleted_steps,
                         })
                     }
-                    Some(RankEvent::Test { loss, accuracy }) => Body::Test(pb::TestResult {
+                    Some(RankEvent::Test {
+                        loss,
+                        accuracy,
+                        metrics,
+                    }) => Body::Test(pb::TestResult {
                         key: Some(key.clone()),
                         loss,
                         accuracy,
+                        metrics: metrics.map(Into::into),
                     }),
                     None => Body::Logs(pb::RankLogs {
                         key: Some(key.clone()),

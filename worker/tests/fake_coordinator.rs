@@ -584,6 +584,7 @@ exit 0
             loss: 0.5,
             eval_loss: Some(0.25),
             samples_per_sec: 12.5,
+            eval_metrics: None,
         }]
     );
     // Everything the rank wrote is relayed before its exit.

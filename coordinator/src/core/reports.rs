@@ -4,6 +4,7 @@
 use super::{Core, RankKey};
 use crate::error::CoordinatorError;
 use crate::state::{CheckpointRecord, JobState};
+use gantry_core::ClassMetrics;
 
 impl Core {
     /// A step of the job's progress rank: the job's numbers, and a sign of life for hang
@@ -13,7 +14,7 @@ impl Core {
         key: &RankKey,
         step: u64,
         loss: f64,
-        eval_loss: Option<f64>,
+        (eval_loss, eval_metrics): (Option<f64>, Option<ClassMetrics>),
         now_ms: i64,
     ) -> Result<(), CoordinatorError> {
         if !self.is_live(key) || key.rank.get() != self.jobs[&key.job].spec.progress_rank() {
@@ -21,7 +22,15 @@ impl Core {
         }
         self.last_progress_ms.insert(key.job.clone(), now_ms);
         if !matches!(self.jobs[&key.job].state, JobState::Scheduled { .. }) {
-            return self.record_progress(&key.job, now_ms, step, loss, eval_loss);
+            self.record_progress(&key.job, now_ms, step, loss, eval_loss)?;
+            // A classifier's metrics come with its (rare) evaluations: they go into the job.
+            if eval_metrics.is_some() {
+                self.update_job(&key.job, now_ms, |job| {
+                    job.eval_metrics = eval_metrics;
+                    Ok(())
+                })?;
+            }
+            return Ok(());
         }
         // A step before the rendezvous completed (it is lost when the coordinator restarts):
         // the ranks run all the same, and the state change needs the whole job written.
@@ -31,6 +40,9 @@ impl Core {
             job.loss = Some(loss);
             if eval_loss.is_some() {
                 job.eval_loss = eval_loss;
+            }
+            if eval_metrics.is_some() {
+                job.eval_metrics = eval_metrics;
             }
             Ok(())
         })?;
@@ -42,7 +54,7 @@ impl Core {
         &mut self,
         key: &RankKey,
         loss: f64,
-        accuracy: Option<f64>,
+        (accuracy, metrics): (Option<f64>, Option<ClassMetrics>),
         now_ms: i64,
     ) -> Result<(), CoordinatorError> {
         if !self.is_live(key) {
@@ -51,6 +63,7 @@ impl Core {
         self.update_job(&key.job, now_ms, |job| {
             job.test_loss = Some(loss);
             job.test_accuracy = accuracy;
+            job.test_metrics = metrics;
             Ok(())
         })?;
         Ok(())

@@ -130,13 +130,15 @@ impl Core {
                 step,
                 loss,
                 eval_loss,
-            } => self.on_progress(&key, step, loss, eval_loss, now_ms)?,
+                eval_metrics,
+            } => self.on_progress(&key, step, loss, (eval_loss, eval_metrics), now_ms)?,
             WorkerReport::Exited(exit) => self.on_rank_exit(exit, now_ms)?,
             WorkerReport::Test {
                 key,
                 loss,
                 accuracy,
-            } => self.on_test(&key, loss, accuracy, now_ms)?,
+                metrics,
+            } => self.on_test(&key, loss, (accuracy, metrics), now_ms)?,
             WorkerReport::Logs { key, stream, lines } => {
                 self.on_logs(&key, &stream, lines, now_ms)?
             }
