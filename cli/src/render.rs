@@ -59,7 +59,8 @@ pub fn job_json(job: &pb::Job) -> Value {
         "loss": job.loss,
         "eval_loss": job.eval_loss,
         "test_loss": job.test_loss,
-        "test_perplexity": job.test_loss.map(f64::exp),
+        // A classifier's cross-entropy has no perplexity.
+        "test_perplexity": job.test_loss.filter(|_| job.test_metrics.is_none()).map(f64::exp),
         "test_accuracy": job.test_accuracy,
         "eval_metrics": job.eval_metrics.map(metrics_json),
         "test_metrics": job.test_metrics.map(metrics_json),
@@ -133,14 +134,18 @@ pub fn status(job: &pb::Job, out: Output) {
         opt(job.loss),
         opt(job.eval_loss)
     );
-    if let Some(test) = job.test_loss {
-        let accuracy = job.test_accuracy.map_or(String::new(), |a| {
-            format!(", exact-match accuracy {:.1}%", a * 100.0)
-        });
-        println!(
-            "test:        loss {test:.4}, perplexity {:.3}{accuracy}",
-            test.exp()
-        );
+    match (job.test_loss, job.test_metrics) {
+        (Some(test), None) => {
+            let accuracy = job.test_accuracy.map_or(String::new(), |a| {
+                format!(", exact-match accuracy {:.1}%", a * 100.0)
+            });
+            println!(
+                "test:        loss {test:.4}, perplexity {:.3}{accuracy}",
+                test.exp()
+            );
+        }
+        (Some(test), Some(_)) => println!("test:        loss {test:.4}"),
+        _ => {}
     }
     if let Some(m) = job.eval_metrics {
         println!("validation:  {}", metrics_text(m));
@@ -180,11 +185,13 @@ pub fn summary(job: &pb::Job) -> String {
         opt(job.eval_loss),
         job.restarts
     );
-    if let Some(test) = job.test_loss {
-        s.push_str(&format!(
+    match (job.test_loss, job.test_metrics) {
+        (Some(test), None) => s.push_str(&format!(
             "; test loss {test:.4} (perplexity {:.3})",
             test.exp()
-        ));
+        )),
+        (Some(test), Some(_)) => s.push_str(&format!("; test loss {test:.4}")),
+        _ => {}
     }
     if let Some(accuracy) = job.test_accuracy {
         s.push_str(&format!(", exact-match accuracy {:.1}%", accuracy * 100.0));

@@ -725,6 +725,9 @@ fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
         "train.warmup_steps=2",
         "train.grad_clip=0.05",
         "checkpoint.every_steps=4",
+        // One process unless a layout says otherwise (the example runs at dp 2 × tp 2).
+        "parallel.dp=1",
+        "parallel.tp=1",
     ];
     let layouts: [&[&str]; 4] = [
         &[],
@@ -733,6 +736,15 @@ fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
         &["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"],
     ];
     assert_layouts_match(&cluster, "llama-kjv.toml", &llama, &layouts);
+    // Multi-query attention at tp 2: one key/value head for two ranks, replicated over the tp
+    // group (each rank's part of its gradient summed), still trains like one process.
+    let mqa = [&llama[..], &["model.num_key_value_heads=1"]].concat();
+    let layouts: [&[&str]; 3] = [
+        &[],
+        &["parallel.tp=2"],
+        &["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"],
+    ];
+    assert_layouts_match(&cluster, "llama-kjv.toml", &mqa, &layouts);
 
     // Stopped at 2·2·2, resumed at one process: the 20 steps after the resume are those of the
     // one-process run (its state resharded from eight shards into one).

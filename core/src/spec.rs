@@ -721,12 +721,14 @@ impl JobSpec {
                 ),
             );
         }
-        if !kv.is_multiple_of(p.tp) {
+        // Fewer key/value heads than tp ranks are replicated, Megatron-style: each rank keeps
+        // the one its query heads read, so tp must be a multiple of them.
+        if (kv >= p.tp && !kv.is_multiple_of(p.tp)) || (kv < p.tp && !p.tp.is_multiple_of(kv)) {
             return err(
                 "parallel.tp",
                 format!(
-                    "{kv} key/value heads (model.num_key_value_heads) do not split evenly over \
-                     tp = {} (replicating key/value heads over tp is not supported yet)",
+                    "{kv} key/value heads (model.num_key_value_heads) neither split evenly over \
+                     tp = {} nor replicate evenly over it (tp a multiple of them)",
                     p.tp
                 ),
             );

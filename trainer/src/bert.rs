@@ -27,11 +27,6 @@ use burn::tensor::FloatDType;
 use burn::tensor::activation::{gelu, softmax, tanh};
 use gantry_core::{Coords, JobSpec, Mesh, Task};
 
-/// Masked-LM's share of masked positions in a sample (BERT's 15%), at least one.
-pub fn masked_per_sample(seq_len: usize) -> usize {
-    ((seq_len as f64 * 0.15).round() as usize).max(1)
-}
-
 /// The shape of a bert, from the spec (Hugging Face's `config.json` fields).
 #[derive(Debug, Clone, Copy)]
 pub struct BertShape {

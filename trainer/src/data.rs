@@ -103,6 +103,11 @@ struct Special {
     pad: u32,
 }
 
+/// Masked-LM's share of masked positions in a sample (BERT's 15%), at least one.
+pub fn masked_per_sample(seq_len: usize) -> usize {
+    ((seq_len as f64 * 0.15).round() as usize).max(1)
+}
+
 /// BERT's masking of a window for masked-LM: a fixed number of positions per sample, chosen,
 /// and each replaced by `[MASK]` (80%), a random token (10%) or kept (10%), as a pure function of
 /// (seed, split, sample), so every layout and every restart masks a sample alike.
@@ -632,7 +637,7 @@ impl Dataset {
             data.masking = Some(Masking {
                 mask,
                 vocab: manifest.tokenizer.vocab_size,
-                per_sample: crate::bert::masked_per_sample(seq_len),
+                per_sample: masked_per_sample(seq_len),
                 seed: spec.train.seed,
             });
             let stream = |tokens| Samples::Stream { tokens, seq_len };

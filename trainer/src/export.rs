@@ -117,6 +117,8 @@ mod tests {
             ("gpt", r#""num_key_value_heads":2"#, ""),
             ("mlp", r#""num_key_value_heads":2"#, ""),
             ("llama", r#""num_key_value_heads":2"#, ""),
+            // One key/value head for two tp ranks: replicated.
+            ("llama", r#""num_key_value_heads":1"#, ""),
             ("bert", bert, ""),
             ("bert", classifier, r#","task":"classification""#),
         ];

@@ -135,3 +135,28 @@ pub fn unflatten_where<M: Module>(
     model.visit(&mut unflatten);
     unflatten.grads
 }
+
+/// Where the parameters `ids` sit in the flat buffer (visiting order).
+pub fn ranges_of<M: Module>(model: &M, ids: &HashSet<ParamId>) -> Vec<std::ops::Range<usize>> {
+    struct Find<'a> {
+        ids: &'a HashSet<ParamId>,
+        offset: usize,
+        found: Vec<std::ops::Range<usize>>,
+    }
+    impl ModuleVisitor for Find<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.val().shape().num_elements();
+            if self.ids.contains(&param.id) {
+                self.found.push(self.offset..self.offset + n);
+            }
+            self.offset += n;
+        }
+    }
+    let mut find = Find {
+        ids,
+        offset: 0,
+        found: Vec::new(),
+    };
+    model.visit(&mut find);
+    find.found
+}

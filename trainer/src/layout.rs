@@ -63,6 +63,23 @@ pub fn block_split(field: &str, tp: u32) -> Split {
         .map_or(Split::Replicated, |(_, split)| *split)
 }
 
+/// Whether a llama's key/value projections are replicated over the tensor-parallel group rather
+/// than split: when it has fewer key/value heads than `tp` ranks, every rank keeps them whole and
+/// reads the one head its query heads need (Megatron replicates them too); their gradients,
+/// partial on each rank, are summed over the group.
+pub fn kv_replicated(spec: &JobSpec, tp: u32) -> bool {
+    spec.model.kind == ModelKind::Llama && spec.model.kv_heads() < tp
+}
+
+/// How a block's parameter `field` of the spec's model is split over `tp` ranks: as
+/// [`BLOCK_SPLITS`] says, except replicated key/value projections ([`kv_replicated`]).
+pub fn split_of(spec: &JobSpec, field: &str, tp: u32) -> Split {
+    if kv_replicated(spec, tp) && matches!(field, "k_proj.weight" | "v_proj.weight") {
+        return Split::Replicated;
+    }
+    block_split(field, tp)
+}
+
 /// How many blocks a model's pipeline stages split among them: the gpt's transformer blocks,
 /// the llama's decoder layers, the bert's encoder layers, the mlp's hidden layers and its output layer. (The gpt's embeddings go with the first
 /// stage, its final norm and head with the last.)
@@ -100,7 +117,7 @@ pub fn whole_name(spec: &JobSpec, mesh: Mesh, at: Coords, local: &str) -> (Strin
     };
     (
         format!("{list}{index}.{field}"),
-        block_split(field, mesh.tp),
+        split_of(spec, field, mesh.tp),
     )
 }
 

@@ -79,7 +79,14 @@ pub struct LlamaLayer {
     up_proj: Linear,
     down_proj: Linear,
     heads: usize,
+    /// The key/value heads this rank attends with.
     kv_heads: usize,
+    /// The key/value heads its projections compute: `kv_heads`, or all of them when they are
+    /// replicated over tp (fewer than the ranks), of which this rank reads `kv_heads` from
+    /// `kv_first` on.
+    kv_projected: usize,
+    kv_first: usize,
+    kv_replicated: bool,
     head_dim: usize,
 }
 
@@ -98,26 +105,49 @@ impl LlamaLayer {
             down_proj: linear(s.intermediate, h, device),
             heads: s.heads,
             kv_heads: s.kv_heads,
+            kv_projected: s.kv_heads,
+            kv_first: 0,
+            kv_replicated: false,
             head_dim: dh,
         }
     }
 
     /// Rank `rank` of `tp`'s share (the split table in `layout.rs` says how each weight is cut).
+    /// With fewer key/value heads than ranks, the key/value projections stay whole on every
+    /// rank ([`crate::layout::kv_replicated`]) and the rank reads the head its query heads
+    /// share: rank r's queries are heads r·h/tp.., which read key/value head r / (tp / kv).
     fn shard(self, rank: usize, tp: usize) -> Self {
         let cut = |l: &Linear, name: &str| Linear {
             weight: param(shard(l.weight.val(), &format!("{name}.weight"), rank, tp)),
             bias: None,
         };
+        let replicated = self.kv_heads < tp;
+        let (k_proj, v_proj) = if replicated {
+            (self.k_proj, self.v_proj)
+        } else {
+            (cut(&self.k_proj, "k_proj"), cut(&self.v_proj, "v_proj"))
+        };
         Self {
             q_proj: cut(&self.q_proj, "q_proj"),
-            k_proj: cut(&self.k_proj, "k_proj"),
-            v_proj: cut(&self.v_proj, "v_proj"),
+            k_proj,
+            v_proj,
             o_proj: cut(&self.o_proj, "o_proj"),
             gate_proj: cut(&self.gate_proj, "gate_proj"),
             up_proj: cut(&self.up_proj, "up_proj"),
             down_proj: cut(&self.down_proj, "down_proj"),
             heads: self.heads / tp,
-            kv_heads: self.kv_heads / tp,
+            kv_heads: if replicated { 1 } else { self.kv_heads / tp },
+            kv_projected: if replicated {
+                self.kv_heads
+            } else {
+                self.kv_heads / tp
+            },
+            kv_first: if replicated {
+                rank / (tp / self.kv_heads)
+            } else {
+                0
+            },
+            kv_replicated: replicated,
             head_dim: self.head_dim,
             input_layernorm: self.input_layernorm,
             post_attention_layernorm: self.post_attention_layernorm,
@@ -151,9 +181,11 @@ impl LlamaLayer {
     fn project(&self, x: Tensor<3>, rope: &Rope, from: usize) -> [Tensor<4>; 3] {
         let [b, t, _] = x.dims();
         let split = |y: Tensor<3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
+        // This rank's key/value heads of those its projections compute.
+        let kv = |y: Tensor<3>| split(y, self.kv_projected).narrow(1, self.kv_first, self.kv_heads);
         let q = rope.apply(split(self.q_proj.forward(x.clone()), self.heads), from);
-        let k = rope.apply(split(self.k_proj.forward(x.clone()), self.kv_heads), from);
-        [q, k, split(self.v_proj.forward(x), self.kv_heads)]
+        let k = rope.apply(kv(self.k_proj.forward(x.clone())), from);
+        [q, k, kv(self.v_proj.forward(x))]
     }
 
     /// Grouped-query attention of queries `q` over keys and values `k`, `v` (`[batch, kv_heads,
@@ -399,17 +431,21 @@ impl PipelineModel for LlamaStage {
         self.layers
             .iter()
             .flat_map(|l| {
-                [
-                    &l.q_proj,
-                    &l.k_proj,
-                    &l.v_proj,
-                    &l.o_proj,
-                    &l.gate_proj,
-                    &l.up_proj,
-                    &l.down_proj,
-                ]
-                .map(|linear| linear.weight.id)
+                let kv = (!l.kv_replicated).then_some([&l.k_proj, &l.v_proj]);
+                [&l.q_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj]
+                    .into_iter()
+                    .chain(kv.into_iter().flatten())
+                    .map(|linear| linear.weight.id)
+                    .collect::<Vec<_>>()
             })
+            .collect()
+    }
+
+    fn tp_partial(&self) -> Vec<ParamId> {
+        self.layers
+            .iter()
+            .filter(|l| l.kv_replicated)
+            .flat_map(|l| [l.k_proj.weight.id, l.v_proj.weight.id])
             .collect()
     }
 

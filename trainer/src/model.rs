@@ -186,6 +186,11 @@ pub trait PipelineModel: Module + Clone + Send + Sized + 'static {
     fn tp_sharded(&self) -> Vec<ParamId> {
         Vec::new()
     }
+    /// Replicated parameters whose gradient each tensor-parallel rank computes only in part
+    /// (a llama's replicated key/value projections): summed over the group before the update.
+    fn tp_partial(&self) -> Vec<ParamId> {
+        Vec::new()
+    }
     /// The last stage's loss (mean over the batch) from its output.
     fn stage_loss(output: Tensor<3>, batch: &Batch, device: &Device) -> Tensor<1>;
     /// The shape of the activation a stage passes on for `batch`.

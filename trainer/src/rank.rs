@@ -128,7 +128,20 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
         dataset_sha256: data.manifest_sha256().map(str::to_owned),
     };
     let reporter = Reporter::for_rank(&job.spec, a.rank.get());
-    if let Some(url) = job.spec.dataset() {
+    if let Some(url) = job
+        .spec
+        .dataset()
+        .filter(|_| !data.label_names().is_empty())
+    {
+        reporter.log(&format!(
+            "dataset {url}: {} labelled training documents ({}), cut to {} tokens, read and \
+             verified in {:.2} s",
+            data.len(Split::Train),
+            data.label_names().join(", "),
+            job.spec.data.seq_len,
+            loaded.as_secs_f64()
+        ));
+    } else if let Some(url) = job.spec.dataset() {
         reporter.log(&format!(
             "dataset {url}: {} training samples of {} tokens, read and verified in {:.2} s",
             data.len(Split::Train),

@@ -89,6 +89,12 @@ pub trait Stage: Module + Clone + Send + Sized + 'static {
         Vec::new()
     }
 
+    /// Replicated parameters whose gradient each tensor-parallel rank computes only in part:
+    /// summed over the group before the update.
+    fn tp_partial(&self) -> Vec<ParamId> {
+        Vec::new()
+    }
+
     /// The `new` tokens greedy decoding appends to `prompt`, for whole models that predict
     /// tokens (None for the others, and for pipeline stages).
     fn greedy(&self, _prompt: &[i64], _new: usize, _ctx: &StepContext<'_>) -> Option<Vec<i64>> {
@@ -514,6 +520,10 @@ macro_rules! pipeline_stage {
 
             fn tp_sharded(&self) -> Vec<ParamId> {
                 <$stage as PipelineModel>::tp_sharded(self)
+            }
+
+            fn tp_partial(&self) -> Vec<ParamId> {
+                <$stage as PipelineModel>::tp_partial(self)
             }
         }
     };

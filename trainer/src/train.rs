@@ -13,7 +13,7 @@
 use crate::control::{Control, Drained, drain_requested};
 use crate::data::{Dataset, PREFETCH_STEPS, Split, shard};
 use crate::finetune::ParamGroups;
-use crate::gradients::{squared_norm, unflatten, unflatten_where};
+use crate::gradients::{ranges_of, squared_norm, unflatten, unflatten_where};
 use crate::precision::{LossScaler, Verdict};
 use crate::report::{Reporter, StepReport};
 use crate::stage::{Stage, StepContext};
@@ -179,6 +179,7 @@ pub fn train<S: Stage>(
     let micro = t.micro_batches as usize;
     let sharded: HashSet<ParamId> = model.tp_sharded().into_iter().collect();
     let groups = ParamGroups::of(&model, spec, mesh, coords);
+    let partial = ranges_of(&model, &model.tp_partial().into_iter().collect());
     // The evaluations' context: the plain device, for the model without autodiff.
     macro_rules! eval_context {
         () => {
@@ -243,6 +244,20 @@ pub fn train<S: Stage>(
         let loss = f64::from(flat.pop().expect("loss slot"));
         debug_assert_eq!(flat.len(), n_params);
         groups.drop_frozen(&mut flat);
+        // Replicated parameters each tp rank has only part of the gradient of: their sum.
+        if !partial.is_empty() {
+            let mut summed: Vec<f32> = partial
+                .iter()
+                .flat_map(|r| flat[r.clone()].iter().copied())
+                .collect();
+            comm.group(&tp_members)?
+                .all_reduce(&mut summed, ReduceOp::Sum)?;
+            let mut from = 0;
+            for r in &partial {
+                flat[r.clone()].copy_from_slice(&summed[from..from + r.len()]);
+                from += r.len();
+            }
+        }
         if let Some(s) = scaler.as_ref() {
             let unscale = (1.0 / s.scale()) as f32;
             flat.iter_mut().for_each(|g| *g *= unscale);
