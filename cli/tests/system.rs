@@ -946,8 +946,41 @@ fn a_bert_pretrains_with_masked_lm_like_one_process_and_exports_for_hugging_face
     ];
     assert_layouts_match(&cluster, "bert-kjv.toml", &bert, &layouts);
 
-    let job = cluster.submit("bert-kjv.toml", &[&bert[..], layouts[0]].concat());
-    assert_eq!(cluster.wait_until_ended(&job)["state"], "Succeeded");
+    // Stopped at 2·2·2, resumed at one process: the 20 steps after the resume are those of the
+    // one-process run (its state resharded from eight shards into one).
+    let longer = [&bert[..], &["train.steps=200"]].concat();
+    let reference = cluster.submit("bert-kjv.toml", &[&longer[..], layouts[0]].concat());
+    assert_eq!(cluster.wait_until_ended(&reference)["state"], "Succeeded");
+    let job = cluster.submit("bert-kjv.toml", &[&longer[..], layouts[3]].concat());
+    cluster.cancel_after_checkpoint(&job, 8);
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    let from = newest_committed(&cluster, &job);
+    cluster.resume_from(
+        &job,
+        from,
+        &["parallel.dp=1", "parallel.tp=1", "parallel.pp=1"],
+    );
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
+    assert!(logs.contains("resharded from dp=2 tp=2 pp=2"), "{logs}");
+    let want: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    let resumed: Vec<(u64, f64)> = cluster
+        .losses(&job)
+        .into_iter()
+        .filter(|(s, _)| (from + 1..=from + 20).contains(s))
+        .collect();
+    assert_eq!(resumed.len(), 20, "{logs}");
+    for (step, loss) in resumed {
+        let want = want[&step];
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs(),
+            "step {step}: resumed at one process {loss}, one process throughout {want}"
+        );
+    }
+
+    let job = reference;
     let hf = cluster.dir.path().join("bert-hf");
     let out = cluster.gantry(&[
         "export",
