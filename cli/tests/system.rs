@@ -746,42 +746,7 @@ fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
     ];
     assert_layouts_match(&cluster, "llama-kjv.toml", &mqa, &layouts);
 
-    // Stopped at 2·2·2, resumed at one process: the 20 steps after the resume are those of the
-    // one-process run (its state resharded from eight shards into one).
-    let longer = [&llama[..], &["train.steps=200"]].concat();
-    let one = ["parallel.dp=1", "parallel.tp=1"];
-    let reference = cluster.submit("llama-kjv.toml", &[&longer[..], &one].concat());
-    let reference_end = cluster.wait_until_ended(&reference);
-    assert_eq!(reference_end["state"], "Succeeded", "{reference_end}");
-    let layout_3d = ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"];
-    let job = cluster.submit("llama-kjv.toml", &[&longer[..], &layout_3d].concat());
-    cluster.cancel_after_checkpoint(&job, 8);
-    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
-    let from = newest_committed(&cluster, &job);
-    cluster.resume_from(
-        &job,
-        from,
-        &["parallel.dp=1", "parallel.tp=1", "parallel.pp=1"],
-    );
-    let end = cluster.wait_until_ended(&job);
-    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
-    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
-    assert!(logs.contains("resharded from dp=2 tp=2 pp=2"), "{logs}");
-    let want: std::collections::HashMap<u64, f64> =
-        cluster.losses(&reference).into_iter().collect();
-    let resumed: Vec<(u64, f64)> = cluster
-        .losses(&job)
-        .into_iter()
-        .filter(|(s, _)| (from + 1..=from + 20).contains(s))
-        .collect();
-    assert_eq!(resumed.len(), 20, "{logs}");
-    for (step, loss) in resumed {
-        let want = want[&step];
-        assert!(
-            (loss - want).abs() <= 1e-4 * want.abs(),
-            "step {step}: resumed at one process {loss}, one process throughout {want}"
-        );
-    }
+    let reference = assert_resumes_at_one_process(&cluster, "llama-kjv.toml", &llama);
 
     // Exported in Hugging Face's format, the model opens in the NumPy reference, which checks
     // every tensor's name and shape against `LlamaForCausalLM`'s; the tokenizer comes along.
@@ -946,41 +911,7 @@ fn a_bert_pretrains_with_masked_lm_like_one_process_and_exports_for_hugging_face
     ];
     assert_layouts_match(&cluster, "bert-kjv.toml", &bert, &layouts);
 
-    // Stopped at 2·2·2, resumed at one process: the 20 steps after the resume are those of the
-    // one-process run (its state resharded from eight shards into one).
-    let longer = [&bert[..], &["train.steps=200"]].concat();
-    let reference = cluster.submit("bert-kjv.toml", &[&longer[..], layouts[0]].concat());
-    assert_eq!(cluster.wait_until_ended(&reference)["state"], "Succeeded");
-    let job = cluster.submit("bert-kjv.toml", &[&longer[..], layouts[3]].concat());
-    cluster.cancel_after_checkpoint(&job, 8);
-    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
-    let from = newest_committed(&cluster, &job);
-    cluster.resume_from(
-        &job,
-        from,
-        &["parallel.dp=1", "parallel.tp=1", "parallel.pp=1"],
-    );
-    let end = cluster.wait_until_ended(&job);
-    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
-    assert_eq!(end["state"], "Succeeded", "{end}\n{logs}");
-    assert!(logs.contains("resharded from dp=2 tp=2 pp=2"), "{logs}");
-    let want: std::collections::HashMap<u64, f64> =
-        cluster.losses(&reference).into_iter().collect();
-    let resumed: Vec<(u64, f64)> = cluster
-        .losses(&job)
-        .into_iter()
-        .filter(|(s, _)| (from + 1..=from + 20).contains(s))
-        .collect();
-    assert_eq!(resumed.len(), 20, "{logs}");
-    for (step, loss) in resumed {
-        let want = want[&step];
-        assert!(
-            (loss - want).abs() <= 1e-4 * want.abs(),
-            "step {step}: resumed at one process {loss}, one process throughout {want}"
-        );
-    }
-
-    let job = reference;
+    let job = assert_resumes_at_one_process(&cluster, "bert-kjv.toml", &bert);
     let hf = cluster.dir.path().join("bert-hf");
     let out = cluster.gantry(&[
         "export",
@@ -1091,6 +1022,44 @@ fn minilm_fine_tunes_into_a_spam_classifier_that_beats_the_majority_label() {
     assert!(logs.contains("test loss") && logs.contains("F1"), "{logs}");
     let status = String::from_utf8(cluster.gantry(&["status", &job]).stdout).unwrap();
     assert!(status.contains("test split:  accuracy"), "{status}");
+}
+
+/// Runs `example` with `base` (at one process) for 200 steps, and again at dp·tp·pp 2·2·2
+/// stopped after a checkpoint and resumed at one process: the 20 steps after the resume are
+/// those of the one-process run (its state resharded from eight shards into one). Returns the
+/// one-process job.
+fn assert_resumes_at_one_process(cluster: &Cluster, example: &str, base: &[&str]) -> String {
+    let longer = [base, &["train.steps=200"]].concat();
+    let one = ["parallel.dp=1", "parallel.tp=1", "parallel.pp=1"];
+    let reference = cluster.submit(example, &[&longer[..], &one].concat());
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded", "{reference_end}");
+    let layout_3d = ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2"];
+    let job = cluster.submit(example, &[&longer[..], &layout_3d].concat());
+    cluster.cancel_after_checkpoint(&job, 8);
+    cluster.wait_for(|c| c.rank_pids(&job).is_empty(), "the ranks to stop");
+    let from = newest_committed(cluster, &job);
+    cluster.resume_from(&job, from, &one);
+    let end = cluster.wait_until_ended(&job);
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert_eq!(end["state"], "Succeeded", "{example}: {end}\n{logs}");
+    assert!(logs.contains("resharded from dp=2 tp=2 pp=2"), "{logs}");
+    let want: std::collections::HashMap<u64, f64> =
+        cluster.losses(&reference).into_iter().collect();
+    let resumed: Vec<(u64, f64)> = cluster
+        .losses(&job)
+        .into_iter()
+        .filter(|(s, _)| (from + 1..=from + 20).contains(s))
+        .collect();
+    assert_eq!(resumed.len(), 20, "{logs}");
+    for (step, loss) in resumed {
+        let want = want[&step];
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs(),
+            "{example} step {step}: resumed at one process {loss}, one process throughout {want}"
+        );
+    }
+    reference
 }
 
 /// Runs `example` under every layout and checks each trains like the first (one process):

@@ -733,17 +733,7 @@ impl JobSpec {
                 ),
             );
         }
-        positive("model.intermediate_size", m.intermediate_size())?;
-        if !m.intermediate_size().is_multiple_of(p.tp) {
-            return err(
-                "parallel.tp",
-                format!(
-                    "model.intermediate_size {} does not split evenly over tp = {}",
-                    m.intermediate_size(),
-                    p.tp
-                ),
-            );
-        }
+        self.validate_intermediate()?;
         let theta = m.rope_theta();
         if !theta.is_finite() || theta <= 1.0 {
             return err(
@@ -791,22 +781,29 @@ impl JobSpec {
         Ok(())
     }
 
-    /// The `bert`'s own fields, by name.
-    fn validate_bert(&self) -> Result<(), SpecError> {
+    /// The MLP's width (`llama`, `bert`): positive, and split evenly over tp.
+    fn validate_intermediate(&self) -> Result<(), SpecError> {
         let (m, p) = (&self.model, self.parallel);
-        let err = |field: &str, message: String| Err(SpecError::new(field, message));
-        positive("model.type_vocab_size", m.type_vocab_size())?;
         positive("model.intermediate_size", m.intermediate_size())?;
         if !m.intermediate_size().is_multiple_of(p.tp) {
-            return err(
+            return Err(SpecError::new(
                 "parallel.tp",
                 format!(
                     "model.intermediate_size {} does not split evenly over tp = {}",
                     m.intermediate_size(),
                     p.tp
                 ),
-            );
+            ));
         }
+        Ok(())
+    }
+
+    /// The `bert`'s own fields, by name.
+    fn validate_bert(&self) -> Result<(), SpecError> {
+        let m = &self.model;
+        let err = |field: &str, message: String| Err(SpecError::new(field, message));
+        positive("model.type_vocab_size", m.type_vocab_size())?;
+        self.validate_intermediate()?;
         let eps = m.layer_norm_eps();
         if !eps.is_finite() || eps <= 0.0 {
             return err(

@@ -15,8 +15,10 @@
 //! `layers.N.query`, `pooler`, `classifier`); `hf.rs` maps them.
 
 use crate::data::Batch;
-use crate::layout::stage_blocks;
-use crate::model::{Alone, PipelineModel, Segment, Tape, TpSum, bias3, materialize, param, shard};
+use crate::model::{
+    Alone, PipelineModel, Segment, Tape, TpSum, bias3, linear_ids, materialize, param, shard,
+    stage_share,
+};
 use burn::module::{Module, Param, ParamId};
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{
@@ -387,16 +389,11 @@ impl PipelineModel for Bert {
     fn new_stage(spec: &JobSpec, mesh: Mesh, at: Coords, device: &Device) -> Self {
         let full = Bert::whole(spec, device);
         materialize(&full);
-        let mine = stage_blocks(full.layers.len(), at.pp as usize, mesh.pp as usize);
         let (first, last) = (at.pp == 0, at.pp + 1 == mesh.pp);
         Self {
             embeddings: full.embeddings.filter(|_| first),
-            layers: full
-                .layers
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| mine.contains(i))
-                .map(|(_, l)| l.shard(at.tp as usize, mesh.tp as usize))
+            layers: stage_share(full.layers, at, mesh)
+                .map(|l| l.shard(at.tp as usize, mesh.tp as usize))
                 .collect(),
             mlm: full.mlm.filter(|_| last),
             pooler: full.pooler.filter(|_| last),
@@ -428,7 +425,6 @@ impl PipelineModel for Bert {
     }
 
     fn tp_sharded(&self) -> Vec<ParamId> {
-        let linear = |l: &Linear| std::iter::once(l.weight.id).chain(l.bias.as_ref().map(|b| b.id));
         self.layers
             .iter()
             .flat_map(|l| {
@@ -440,10 +436,9 @@ impl PipelineModel for Bert {
                     &l.intermediate,
                     &l.output,
                 ]
-                .into_iter()
-                .flat_map(linear)
-                .collect::<Vec<_>>()
+                .map(linear_ids)
             })
+            .flatten()
             .collect()
     }
 

@@ -13,10 +13,9 @@
 //! replicated.
 
 use crate::data::Batch;
-use crate::layout::stage_blocks;
 use crate::model::{
     Alone, PipelineModel, Segment, Tape, TpSum, TrainModel, causal_mask, materialize, param, shard,
-    token_activation_shape, token_logits, token_loss, token_stage_loss,
+    stage_share, token_activation_shape, token_logits, token_loss, token_stage_loss,
 };
 use burn::module::{Module, ParamId};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
@@ -373,17 +372,12 @@ impl PipelineModel for LlamaStage {
         let full = Llama::init(spec, device);
         materialize(&full);
         let s = LlamaShape::of(spec);
-        let mine = stage_blocks(full.layers.len(), at.pp as usize, mesh.pp as usize);
         let (first, last) = (at.pp == 0, at.pp + 1 == mesh.pp);
         Self {
             // Tied embeddings keep pp = 1: the one stage has the embeddings for its head too.
             embed_tokens: first.then_some(full.embed_tokens),
-            layers: full
-                .layers
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| mine.contains(i))
-                .map(|(_, l)| l.shard(at.tp as usize, mesh.tp as usize))
+            layers: stage_share(full.layers, at, mesh)
+                .map(|l| l.shard(at.tp as usize, mesh.tp as usize))
                 .collect(),
             norm: last.then_some(full.norm),
             lm_head: full.lm_head.filter(|_| last),

@@ -319,6 +319,21 @@ pub struct ShardedBlock {
     heads: usize,
 }
 
+/// The ids of a linear layer's weight and (if it has one) bias.
+pub(crate) fn linear_ids(l: &Linear) -> impl Iterator<Item = ParamId> + '_ {
+    std::iter::once(l.weight.id).chain(l.bias.as_ref().map(|b| b.id))
+}
+
+/// The blocks of the whole model's `blocks` that the pipeline stage at `at` holds.
+pub(crate) fn stage_share<T>(blocks: Vec<T>, at: Coords, mesh: Mesh) -> impl Iterator<Item = T> {
+    let mine = stage_blocks(blocks.len(), at.pp as usize, mesh.pp as usize);
+    blocks
+        .into_iter()
+        .enumerate()
+        .filter(move |(i, _)| mine.contains(i))
+        .map(|(_, b)| b)
+}
+
 /// A fresh leaf of the autodiff graph from `t`, when `t` is on an autodiff device (training);
 /// `t` itself otherwise (an evaluation without autodiff has no graph to cut).
 pub(crate) fn leaf(t: Tensor<3>) -> Tensor<3> {
@@ -545,17 +560,12 @@ impl PipelineModel for GptStage {
     fn new_stage(spec: &JobSpec, mesh: Mesh, at: Coords, device: &Device) -> Self {
         let full = Gpt::init(spec, device);
         materialize(&full);
-        let mine = stage_blocks(full.blocks.len(), at.pp as usize, mesh.pp as usize);
         let (first, last) = (at.pp == 0, at.pp + 1 == mesh.pp);
         Self {
             tokens: first.then_some(full.tokens),
             positions: first.then_some(full.positions),
-            blocks: full
-                .blocks
-                .into_iter()
-                .enumerate()
-                .filter(|(i, _)| mine.contains(i))
-                .map(|(_, b)| ShardedBlock::from_block(b, at.tp as usize, mesh.tp as usize))
+            blocks: stage_share(full.blocks, at, mesh)
+                .map(|b| ShardedBlock::from_block(b, at.tp as usize, mesh.tp as usize))
                 .collect(),
             ln_f: last.then_some(full.ln_f),
             head: last.then_some(full.head),
@@ -593,15 +603,10 @@ impl PipelineModel for GptStage {
     }
 
     fn tp_sharded(&self) -> Vec<ParamId> {
-        let linear = |l: &Linear| std::iter::once(l.weight.id).chain(l.bias.as_ref().map(|b| b.id));
         self.blocks
             .iter()
-            .flat_map(|b| {
-                linear(&b.qkv)
-                    .chain(linear(&b.proj))
-                    .chain(linear(&b.fc))
-                    .chain(linear(&b.fc_out))
-            })
+            .flat_map(|b| [&b.qkv, &b.proj, &b.fc, &b.fc_out].map(linear_ids))
+            .flatten()
             .collect()
     }
 
