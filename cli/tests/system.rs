@@ -750,36 +750,7 @@ fn a_llama_with_grouped_query_attention_trains_on_real_text_like_one_process() {
 
     // Exported in Hugging Face's format, the model opens in the NumPy reference, which checks
     // every tensor's name and shape against `LlamaForCausalLM`'s; the tokenizer comes along.
-    let hf = cluster.dir.path().join("hf");
-    let out = cluster.gantry(&[
-        "export",
-        &reference,
-        "--format",
-        "hf",
-        "--out",
-        hf.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
-        assert!(hf.join(file).exists(), "{file}");
-    }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../trainer/tests/reference/llama.py"
-    );
-    let out = Command::new("python3")
-        .args([script, hf.to_str().unwrap(), "[[5, 17, 300, 2]]"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let hf = export_hf_read_by_reference(&cluster, &reference, "llama", "[[5, 17, 300, 2]]");
 
     // `gantry generate` continues a prompt from the trained checkpoint, greedily: the same
     // text twice.
@@ -912,37 +883,7 @@ fn a_bert_pretrains_with_masked_lm_like_one_process_and_exports_for_hugging_face
     assert_layouts_match(&cluster, "bert-kjv.toml", &bert, &layouts);
 
     let job = assert_resumes_at_one_process(&cluster, "bert-kjv.toml", &bert);
-    let hf = cluster.dir.path().join("bert-hf");
-    let out = cluster.gantry(&[
-        "export",
-        &job,
-        "--format",
-        "hf",
-        "--out",
-        hf.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../trainer/tests/reference/bert.py"
-    );
-    let out = Command::new("python3")
-        .args([
-            script,
-            hf.to_str().unwrap(),
-            "[[101, 1998, 2643, 2056, 102]]",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let hf = export_hf_read_by_reference(&cluster, &job, "bert", "[[101, 1998, 2643, 2056, 102]]");
     let config: Value =
         serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["architectures"][0], "BertForMaskedLM");
@@ -1022,6 +963,44 @@ fn minilm_fine_tunes_into_a_spam_classifier_that_beats_the_majority_label() {
     assert!(logs.contains("test loss") && logs.contains("F1"), "{logs}");
     let status = String::from_utf8(cluster.gantry(&["status", &job]).stdout).unwrap();
     assert!(status.contains("test split:  accuracy"), "{status}");
+}
+
+/// `gantry export JOB --format hf` into a folder of the cluster's, which must hold the config,
+/// the weights and the tokenizer, and which the NumPy reference of `family`
+/// (`trainer/tests/reference/{family}.py`) reads, checking every tensor's name and shape against
+/// Hugging Face's, and runs on `ids`. Returns the folder.
+fn export_hf_read_by_reference(cluster: &Cluster, job: &str, family: &str, ids: &str) -> PathBuf {
+    let hf = cluster.dir.path().join(format!("{job}-hf"));
+    let out = cluster.gantry(&[
+        "export",
+        job,
+        "--format",
+        "hf",
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(hf.join(file).exists(), "{file}");
+    }
+    let script = format!(
+        "{}/../trainer/tests/reference/{family}.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = Command::new("python3")
+        .args([&script, hf.to_str().unwrap(), ids])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hf
 }
 
 /// Runs `example` with `base` (at one process) for 200 steps, and again at dp·tp·pp 2·2·2
