@@ -53,6 +53,17 @@ impl StepContext<'_> {
     }
 }
 
+/// What an evaluation of a split found, on the ranks that see the model's output (empty on
+/// the others).
+#[derive(Debug, Default)]
+pub struct Evaluation {
+    /// The mean loss.
+    pub loss: Option<f64>,
+    /// A classifier's confusion matrix, `[truth · labels + predicted]`, summed over the
+    /// data-parallel group.
+    pub confusion: Option<Vec<f64>>,
+}
+
 /// One rank's part of the model and how it runs a step.
 pub trait Stage: Module + Clone + Send + Sized + 'static {
     fn init(spec: &JobSpec, mesh: Mesh, rank: u32, device: &Device) -> Self;
@@ -66,23 +77,13 @@ pub trait Stage: Module + Clone + Send + Sized + 'static {
         flat: &mut Vec<f32>,
     ) -> anyhow::Result<f32>;
 
-    /// The mean loss over (up to 512 samples of) a split, on the ranks that compute the loss.
-    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>>;
+    /// The mean loss over (up to 512 samples of) a split and, for a classifier, its confusion
+    /// matrix, from one forward pass, on the ranks that compute the loss.
+    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Evaluation>;
 
     /// Exact-match accuracy of the test split's arithmetic answers (up to 512), on the ranks
     /// that see the model's output; None for data without answers.
     fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>>;
-
-    /// A classifier's confusion matrix on (up to 512 samples of) a split, `[truth · labels +
-    /// predicted]`, summed over the data-parallel group, on the ranks that see the model's
-    /// output; None for other models.
-    fn confusion(
-        &self,
-        _ctx: &mut StepContext<'_>,
-        _split: Split,
-    ) -> anyhow::Result<Option<Vec<f64>>> {
-        Ok(None)
-    }
 
     /// Parameters split over the tensor-parallel group; the others are replicated on it.
     fn tp_sharded(&self) -> Vec<ParamId> {
@@ -169,14 +170,17 @@ impl<M: TrainModel> Stage for M {
         Ok(loss_sum)
     }
 
-    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Option<f64>> {
+    fn evaluate(&self, ctx: &mut StepContext<'_>, split: Split) -> anyhow::Result<Evaluation> {
         let mut sums = [0.0f32; 2];
         for chunk in eval_chunks(ctx, split) {
             let batch = ctx.data.batch(split, &chunk);
             sums[0] += self.loss(&batch, &ctx.device).into_scalar::<f32>() * chunk.len() as f32;
             sums[1] += chunk.len() as f32;
         }
-        mean_over_dp(ctx, sums).map(Some)
+        Ok(Evaluation {
+            loss: Some(mean_over_dp(ctx, sums)?),
+            confusion: None,
+        })
     }
 
     fn greedy(&self, prompt: &[i64], new: usize, ctx: &StepContext<'_>) -> Option<Vec<i64>> {
@@ -410,21 +414,46 @@ fn pipeline_evaluate<P: PipelineModel>(
     stage: &P,
     ctx: &mut StepContext<'_>,
     split: Split,
-) -> anyhow::Result<Option<f64>> {
+) -> anyhow::Result<Evaluation> {
+    let labels = ctx.data.label_names().len();
     let mut sums = [0.0f32; 2];
+    let mut counts = vec![0.0f32; labels * labels];
     for chunk in eval_chunks(ctx, split) {
         let batch = ctx.data.batch(split, &chunk);
-        let f = forward_micro(stage, ctx, &batch, false)?;
-        if ctx.is_last_stage() {
-            sums[0] += f.output().into_scalar::<f32>() * chunk.len() as f32;
-            sums[1] += chunk.len() as f32;
+        let f = forward_micro(stage, ctx, &batch, true)?;
+        if !ctx.is_last_stage() {
+            continue;
+        }
+        let output = f.output();
+        let loss = P::stage_loss(output.clone(), &batch, &ctx.device);
+        sums[0] += loss.into_scalar::<f32>() * chunk.len() as f32;
+        sums[1] += chunk.len() as f32;
+        if let Batch::Labelled { labels: truth, .. } = &batch {
+            // The classifier's output is [n, 1, labels].
+            let predicted = output.argmax(2).into_data().convert::<i64>();
+            let predicted = predicted.as_slice::<i64>().expect("i64 predictions");
+            for (t, p) in truth.iter().zip(predicted) {
+                counts[*t as usize * labels + *p as usize] += 1.0;
+            }
         }
     }
-    if ctx.is_last_stage() {
-        mean_over_dp(ctx, sums).map(Some)
-    } else {
-        Ok(None)
+    if !ctx.is_last_stage() {
+        return Ok(Evaluation::default());
     }
+    let loss = mean_over_dp(ctx, sums)?;
+    let confusion = if labels > 0 {
+        let group = ctx.dp_group();
+        ctx.comm
+            .group(&group)?
+            .all_reduce(&mut counts, ReduceOp::Sum)?;
+        Some(counts.into_iter().map(f64::from).collect())
+    } else {
+        None
+    };
+    Ok(Evaluation {
+        loss: Some(loss),
+        confusion,
+    })
 }
 
 fn pipeline_test_accuracy<P: PipelineModel>(
@@ -449,38 +478,6 @@ fn pipeline_test_accuracy<P: PipelineModel>(
     }
 }
 
-fn pipeline_confusion<P: PipelineModel>(
-    stage: &P,
-    ctx: &mut StepContext<'_>,
-    split: Split,
-) -> anyhow::Result<Option<Vec<f64>>> {
-    let labels = ctx.data.label_names().len();
-    if labels == 0 {
-        return Ok(None);
-    }
-    let mut counts = vec![0.0f32; labels * labels];
-    for chunk in eval_chunks(ctx, split) {
-        let batch = ctx.data.batch(split, &chunk);
-        let f = forward_micro(stage, ctx, &batch, true)?;
-        if let (true, Batch::Labelled { labels: truth, .. }) = (ctx.is_last_stage(), &batch) {
-            // The classifier's output is [n, 1, labels].
-            let predicted = f.output().argmax(2).into_data().convert::<i64>();
-            let predicted = predicted.as_slice::<i64>().expect("i64 predictions");
-            for (t, p) in truth.iter().zip(predicted) {
-                counts[*t as usize * labels + *p as usize] += 1.0;
-            }
-        }
-    }
-    if !ctx.is_last_stage() {
-        return Ok(None);
-    }
-    let group = ctx.dp_group();
-    ctx.comm
-        .group(&group)?
-        .all_reduce(&mut counts, ReduceOp::Sum)?;
-    Ok(Some(counts.into_iter().map(f64::from).collect()))
-}
-
 /// A pipeline stage of a model is a [`Stage`]; the work is in the generic functions above.
 macro_rules! pipeline_stage {
     ($stage:ty) => {
@@ -502,20 +499,12 @@ macro_rules! pipeline_stage {
                 &self,
                 ctx: &mut StepContext<'_>,
                 split: Split,
-            ) -> anyhow::Result<Option<f64>> {
+            ) -> anyhow::Result<Evaluation> {
                 pipeline_evaluate(self, ctx, split)
             }
 
             fn test_accuracy(&self, ctx: &mut StepContext<'_>) -> anyhow::Result<Option<f64>> {
                 pipeline_test_accuracy(self, ctx)
-            }
-
-            fn confusion(
-                &self,
-                ctx: &mut StepContext<'_>,
-                split: Split,
-            ) -> anyhow::Result<Option<Vec<f64>>> {
-                pipeline_confusion(self, ctx, split)
             }
 
             fn tp_sharded(&self) -> Vec<ParamId> {

@@ -16,7 +16,7 @@ use crate::finetune::ParamGroups;
 use crate::gradients::{ranges_of, squared_norm, unflatten, unflatten_where};
 use crate::precision::{LossScaler, Verdict};
 use crate::report::{Reporter, StepReport};
-use crate::stage::{Stage, StepContext};
+use crate::stage::{Evaluation, Stage, StepContext};
 use burn::module::ParamId;
 use burn::optim::AdamConfig;
 use burn::store::ModuleRecord;
@@ -328,8 +328,8 @@ pub fn train<S: Stage>(
             // of a forward pass that no backward pass follows.
             let valid = model.valid();
             let mut ctx = eval_context!();
-            let loss = valid.evaluate(&mut ctx, Split::Validation)?;
-            eval_metrics = classifier_metrics(&valid, &mut ctx, Split::Validation)?;
+            let evaluation = valid.evaluate(&mut ctx, Split::Validation)?;
+            eval_metrics = classifier_metrics(&evaluation, data);
             // What the model writes now, from a fixed prompt of the dataset (one rank says it).
             let leader = job.rank == Rank::LEADER;
             if let Some(prompt) = data.sample_prompt(16).filter(|_| leader)
@@ -338,7 +338,7 @@ pub fn train<S: Stage>(
             {
                 reporter.log(&format!("sample at step {done}: {p:?} → {m:?}"));
             }
-            loss
+            evaluation.loss
         } else {
             None
         };
@@ -403,11 +403,10 @@ pub fn train<S: Stage>(
     if start < t.steps {
         let valid = model.valid();
         let mut ctx = eval_context!();
-        let test_loss = valid.evaluate(&mut ctx, Split::Test)?;
+        let test = valid.evaluate(&mut ctx, Split::Test)?;
         let accuracy = valid.test_accuracy(&mut ctx)?;
-        let metrics = classifier_metrics(&valid, &mut ctx, Split::Test)?;
-        if let Some(loss) = test_loss {
-            reporter.test(loss, accuracy, metrics);
+        if let Some(loss) = test.loss {
+            reporter.test(loss, accuracy, classifier_metrics(&test, data));
         }
     }
     if let Some(io) = data.io_report().filter(|_| job.rank == Rank::LEADER) {
@@ -416,15 +415,9 @@ pub fn train<S: Stage>(
     Ok(())
 }
 
-/// A classifier's accuracy, precision, recall and F1 on (up to 512 samples of) a split, on the
-/// ranks that see its output; None for other models.
-fn classifier_metrics<S: Stage>(
-    model: &S,
-    ctx: &mut StepContext<'_>,
-    split: Split,
-) -> anyhow::Result<Option<ClassMetrics>> {
-    let labels = ctx.data.label_names().len();
-    Ok(model
-        .confusion(ctx, split)?
-        .and_then(|counts| ClassMetrics::from_confusion(&counts, labels)))
+/// A classifier's accuracy, precision, recall and F1 from an evaluation's confusion matrix;
+/// None for other models.
+fn classifier_metrics(evaluation: &Evaluation, data: &Dataset) -> Option<ClassMetrics> {
+    let labels = data.label_names().len();
+    ClassMetrics::from_confusion(evaluation.confusion.as_ref()?, labels)
 }
