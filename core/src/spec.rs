@@ -73,14 +73,15 @@ impl ModelKind {
     }
 }
 
-/// What a job trains its model for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What a job trains its model for (`train.task`; by default the model's own pre-training
+/// objective, see [`JobSpec::task`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Task {
-    /// The model's own pre-training objective: next-token prediction for decoders, masked-LM
-    /// for `bert` (the `mlp` regresses).
-    #[default]
-    LanguageModel,
+    /// Next-token prediction: the decoders' (`gpt`, `llama`; the `mlp` regresses).
+    Lm,
+    /// Masked-LM: the `bert`'s pre-training.
+    Mlm,
     /// Sequence classification (`bert`): one label per document of a labelled dataset
     /// (`gantry data prepare --label-field`), reported with accuracy, precision, recall and F1.
     Classification,
@@ -229,10 +230,10 @@ pub struct TrainSpec {
     /// Recompute activations in the backward pass instead of keeping them: less memory, more compute.
     #[serde(default)]
     pub activation_checkpointing: bool,
-    /// What the model is trained for: "language_model" (its pre-training objective) or
-    /// "classification" (`bert`).
-    #[serde(default)]
-    pub task: Task,
+    /// What the model is trained for: "lm" (the decoders' default), "mlm" (the bert's
+    /// default) or "classification" (`bert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Task>,
     /// Fine-tuning: the embeddings keep their (pretrained) values.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub freeze_embeddings: bool,
@@ -635,12 +636,12 @@ impl JobSpec {
                     let embeddings =
                         (vocab + positions + u64::from(m.type_vocab_size())) * d + 2 * d;
                     let per_layer = 4 * d * d + 4 * d + 2 * d * inter + inter + d + 4 * d;
-                    let head = match self.train.task {
+                    let head = match self.task() {
                         Task::Classification => {
                             d * d + d + d * u64::from(m.num_labels.unwrap_or(2))
                         }
-                        Task::LanguageModel if m.tie_word_embeddings => d * d + 3 * d + vocab,
-                        Task::LanguageModel => d * d + 3 * d + vocab + d * vocab,
+                        Task::Mlm | Task::Lm if m.tie_word_embeddings => d * d + 3 * d + vocab,
+                        Task::Mlm | Task::Lm => d * d + 3 * d + vocab + d * vocab,
                     };
                     // The MLP's activations: its input, the intermediate before and after GELU.
                     (embeddings + layers * per_layer + head, 4 * inter)
@@ -669,6 +670,16 @@ impl JobSpec {
         };
         let params_per_rank = params / u64::from(p.pp * p.tp).max(1);
         params_per_rank * 20 + activations_per_layer * stage_layers * in_flight + (256 << 20)
+    }
+
+    /// What the job trains for: `train.task`, by default the model's pre-training objective
+    /// (masked-LM for the bert, next-token prediction for the others).
+    pub fn task(&self) -> Task {
+        match (self.train.task, self.model.kind) {
+            (Some(task), _) => task,
+            (None, ModelKind::Bert) => Task::Mlm,
+            (None, _) => Task::Lm,
+        }
     }
 
     /// The dataset's path or URL, for a `dataset:` source.
@@ -767,7 +778,7 @@ impl JobSpec {
                 ),
             ));
         }
-        let tied_head = m.kind == ModelKind::Llama || self.train.task == Task::LanguageModel;
+        let tied_head = m.kind == ModelKind::Llama || self.task() == Task::Mlm;
         if m.tie_word_embeddings && tied_head && p.pp > 1 {
             return Err(SpecError::new(
                 "model.tie_word_embeddings",
@@ -844,16 +855,27 @@ impl JobSpec {
     fn validate_task(&self) -> Result<(), SpecError> {
         let (m, t) = (&self.model, &self.train);
         let err = |field: &str, message: String| Err(SpecError::new(field, message));
-        if t.task == Task::Classification && m.kind != ModelKind::Bert {
-            return err(
-                "train.task",
-                format!(
-                    "classification fine-tunes the bert family, not the {:?}",
-                    m.kind
-                ),
-            );
+        let task = self.task();
+        match (task, m.kind) {
+            (Task::Classification | Task::Mlm, ModelKind::Bert) => {}
+            (Task::Lm, ModelKind::Gpt | ModelKind::Llama | ModelKind::Mlp) => {}
+            (Task::Lm, ModelKind::Bert) => {
+                return err(
+                    "train.task",
+                    "\"lm\": the bert is an encoder; it trains \"mlm\" or \"classification\""
+                        .into(),
+                );
+            }
+            (task, kind) => {
+                return err(
+                    "train.task",
+                    format!(
+                        "{task:?} trains the bert family, not the {kind:?} (which trains \"lm\")"
+                    ),
+                );
+            }
         }
-        if m.num_labels.is_some() && t.task != Task::Classification {
+        if m.num_labels.is_some() && task != Task::Classification {
             return err(
                 "model.num_labels",
                 "only a classifier has labels (train.task = \"classification\")".into(),
@@ -875,7 +897,7 @@ impl JobSpec {
             );
         }
         if let Some(lr) = t.head_lr {
-            if t.task != Task::Classification {
+            if task != Task::Classification {
                 return err(
                     "train.head_lr",
                     "only a classification head has a learning rate of its own".into(),
@@ -1300,6 +1322,17 @@ mod tests {
             doc["train"]["task"] = "classification".into();
         });
         assert_eq!(gpt.unwrap_err().field, "train.task");
+        // The bert pre-trains masked-LM by default; "lm" is the decoders', "mlm" the bert's.
+        assert_eq!(bert(none.clone(), none.clone()).unwrap().task(), Task::Mlm);
+        assert_eq!(
+            refused(none.clone(), serde_json::json!({"task": "lm"})),
+            "train.task"
+        );
+        let llama_mlm = check(|doc| {
+            doc["model"]["kind"] = "llama".into();
+            doc["train"]["task"] = "mlm".into();
+        });
+        assert_eq!(llama_mlm.unwrap_err().field, "train.task");
     }
 
     #[test]

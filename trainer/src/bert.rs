@@ -58,7 +58,7 @@ impl BertShape {
             types: m.type_vocab_size() as usize,
             eps: m.layer_norm_eps(),
             tied: m.tie_word_embeddings,
-            labels: (spec.train.task == Task::Classification)
+            labels: (spec.task() == Task::Classification)
                 .then(|| m.num_labels.unwrap_or(2) as usize),
         }
     }

@@ -372,7 +372,7 @@ impl Dataset {
     /// Fills in `model.vocab_size` from a dataset's tokenizer and a classifier's
     /// `model.num_labels` from its labels, or refuses values that differ.
     pub fn fit_vocab(&self, spec: &mut JobSpec) -> anyhow::Result<()> {
-        if spec.train.task == Task::Classification {
+        if spec.task() == Task::Classification {
             let theirs = self.label_names.len() as u32;
             match spec.model.num_labels {
                 None => spec.model.num_labels = Some(theirs),
@@ -583,7 +583,7 @@ impl Dataset {
             (splits.validation, &manifest.validation),
             (splits.test, &manifest.test),
         ];
-        if spec.train.task == Task::Classification {
+        if spec.task() == Task::Classification {
             let names = manifest.label_names();
             anyhow::ensure!(
                 names.len() >= 2,

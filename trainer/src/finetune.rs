@@ -54,7 +54,7 @@ impl ParamGroups {
                     self.groups.frozen_ranges.push(self.offset..self.offset + n);
                 }
                 if t.head_lr.is_some()
-                    && t.task == Task::Classification
+                    && self.spec.task() == Task::Classification
                     && crate::bert::Bert::is_head(&name)
                 {
                     self.groups.head.insert(param.id);

@@ -353,7 +353,7 @@ pub fn export(
 pub fn bert_config(spec: &JobSpec, vocab: usize, label_names: &[String]) -> serde_json::Value {
     let s = crate::bert::BertShape::of(spec);
     let mut config = serde_json::json!({
-        "architectures": [if spec.train.task == Task::Classification {
+        "architectures": [if spec.task() == Task::Classification {
             "BertForSequenceClassification"
         } else {
             "BertForMaskedLM"
