@@ -262,11 +262,11 @@ impl Bert {
         let s = BertShape::of(spec);
         let (mlm, pooler, classifier) = match s.labels {
             None => {
-                let (decoder, _) = row_parallel(linear(s.hidden, s.vocab, device));
                 let mlm = MlmHead {
                     transform: linear(s.hidden, s.hidden, device),
                     layer_norm: norm(&s, device),
-                    decoder: (!s.tied).then_some(decoder),
+                    // Hugging Face's decoder has no bias of its own: `bias` is added after it.
+                    decoder: (!s.tied).then(|| row_parallel(linear(s.hidden, s.vocab, device)).0),
                     bias: Param::from_tensor(Tensor::zeros([s.vocab], device)),
                 };
                 (Some(mlm), None, None)

@@ -371,7 +371,7 @@ impl Dataset {
 
     /// Fills in `model.vocab_size` from a dataset's tokenizer and a classifier's
     /// `model.num_labels` from its labels, or refuses values that differ.
-    pub fn fit_vocab(&self, spec: &mut JobSpec) -> anyhow::Result<()> {
+    pub fn fit_spec(&self, spec: &mut JobSpec) -> anyhow::Result<()> {
         if spec.task() == Task::Classification {
             let theirs = self.label_names.len() as u32;
             match spec.model.num_labels {
@@ -558,103 +558,91 @@ impl Dataset {
         let manifest = &reader.manifest;
         let eot = manifest.tokenizer.end_of_text_id;
         let id = |names: &[&str]| names.iter().find_map(|t| tokenizer.token_to_id(t));
-        let mut data = Self {
-            train: Samples::Regression {
-                x: Vec::new(),
-                y: Vec::new(),
-            },
-            validation: Samples::Regression {
-                x: Vec::new(),
-                y: Vec::new(),
-            },
-            test: Samples::Regression {
-                x: Vec::new(),
-                y: Vec::new(),
-            },
-            test_lines: Vec::new(),
-            seed: spec.train.seed,
-            permutations: Mutex::default(),
-            masking: None,
-            label_names: Vec::new(),
-            prepared: None,
-        };
         let parts = [
             (splits.train, &manifest.train),
             (splits.validation, &manifest.validation),
             (splits.test, &manifest.test),
         ];
-        if spec.task() == Task::Classification {
-            let names = manifest.label_names();
-            anyhow::ensure!(
-                names.len() >= 2,
-                "data.source: {name} has {} label(s); classification needs a dataset prepared \
-                 with --label-field and at least two labels",
-                names.len()
-            );
-            let special = Special {
-                cls: id(&["[CLS]", "<s>"]).unwrap_or(eot),
-                sep: eot,
-                pad: id(&["[PAD]", "<pad>"]).unwrap_or(eot),
-            };
-            let mut samples = Vec::new();
-            for (tokens, entry) in parts {
-                let stream = tokens.read(0, tokens.len() as usize)?;
-                let docs: Vec<Vec<u32>> = stream
-                    .split(|&t| t == eot)
-                    .take(entry.documents as usize)
-                    .map(<[u32]>::to_vec)
-                    .collect();
-                let labels: Vec<i64> = entry
-                    .labels
-                    .iter()
-                    .flatten()
-                    .map(|l| names.binary_search(l).expect("a listed label") as i64)
-                    .collect();
+        let ([train, validation, test], masking, label_names) =
+            if spec.task() == Task::Classification {
+                let names = manifest.label_names();
                 anyhow::ensure!(
-                    docs.len() == labels.len(),
-                    "data.source: {name} holds {} documents but {} labels in a split",
-                    docs.len(),
-                    labels.len()
+                    names.len() >= 2,
+                    "data.source: {name} has {} label(s); classification needs a dataset prepared \
+                 with --label-field and at least two labels",
+                    names.len()
                 );
-                samples.push(Samples::Documents {
-                    docs,
-                    labels,
-                    seq_len,
-                    special,
-                });
-            }
-            let [train, validation, test] =
-                <[Samples; 3]>::try_from(samples).unwrap_or_else(|_| unreachable!("three splits"));
-            (data.train, data.validation, data.test) = (train, validation, test);
-            data.label_names = names;
-        } else {
-            let mask = id(&["[MASK]", "<mask>"]).ok_or_else(|| {
+                let special = Special {
+                    cls: id(&["[CLS]", "<s>"]).unwrap_or(eot),
+                    sep: eot,
+                    pad: id(&["[PAD]", "<pad>"]).unwrap_or(eot),
+                };
+                let mut samples = Vec::new();
+                for (tokens, entry) in parts {
+                    let stream = tokens.read(0, tokens.len() as usize)?;
+                    let docs: Vec<Vec<u32>> = stream
+                        .split(|&t| t == eot)
+                        .take(entry.documents as usize)
+                        .map(<[u32]>::to_vec)
+                        .collect();
+                    let labels: Vec<i64> = entry
+                        .labels
+                        .iter()
+                        .flatten()
+                        .map(|l| names.binary_search(l).expect("a listed label") as i64)
+                        .collect();
+                    anyhow::ensure!(
+                        docs.len() == labels.len(),
+                        "data.source: {name} holds {} documents but {} labels in a split",
+                        docs.len(),
+                        labels.len()
+                    );
+                    samples.push(Samples::Documents {
+                        docs,
+                        labels,
+                        seq_len,
+                        special,
+                    });
+                }
+                let [train, validation, test] = <[Samples; 3]>::try_from(samples)
+                    .unwrap_or_else(|_| unreachable!("three splits"));
+                ([train, validation, test], None, names)
+            } else {
+                let mask = id(&["[MASK]", "<mask>"]).ok_or_else(|| {
                 anyhow::anyhow!(
                     "data.source: the tokenizer of {name} has no [MASK] (or <mask>) token, which \
                      masked-LM needs; prepare the dataset with a BERT tokenizer.json"
                 )
             })?;
-            data.masking = Some(Masking {
-                mask,
-                vocab: manifest.tokenizer.vocab_size,
-                per_sample: masked_per_sample(seq_len),
-                seed: spec.train.seed,
-            });
-            let stream = |tokens| Samples::Stream { tokens, seq_len };
-            let [train, validation, test] = parts.map(|(tokens, _)| stream(tokens));
-            (data.train, data.validation, data.test) = (train, validation, test);
-        }
+                let masking = Masking {
+                    mask,
+                    vocab: manifest.tokenizer.vocab_size,
+                    per_sample: masked_per_sample(seq_len),
+                    seed: spec.train.seed,
+                };
+                let samples = parts.map(|(tokens, _)| Samples::Stream { tokens, seq_len });
+                (samples, Some(masking), Vec::new())
+            };
         anyhow::ensure!(
-            data.train.len() > 0,
+            train.len() > 0,
             "data.source: the train split of {name} has no samples"
         );
-        data.prepared = Some(Prepared {
-            io: splits.io,
-            tokenizer,
-            vocab_size: manifest.tokenizer.vocab_size,
-            manifest_sha256: Some(reader.manifest_sha256.clone()),
-        });
-        Ok(data)
+        Ok(Self {
+            train,
+            validation,
+            test,
+            test_lines: Vec::new(),
+            seed: spec.train.seed,
+            permutations: Mutex::default(),
+            masking,
+            label_names,
+            prepared: Some(Prepared {
+                io: splits.io,
+                tokenizer,
+                vocab_size: manifest.tokenizer.vocab_size,
+                manifest_sha256: Some(reader.manifest_sha256.clone()),
+            }),
+        })
     }
 }
 

@@ -92,7 +92,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
     let loading = Instant::now();
     let data = Dataset::open(&spec, &a.store_options, &io)?;
     let loaded = loading.elapsed();
-    data.fit_vocab(&mut spec)?;
+    data.fit_spec(&mut spec)?;
     let timeout = Duration::from_secs(spec.fault_tolerance.collective_timeout_secs);
     let p = spec.parallel;
     let mesh = Mesh::new(p.dp, p.tp, p.pp);

@@ -72,6 +72,17 @@ fn worst(ours: &[f32], theirs: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// [`worst`] over the hidden states of real tokens only (`[n, t, d]`, sample i `lengths[i]`
+/// long): padded positions are computed but mean nothing.
+fn worst_unpadded(ours: Tensor<3>, theirs: &serde_json::Value, lengths: &[usize]) -> f64 {
+    let [_, t, d] = ours.dims();
+    let keep = |i: &usize| (i / d) % t < lengths[i / (d * t)];
+    let (ours, theirs) = (values(ours), flat(theirs));
+    let ours: Vec<f32> = (0..ours.len()).filter(keep).map(|i| ours[i]).collect();
+    let theirs: Vec<f64> = (0..theirs.len()).filter(keep).map(|i| theirs[i]).collect();
+    worst(&ours, &theirs)
+}
+
 /// Exports `model` as `gantry export --format hf` does, into `dir`.
 fn export(spec: &JobSpec, model: &Bert, dir: &Path) {
     let whole = named_parameters(model).into_iter().collect();
@@ -157,14 +168,7 @@ fn an_exported_bert_classifier_matches_numpy_on_padded_sequences() {
     };
     let logits = model.head(hidden.clone(), &batch, &device);
     let theirs = reference(dir.path(), &sequences, &lengths);
-    // The padded positions' hidden states are computed but meaningless: compare the real ones.
-    let ours = values(hidden);
-    let all = flat(&theirs["hidden"]);
-    let d = 32;
-    let keep = |i: &usize| (i / d) % t < lengths[i / (d * t)];
-    let ours: Vec<f32> = (0..ours.len()).filter(keep).map(|i| ours[i]).collect();
-    let all: Vec<f64> = (0..all.len()).filter(keep).map(|i| all[i]).collect();
-    let h = worst(&ours, &all);
+    let h = worst_unpadded(hidden, &theirs["hidden"], &lengths);
     assert!(h < 1e-4, "hidden states differ by up to {h}");
     let c = worst(&values(logits), &flat(&theirs["classifier_logits"]));
     assert!(c < 1e-4, "classifier logits differ by up to {c}");
@@ -237,13 +241,7 @@ fn minilm_loaded_with_init_from_matches_numpy() {
     let n = sequences.len();
     let hidden = model.hidden_states(&sequences.concat(), Some(&lengths), n, t, &device);
     let theirs = reference(&folder, &sequences, &lengths);
-    let ours = values(hidden);
-    let all = flat(&theirs["hidden"]);
-    let d = 384;
-    let keep = |i: &usize| (i / d) % t < lengths[i / (d * t)];
-    let ours: Vec<f32> = (0..ours.len()).filter(keep).map(|i| ours[i]).collect();
-    let all: Vec<f64> = (0..all.len()).filter(keep).map(|i| all[i]).collect();
-    let h = worst(&ours, &all);
+    let h = worst_unpadded(hidden, &theirs["hidden"], &lengths);
     assert!(h < 1e-4, "MiniLM's hidden states differ by up to {h}");
 }
 
