@@ -1229,13 +1229,20 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
         "checkpoint.keep_last=100",
     ];
     let (reference, job) = reference_and_cancelled_run(&cluster, "mlp-dp2.toml", &set, 100);
-    // Damage one byte of rank 1's optimizer state in the checkpoint a resume starts from (the
-    // newest the coordinator recorded; a commit racing the cancel may have left a newer one in
-    // the store, which the resume does not read), keeping its size: only rank 1 reads that file,
-    // and only its checksum can tell.
-    let newest = cluster.status(&job)["last_checkpoint"]["step"]
+    // Damage one byte of rank 1's optimizer state in the checkpoint a resume starts from,
+    // keeping its size: only rank 1 reads that file, and only its checksum can tell. That is
+    // the step the store's pointer names, not the coordinator's `last_checkpoint`: a commit
+    // racing the cancel can move the pointer after the coordinator stopped listening.
+    let pointer = cluster
+        .dir
+        .path()
+        .join(format!("state/checkpoints/{job}/pointer.json"));
+    let pointer: Value = serde_json::from_slice(&std::fs::read(pointer).unwrap()).unwrap();
+    let newest = pointer["latest"].as_u64().unwrap();
+    let recorded = cluster.status(&job)["last_checkpoint"]["step"]
         .as_u64()
         .unwrap();
+    assert!(newest >= recorded, "{pointer} behind the coordinator's {recorded}");
     let shard = cluster.dir.path().join(format!(
         "state/checkpoints/{job}/step-{newest:08}/rank-1.optim.bpk"
     ));
