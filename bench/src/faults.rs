@@ -336,6 +336,16 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        // The coordinator writes its admin and join tokens into its state directory.
+        let state = dir.path().join("state");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !state.join("join.token").exists() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the coordinator wrote no join.token in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let mut cluster = Cluster {
             dir,
             url: format!("http://127.0.0.1:{port}"),
@@ -358,6 +368,8 @@ impl Cluster {
     pub fn gantry_text(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(self.bin.join("gantry"))
             .args(["--coordinator", &self.url])
+            .arg("--token-file")
+            .arg(self.dir.path().join("state/admin.token"))
             .args(args)
             .output()?;
         anyhow::ensure!(
@@ -371,6 +383,8 @@ impl Cluster {
     pub fn gantry(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let out = Command::new(self.bin.join("gantry"))
             .args(["--coordinator", &self.url])
+            .arg("--token-file")
+            .arg(self.dir.path().join("state/admin.token"))
             .args(args)
             .args(["-o", "json"])
             .output()?;
@@ -386,6 +400,8 @@ impl Cluster {
         let i = self.children.len();
         let child = Command::new(self.bin.join("gantry-worker"))
             .args(["--coordinator", &self.url, "--slots", "1"])
+            .arg("--join-token-file")
+            .arg(self.dir.path().join("state/join.token"))
             .arg("--work-dir")
             .arg(self.dir.path().join(format!("worker-{i}")))
             .stdout(Stdio::null())

@@ -224,7 +224,7 @@ fn rank_main(o: &Options, rank: u32, world: u32, dir: &Path) -> anyhow::Result<(
         listener,
         &peers,
         rank,
-        Identity::new("bench", 1),
+        Identity::new("bench", 1, [1; 32]),
         Duration::from_secs(60),
     )?;
     let n = world as usize;

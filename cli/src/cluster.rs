@@ -1,6 +1,6 @@
 //! `gantry up` and `gantry demo`: a local cluster in this process.
 
-use crate::failure::{Failure, connect};
+use crate::failure::{Failure, Remote, connect};
 use crate::follow::follow_job;
 use crate::{local, render};
 use gantry_core::JobSpec;
@@ -34,8 +34,18 @@ pub async fn up(
         cluster.url,
         state_dir.display()
     );
+    let token = state_dir.join("admin.token");
     println!(
-        "submit with: gantry --coordinator {} submit deploy/examples/mlp-dp2.toml --wait",
+        "admin token in {} (readable by you alone); other users get theirs from `gantry token create NAME`",
+        token.display()
+    );
+    let token_flag = if state_dir == Path::new(".gantry") {
+        String::new() // the CLI reads .gantry/admin.token by default
+    } else {
+        format!(" --token-file {}", token.display())
+    };
+    println!(
+        "submit with: gantry --coordinator {}{token_flag} submit deploy/examples/mlp-dp2.toml --wait",
         cluster.url
     );
     tokio::signal::ctrl_c().await.ok();
@@ -74,7 +84,12 @@ pub async fn demo(state_dir: &Path, set: &[String]) -> Result<i32, Failure> {
         spec.train.steps,
         spec.parallel.dp
     );
-    let mut client = connect(&cluster.url).await?;
+    let remote = Remote {
+        url: cluster.url.clone(),
+        bearer: gantry_proto::Bearer::new(Some(&cluster.admin_token))
+            .map_err(|e| Failure::usage(format!("admin.token: {e}")))?,
+    };
+    let mut client = connect(&remote).await?;
     let started = Instant::now();
     let job = client
         .submit_job(pb::SubmitJobRequest {

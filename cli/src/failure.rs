@@ -1,10 +1,20 @@
 //! How a command fails: the message, and the exit code it maps to (0 ok; 1 the job failed or
 //! was cancelled; 2 bad usage or invalid input; 3 coordinator unreachable).
 
+use gantry_proto::Bearer;
 use gantry_proto::v1 as pb;
 use pb::job_service_client::JobServiceClient;
 use std::time::Duration;
-use tonic::transport::Channel;
+
+/// A job-service client that presents the CLI's token.
+pub type Client = JobServiceClient<gantry_proto::Authed>;
+
+/// The coordinator a command talks to, and the credential it presents.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    pub url: String,
+    pub bearer: Bearer,
+}
 
 /// An error with the exit code it maps to.
 #[derive(Debug)]
@@ -30,7 +40,9 @@ impl From<tonic::Status> for Failure {
             Code::InvalidArgument
             | Code::NotFound
             | Code::FailedPrecondition
-            | Code::AlreadyExists => 2,
+            | Code::AlreadyExists
+            | Code::Unauthenticated
+            | Code::PermissionDenied => 2,
             _ => 1,
         };
         Self {
@@ -49,8 +61,9 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-/// A client of the coordinator at `url`, or the failure that says why not (exit code 3).
-pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>, Failure> {
+/// A client of the coordinator, or the failure that says why not (exit code 3).
+pub async fn connect(remote: &Remote) -> Result<Client, Failure> {
+    let url = &remote.url;
     let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| Failure::usage(format!("--coordinator: {url:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5));
@@ -58,5 +71,5 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>, Failure> {
         code: 3,
         message: format!("cannot reach the coordinator at {url}: {e}"),
     })?;
-    Ok(JobServiceClient::new(channel))
+    Ok(gantry_proto::job_client(channel, remote.bearer.clone()))
 }

@@ -1,15 +1,13 @@
 //! Following a job to its end, with a progress bar.
 
-use crate::failure::Failure;
+use crate::failure::{Client, Failure};
 use crate::render;
 use gantry_proto::v1 as pb;
-use pb::job_service_client::JobServiceClient;
-use tonic::transport::Channel;
 
 /// Follows a job to its end with a progress bar; with `show_events`, prints its history lines
 /// (state changes, restarts, checkpoints) above the bar. Returns the job as it ended.
 pub async fn follow_job(
-    client: &mut JobServiceClient<Channel>,
+    client: &mut Client,
     job_id: &str,
     show_events: bool,
 ) -> Result<pb::Job, Failure> {

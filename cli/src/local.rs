@@ -9,6 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 pub struct LocalCluster {
     pub url: String,
+    /// The admin token the coordinator wrote to `<state_dir>/admin.token`.
+    pub admin_token: String,
     pub coordinator: Coordinator,
     pub workers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -32,6 +34,14 @@ impl LocalCluster {
         )
         .await?;
         let url = format!("http://{}", coordinator.addr);
+        // The credentials the coordinator made (or found) in its state directory.
+        let state = std::fs::canonicalize(state_dir)?;
+        let read = |name: &str| {
+            std::fs::read_to_string(state.join(name))
+                .map(|t| t.trim().to_string())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", state.join(name).display()))
+        };
+        let (admin_token, join_token) = (read("admin.token")?, read("join.token")?);
         let exe = std::env::current_exe()?.display().to_string();
         let host = gantry_worker::config::hostname();
         let handles = (0..workers)
@@ -49,6 +59,7 @@ impl LocalCluster {
                     drain_timeout_secs: gantry_core::defaults::DRAIN_TIMEOUT_SECS,
                     store_options: Default::default(),
                     log_format: Default::default(),
+                    join_token: Some(join_token.clone()),
                 };
                 tokio::spawn(agent::run(
                     options,
@@ -59,6 +70,7 @@ impl LocalCluster {
             .collect();
         Ok(Self {
             url,
+            admin_token,
             coordinator,
             workers: handles,
         })

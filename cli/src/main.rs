@@ -15,7 +15,8 @@ mod store;
 mod submit;
 
 use clap::{Parser, Subcommand};
-use failure::{Failure, connect};
+use failure::{Failure, Remote, connect};
+use gantry_proto::Bearer;
 use gantry_proto::v1 as pb;
 use render::Output;
 use std::net::SocketAddr;
@@ -33,6 +34,13 @@ struct Cli {
         default_value = gantry_core::defaults::COORDINATOR_URL
     )]
     coordinator: String,
+    /// The bearer token to present (it shows in `ps`: prefer GANTRY_TOKEN or --token-file).
+    #[arg(long, global = true, env = "GANTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file holding the token. Without --token or this, the CLI reads .gantry/admin.token when
+    /// it exists (the admin token `gantry up` writes).
+    #[arg(long, global = true, env = "GANTRY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Output format of the listing commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -152,12 +160,35 @@ enum Command {
         #[command(subcommand)]
         command: DataCommand,
     },
+    /// Tokens for clients and workers (admin only): create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Run one rank (started by a worker daemon, not by hand).
     #[command(hide = true)]
     Rank {
         #[arg(long)]
         assignment: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (it is shown once; the coordinator keeps only its hash).
+    Create {
+        /// Who holds it, e.g. `alice` or `ci`: jobs record it as who submitted, cancelled or
+        /// resumed them, and a submitter may change only the jobs its name submitted.
+        name: String,
+        /// admin (everything), submitter (submit; cancel and resume its own jobs), viewer (read
+        /// only) or worker (a worker daemon's join token).
+        #[arg(long, default_value = "submitter")]
+        role: String,
+    },
+    /// List tokens (never the tokens themselves).
+    List,
+    /// Revoke a token by its id: it stops working at once.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -200,8 +231,41 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The token file read when none is named: the admin token of `gantry up`'s default state dir.
+const DEFAULT_TOKEN_FILE: &str = ".gantry/admin.token";
+
+impl Cli {
+    /// The coordinator and the credential to present: `--token`/`GANTRY_TOKEN`, else
+    /// `--token-file`/`GANTRY_TOKEN_FILE`, else `.gantry/admin.token` if it exists, else none.
+    fn remote(&self) -> Result<Remote, Failure> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| Failure::usage(format!("--token-file {}: {e}", file.display())))?,
+            ),
+            (None, None) => std::fs::read_to_string(DEFAULT_TOKEN_FILE).ok(),
+        };
+        let bearer = Bearer::new(token.as_deref().map(str::trim))
+            .map_err(|e| Failure::usage(format!("--token: {e}")))?;
+        Ok(Remote {
+            url: self.coordinator.clone(),
+            bearer,
+        })
+    }
+}
+
 async fn run(cli: Cli) -> Result<i32, Failure> {
     let out = cli.output;
+    let remote = match cli.command {
+        // Local clusters make their own credentials.
+        Command::Up { .. } | Command::Demo { .. } | Command::Data { .. } | Command::Rank { .. } => {
+            None
+        }
+        _ => Some(cli.remote()?),
+    };
+    let remote = remote.as_ref();
+    let coordinator = || remote.expect("a client command has a remote");
     match cli.command {
         Command::Up {
             workers,
@@ -215,9 +279,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             set,
             wait,
             follow,
-        } => submit::submit(&cli.coordinator, out, &spec, &set, wait, follow).await,
+        } => submit::submit(coordinator(), out, &spec, &set, wait, follow).await,
         Command::Jobs => {
-            let jobs = connect(&cli.coordinator)
+            let jobs = connect(coordinator())
                 .await?
                 .list_jobs(pb::ListJobsRequest {})
                 .await?
@@ -227,7 +291,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Status { job } => {
-            let job = connect(&cli.coordinator)
+            let job = connect(coordinator())
                 .await?
                 .get_job(pb::GetJobRequest { job_id: job })
                 .await?
@@ -236,7 +300,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Logs { job, follow } => {
-            let mut client = connect(&cli.coordinator).await?;
+            let mut client = connect(coordinator()).await?;
             let mut stream = client
                 .watch_job(pb::WatchJobRequest {
                     job_id: job,
@@ -253,7 +317,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Cancel { job } => {
-            let job = connect(&cli.coordinator)
+            let job = connect(coordinator())
                 .await?
                 .cancel_job(pb::CancelJobRequest { job_id: job })
                 .await?
@@ -265,9 +329,9 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             job,
             from_step,
             set,
-        } => resume::resume(&cli.coordinator, out, job, from_step, set).await,
+        } => resume::resume(coordinator(), out, job, from_step, set).await,
         Command::Workers => {
-            let workers = connect(&cli.coordinator)
+            let workers = connect(coordinator())
                 .await?
                 .list_workers(pb::ListWorkersRequest {})
                 .await?
@@ -277,7 +341,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Checkpoints { job, verify } => {
-            store::checkpoints(&cli.coordinator, out, job, verify).await
+            store::checkpoints(coordinator(), out, job, verify).await
         }
         Command::Export {
             job,
@@ -285,7 +349,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             step,
             format,
         } => {
-            let job = connect(&cli.coordinator)
+            let job = connect(coordinator())
                 .await?
                 .get_job(pb::GetJobRequest { job_id: job })
                 .await?
@@ -307,7 +371,7 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                     "--temperature: {temperature} must be 0 (greedy) or positive"
                 )));
             }
-            let job = connect(&cli.coordinator)
+            let job = connect(coordinator())
                 .await?
                 .get_job(pb::GetJobRequest { job_id: job })
                 .await?
@@ -328,6 +392,34 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Data {
             command: DataCommand::Prepare(args),
         } => data::prepare(args).await,
+        Command::Token { command } => {
+            let mut client = connect(coordinator()).await?;
+            match command {
+                TokenCommand::Create { name, role } => {
+                    let created = client
+                        .create_token(pb::CreateTokenRequest { name, role })
+                        .await?
+                        .into_inner();
+                    render::created_token(&created, out);
+                }
+                TokenCommand::List => {
+                    let tokens = client
+                        .list_tokens(pb::ListTokensRequest {})
+                        .await?
+                        .into_inner()
+                        .tokens;
+                    render::tokens(&tokens, out);
+                }
+                TokenCommand::Revoke { id } => {
+                    let token = client
+                        .revoke_token(pb::RevokeTokenRequest { id })
+                        .await?
+                        .into_inner();
+                    render::tokens(&[token], out);
+                }
+            }
+            Ok(0)
+        }
         Command::Rank { .. } => unreachable!("handled before the runtime starts"),
     }
 }

@@ -51,6 +51,7 @@ pub fn job_json(job: &pb::Job) -> Value {
     json!({
         "id": job.id,
         "name": job.name,
+        "submitted_by": job.submitted_by,
         "state": state_name(job.state),
         "step": job.step,
         "total_steps": job.total_steps,
@@ -125,6 +126,9 @@ pub fn status(job: &pb::Job, out: Output) {
     let p = job.parallel.unwrap_or_default();
     println!("job:         {} ({})", job.id, job.name);
     println!("state:       {}", state_name(job.state));
+    if !job.submitted_by.is_empty() {
+        println!("submitted by {}", job.submitted_by);
+    }
     if let Some(reason) = &job.pending_reason {
         println!("waiting:     {reason}");
     }
@@ -304,4 +308,47 @@ pub fn step_loss(line: &str) -> Option<(u64, f64)> {
         .split_whitespace()
         .find_map(|w| w.strip_prefix("loss="))?;
     Some((step.parse().ok()?, loss.parse().ok()?))
+}
+
+/// A token just created: the token itself (shown this once) and its record.
+pub fn created_token(created: &pb::CreateTokenResponse, out: Output) {
+    let info = created.info.clone().unwrap_or_default();
+    if out == Output::Json {
+        return print_json(&json!({
+            "token": created.token, "id": info.id, "name": info.name, "role": info.role,
+        }));
+    }
+    println!("{}", created.token);
+    eprintln!(
+        "token {} for {} ({}): shown once; the coordinator keeps only its hash",
+        info.id, info.name, info.role
+    );
+}
+
+pub fn tokens(tokens: &[pb::TokenInfo], out: Output) {
+    if out == Output::Json {
+        let rows: Vec<Value> = tokens
+            .iter()
+            .map(|t| {
+                json!({
+                    "id": t.id, "name": t.name, "role": t.role,
+                    "created_at": timestamp(t.created_at_ms),
+                    "revoked_at": t.revoked_at_ms.map(timestamp),
+                })
+            })
+            .collect();
+        return print_json(&Value::Array(rows));
+    }
+    let mut table = Table::new();
+    table.set_header(["ID", "NAME", "ROLE", "CREATED", "REVOKED"]);
+    for t in tokens {
+        table.add_row([
+            t.id.clone(),
+            t.name.clone(),
+            t.role.clone(),
+            timestamp(t.created_at_ms),
+            t.revoked_at_ms.map(timestamp).unwrap_or_default(),
+        ]);
+    }
+    println!("{table}");
 }

@@ -1,13 +1,13 @@
 //! `gantry resume`: a job restarted from its newest (or a chosen) checkpoint.
 
-use crate::failure::{Failure, connect};
+use crate::failure::{Failure, Remote, connect};
 use crate::render::{self, Output};
 use gantry_checkpoint::CheckpointStore;
 use gantry_core::JobSpec;
 use gantry_proto::v1 as pb;
 
 pub async fn resume(
-    coordinator: &str,
+    coordinator: &Remote,
     out: Output,
     job: String,
     from_step: Option<u64>,

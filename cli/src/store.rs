@@ -1,7 +1,7 @@
 //! What reads a job's checkpoint store directly from this machine: `gantry checkpoints` and
 //! `gantry export`.
 
-use crate::failure::{Failure, connect};
+use crate::failure::{Failure, Remote, connect};
 use crate::render::{self, Output};
 use gantry_checkpoint::{CheckpointError, CheckpointStore};
 use gantry_core::JobSpec;
@@ -9,7 +9,7 @@ use gantry_proto::v1 as pb;
 use gantry_trainer::export;
 
 pub async fn checkpoints(
-    coordinator: &str,
+    coordinator: &Remote,
     out: Output,
     job: String,
     verify: bool,

@@ -1,6 +1,6 @@
 //! `gantry submit`: a spec in, a job id (or the job followed to its end) out.
 
-use crate::failure::{Failure, connect};
+use crate::failure::{Failure, Remote, connect};
 use crate::follow::follow_job;
 use crate::render::{self, Output};
 use gantry_core::JobSpec;
@@ -8,7 +8,7 @@ use gantry_proto::v1 as pb;
 use std::path::Path;
 
 pub async fn submit(
-    coordinator: &str,
+    coordinator: &Remote,
     out: Output,
     spec: &Path,
     set: &[String],

@@ -60,6 +60,12 @@ impl Cluster {
             metrics: None,
         };
         cluster.start_coordinator();
+        // Secure by default: the coordinator writes the admin and join tokens the CLI and the
+        // workers present into its state directory.
+        cluster.wait_for(
+            |c| c.dir.path().join("state/join.token").exists(),
+            "the coordinator's join token",
+        );
         for _ in 0..workers {
             cluster.add_worker();
         }
@@ -122,6 +128,8 @@ impl Cluster {
         let i = self.workers.len();
         let child = Command::new(bin("gantry-worker"))
             .args(["--coordinator", &self.url()])
+            .arg("--join-token-file")
+            .arg(self.dir.path().join("state/join.token"))
             .args(["--slots", &self.slots.to_string()])
             .args(
                 self.metrics
@@ -143,6 +151,8 @@ impl Cluster {
     fn gantry(&self, args: &[&str]) -> Output {
         Command::new(bin("gantry"))
             .args(["--coordinator", &self.url()])
+            .arg("--token-file")
+            .arg(self.dir.path().join("state/admin.token"))
             .args(args)
             .output()
             .unwrap()
@@ -1242,7 +1252,10 @@ fn a_damaged_shard_makes_every_rank_resume_from_the_checkpoint_before() {
     let recorded = cluster.status(&job)["last_checkpoint"]["step"]
         .as_u64()
         .unwrap();
-    assert!(newest >= recorded, "{pointer} behind the coordinator's {recorded}");
+    assert!(
+        newest >= recorded,
+        "{pointer} behind the coordinator's {recorded}"
+    );
     let shard = cluster.dir.path().join(format!(
         "state/checkpoints/{job}/step-{newest:08}/rank-1.optim.bpk"
     ));
@@ -2291,4 +2304,117 @@ fn a_failed_checkpoint_upload_is_retried_reported_and_never_committed() {
         .map(|c| c["step"].as_u64().unwrap())
         .collect();
     assert_eq!(committed, [4000, 6000], "{listed}");
+}
+
+/// Secure by default, end to end through the real binaries: a worker daemon without the join
+/// token cannot register; the CLI without a token, with a wrong or a revoked one is refused
+/// (exit 2, naming the cause) and changes nothing; a viewer cannot submit; a submitter's job
+/// records who submitted and cancelled it, and `gantry logs` shows it.
+#[test]
+fn without_a_valid_token_nothing_registers_submits_or_changes() {
+    let cluster = Cluster::start(1);
+    let intruder = Command::new(bin("gantry-worker"))
+        .args(["--coordinator", &cluster.url()])
+        .arg("--work-dir")
+        .arg(cluster.dir.path().join("intruder"))
+        .env("GANTRY_JOIN_TOKEN", "gantry_not-the-join-token")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&intruder.stderr);
+    assert!(!intruder.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("registration refused") && stderr.contains("Unauthenticated"),
+        "{stderr}"
+    );
+    assert_eq!(cluster.json(&["workers"]).as_array().unwrap().len(), 1);
+
+    let as_holder = |token: Option<&str>, args: &[&str]| -> Output {
+        let mut command = Command::new(bin("gantry"));
+        command.args(["--coordinator", &cluster.url()]);
+        if let Some(token) = token {
+            command.env("GANTRY_TOKEN", token);
+        }
+        // From a directory without a .gantry/admin.token to fall back on.
+        command
+            .current_dir(cluster.dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let created = |name: &str, role: &str| -> (String, String) {
+        let v = cluster.json(&["token", "create", name, "--role", role]);
+        (
+            v["token"].as_str().unwrap().to_string(),
+            v["id"].as_str().unwrap().to_string(),
+        )
+    };
+    let (viewer, _) = created("vera", "viewer");
+    let (submitter, _) = created("sam", "submitter");
+    let (revoked, revoked_id) = created("gone", "submitter");
+    assert_eq!(
+        cluster
+            .gantry(&["token", "revoke", &revoked_id])
+            .status
+            .code(),
+        Some(0)
+    );
+    let spec = examples().join("mlp-dp2.toml");
+    let submit = [
+        "submit",
+        spec.to_str().unwrap(),
+        "--set",
+        "parallel.dp=1",
+        "--set",
+        "train.steps=100000",
+    ];
+    for (token, why) in [
+        (None, "no bearer token"),
+        (Some("gantry_wrong"), "unknown or revoked"),
+        (Some(revoked.as_str()), "unknown or revoked"),
+        (Some(viewer.as_str()), "vera holds the role viewer"),
+    ] {
+        let out = as_holder(token, &submit);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{why}: {stderr}");
+        assert!(stderr.contains(why), "{why}: {stderr}");
+    }
+    assert_eq!(cluster.json(&["jobs"]).as_array().unwrap().len(), 0);
+    // A viewer reads; a submitter submits and cancels its own job.
+    assert_eq!(as_holder(Some(&viewer), &["jobs"]).status.code(), Some(0));
+    let out = as_holder(Some(&submitter), &submit);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(cluster.status(&job)["submitted_by"], "sam");
+    let out = as_holder(Some(&viewer), &["cancel", &job]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = as_holder(Some(&submitter), &["cancel", &job]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+    assert!(
+        logs.contains("job submitted by sam") && logs.contains("job cancelled by sam"),
+        "{logs}"
+    );
+    let tokens = cluster.json(&["token", "list"]);
+    let listed = tokens.to_string();
+    for secret in [&viewer, &submitter, &revoked] {
+        assert!(!listed.contains(secret.as_str()), "a listing shows a token");
+    }
+    assert!(
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == revoked_id.as_str() && t["revoked_at"].is_string()),
+        "{tokens}"
+    );
 }

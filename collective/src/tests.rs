@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// Runs `f` on every rank of a fresh world of `n`, one thread each.
 fn with_world<T: Send + 'static>(
     n: u32,
-    attempts: impl Fn(u32) -> u64,
+    identities: impl Fn(u32) -> Identity,
     timeout: Duration,
     f: impl Fn(Result<TcpComm, CommError>) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
@@ -24,13 +24,13 @@ fn with_world<T: Send + 'static>(
         .into_iter()
         .enumerate()
         .map(|(rank, listener)| {
-            let (peers, f, attempt) = (peers.clone(), f.clone(), attempts(rank as u32));
+            let (peers, f, identity) = (peers.clone(), f.clone(), identities(rank as u32));
             std::thread::spawn(move || {
                 f(TcpComm::connect(
                     listener,
                     &peers,
                     rank as u32,
-                    Identity::new("job", attempt),
+                    identity,
                     timeout,
                 ))
             })
@@ -39,13 +39,21 @@ fn with_world<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
+/// The attempt's key in these tests.
+const KEY: [u8; 32] = [42; 32];
+
+/// A rank of attempt 1 of "job", holding its key.
+fn member() -> Identity {
+    Identity::new("job", 1, KEY)
+}
+
 fn world<T: Send + 'static>(
     n: u32,
     f: impl Fn(&mut TcpComm) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
     with_world(
         n,
-        |_| 1,
+        |_| member(),
         Duration::from_secs(20),
         move |c| f(&mut c.unwrap()),
     )
@@ -227,7 +235,7 @@ fn a_dead_peer_fails_every_survivor_within_the_timeout() {
     let timeout = Duration::from_secs(2);
     let results = with_world(
         3,
-        |_| 1,
+        |_| member(),
         timeout,
         move |c| {
             let mut c = c.unwrap();
@@ -250,7 +258,7 @@ fn a_dead_peer_fails_every_survivor_within_the_timeout() {
 fn a_silent_peer_times_out_and_abort_unblocks_from_another_thread() {
     let results = with_world(
         2,
-        |_| 1,
+        |_| member(),
         Duration::from_millis(700),
         move |c| {
             let mut c = c.unwrap();
@@ -311,9 +319,93 @@ fn ranks_running_different_collectives_fail_instead_of_mixing_data() {
 fn a_rank_of_another_attempt_cannot_join() {
     let results = with_world(
         2,
-        |rank| if rank == 1 { 7 } else { 1 },
+        |rank| {
+            if rank == 1 {
+                Identity::new("job", 7, KEY)
+            } else {
+                member()
+            }
+        },
         Duration::from_millis(800),
         |c| c.is_err(),
     );
     assert_eq!(results, [true, true]);
+}
+
+#[test]
+fn a_rank_without_the_attempts_secret_cannot_join() {
+    let results = with_world(
+        2,
+        |rank| Identity::new("job", 1, if rank == 1 { [7; 32] } else { KEY }),
+        Duration::from_millis(800),
+        |c| c.map(|_| ()).map_err(|e| e.to_string()),
+    );
+    let refused = results[1].as_ref().unwrap_err();
+    assert!(
+        refused.contains("does not hold this attempt's secret"),
+        "{refused}"
+    );
+    assert!(
+        results[0].is_err(),
+        "rank 0 linked a rank without the secret"
+    );
+}
+
+/// A process that knows the job, the attempt and a rank number but not the secret connects
+/// first and claims rank 1: it is dropped, the real rank 1 joins, and the world works.
+#[test]
+fn an_intruder_without_the_secret_is_dropped_and_the_world_forms_without_it() {
+    use std::io::{Read, Write};
+    let listeners: Vec<TcpListener> = (0..2)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    // The intruder's opening: rank 1's hello, as `Identity::hello` writes it, and a nonce.
+    let mut intruder = std::net::TcpStream::connect(&peers[0]).unwrap();
+    let mut opening = Vec::new();
+    opening.extend_from_slice(&0x4741_4e54u32.to_le_bytes()); // the frames' magic, "GANT"
+    opening.extend_from_slice(&member().job.to_le_bytes());
+    opening.extend_from_slice(&1u64.to_le_bytes());
+    opening.extend_from_slice(&1u32.to_le_bytes());
+    opening.extend_from_slice(&[0u8; 16]);
+    intruder.write_all(&opening).unwrap();
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                if rank == 1 {
+                    // After the intruder has been answered.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                let mut c = TcpComm::connect(
+                    listener,
+                    &peers,
+                    rank as u32,
+                    member(),
+                    Duration::from_secs(10),
+                )
+                .unwrap();
+                let mut v = vec![rank as f32 + 1.0; 4];
+                c.world().all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                v
+            })
+        })
+        .collect();
+    // Rank 0 answers with its nonce and proof, then wants a proof the intruder cannot make.
+    let mut answer = [0u8; 48];
+    intruder.read_exact(&mut answer).unwrap();
+    intruder.write_all(&[0u8; 32]).unwrap();
+    let mut ack = [0u8; 1];
+    assert!(
+        !matches!(intruder.read(&mut ack), Ok(1)),
+        "rank 0 acknowledged the intruder"
+    );
+    for t in threads {
+        assert_eq!(t.join().unwrap(), [3.0; 4]);
+    }
 }

@@ -41,6 +41,18 @@ pub struct Args {
     /// On SIGTERM, report NOT_SERVING for this long before stopping (default 0).
     #[arg(long, env = "GANTRY_DRAIN_MS")]
     pub drain_ms: Option<u64>,
+    /// Serve every call without a token, as an admin: anyone who can reach the coordinator
+    /// controls it. For a throwaway cluster on a trusted machine only.
+    #[arg(long, env = "GANTRY_INSECURE")]
+    pub insecure: bool,
+    /// A file holding the admin token to accept (e.g. a mounted Secret); by default the
+    /// coordinator writes one to <state_dir>/admin.token when it has none.
+    #[arg(long, env = "GANTRY_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// A file holding the join token workers present; by default the coordinator writes one to
+    /// <state_dir>/join.token when it has none.
+    #[arg(long, env = "GANTRY_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// Log lines as text or as JSON objects (default text).
     #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -61,6 +73,9 @@ struct Layered {
     metrics_listen: Option<SocketAddr>,
     drain_ms: u64,
     log_format: LogFormat,
+    insecure: bool,
+    admin_token_file: Option<PathBuf>,
+    join_token_file: Option<PathBuf>,
 }
 
 /// Everything the coordinator binary runs with.
@@ -89,6 +104,7 @@ impl Args {
             .set_default("heartbeat_interval_ms", defaults.heartbeat_interval_ms)?
             .set_default("drain_ms", defaults.drain_ms)?
             .set_default("log_format", LogFormat::default().as_str())?
+            .set_default("insecure", false)?
             .set_override_option("listen", self.listen.map(|a| a.to_string()))?
             .set_override_option(
                 "state_dir",
@@ -99,7 +115,20 @@ impl Args {
             .set_override_option("checkpoint_url", self.checkpoint_url.clone())?
             .set_override_option("metrics_listen", self.metrics_listen.map(|a| a.to_string()))?
             .set_override_option("drain_ms", self.drain_ms)?
-            .set_override_option("log_format", self.log_format.map(LogFormat::as_str))?;
+            .set_override_option("log_format", self.log_format.map(LogFormat::as_str))?
+            .set_override_option("insecure", self.insecure.then_some(true))?
+            .set_override_option(
+                "admin_token_file",
+                self.admin_token_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            )?
+            .set_override_option(
+                "join_token_file",
+                self.join_token_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+            )?;
         let layered: Layered = gantry_ops::layered_settings(layers, self.config.as_deref())?;
         let options = Options {
             listen: layered.listen,
@@ -109,6 +138,9 @@ impl Args {
             checkpoint_url: layered.checkpoint_url,
             metrics_listen: layered.metrics_listen,
             drain_ms: layered.drain_ms,
+            insecure: layered.insecure,
+            admin_token: read_token(layered.admin_token_file.as_deref(), "admin_token_file")?,
+            join_token: read_token(layered.join_token_file.as_deref(), "join_token_file")?,
         };
         anyhow::ensure!(
             options.heartbeat_interval_ms > 0
@@ -128,4 +160,15 @@ impl Args {
             log_format: layered.log_format,
         })
     }
+}
+
+/// The token in `file`, if one is named: refused, naming the setting, when it cannot be read or
+/// is empty.
+fn read_token(file: Option<&std::path::Path>, setting: &str) -> anyhow::Result<Option<String>> {
+    let Some(file) = file else { return Ok(None) };
+    let token = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("{setting}: cannot read {}: {e}", file.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(!token.is_empty(), "{setting}: {} is empty", file.display());
+    Ok(Some(token.to_string()))
 }

@@ -140,6 +140,7 @@ pub fn command(command: WorkerCommand) -> pb::CoordinatorMessage {
                 spec_json: a.spec.to_json(),
                 resume_step: a.resume_step,
                 gpu: a.gpu,
+                attempt_secret: a.secret.0,
             })
         }
         WorkerCommand::Stop {
@@ -203,6 +204,7 @@ pub fn job(job: &Job) -> pb::Job {
         test_accuracy: job.test_accuracy,
         eval_metrics: job.eval_metrics.map(Into::into),
         test_metrics: job.test_metrics.map(Into::into),
+        submitted_by: job.submitted_by.clone(),
     }
 }
 

@@ -4,6 +4,7 @@
 //! function; `message` holds what workers report, in core types; `service` adapts gRPC to the
 //! core; `store` is the SQLite database the core caches.
 
+pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod core;
@@ -49,6 +50,16 @@ pub struct Options {
     pub metrics_listen: Option<SocketAddr>,
     /// How long the gRPC health service reports NOT_SERVING before the server stops.
     pub drain_ms: u64,
+    /// Serve every call without a token (as an anonymous admin). Off by default.
+    pub insecure: bool,
+    /// An admin token to accept (e.g. from a Kubernetes Secret); without one, the coordinator
+    /// writes a fresh one to `<state_dir>/admin.token` when it has no admin token yet.
+    #[serde(skip_serializing)]
+    pub admin_token: Option<String>,
+    /// The join token workers present; without one, the coordinator writes a fresh one to
+    /// `<state_dir>/join.token` when it has no worker token yet.
+    #[serde(skip_serializing)]
+    pub join_token: Option<String>,
 }
 
 impl Options {
@@ -62,6 +73,9 @@ impl Options {
             checkpoint_url: None,
             metrics_listen: None,
             drain_ms: 0,
+            insecure: false,
+            admin_token: None,
+            join_token: None,
         }
     }
 }
@@ -87,7 +101,8 @@ impl Coordinator {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.state_dir)?;
         let state_dir = std::fs::canonicalize(&options.state_dir)?;
-        let store = Store::open(&state_dir.join("coordinator.db"))?;
+        let database = state_dir.join("coordinator.db");
+        let store = Store::open(&database)?;
         let mut core_options = CoreOptions::for_state_dir(&state_dir);
         core_options.heartbeat_interval_ms = options.heartbeat_interval_ms;
         core_options.lease_ttl_ms = options.lease_ttl_ms;
@@ -117,7 +132,40 @@ impl Coordinator {
             }
         });
 
+        let tokens = if options.insecure {
+            tracing::warn!(
+                "--insecure: every call is served without a token, as an admin; anyone who can \
+                 reach {addr} can submit, cancel and resume jobs and register as a worker"
+            );
+            None
+        } else {
+            let tokens = auth::Tokens::open(&database)?;
+            let now = handle.now_ms();
+            let (admin, join) = (
+                options.admin_token.as_deref(),
+                options.join_token.as_deref(),
+            );
+            tokens.bootstrap(
+                auth::Role::Admin,
+                "admin",
+                admin,
+                &state_dir.join("admin.token"),
+                now,
+            )?;
+            tokens.bootstrap(
+                auth::Role::Worker,
+                "workers",
+                join,
+                &state_dir.join("join.token"),
+                now,
+            )?;
+            Some(Arc::new(tokens))
+        };
         let rpc = metrics::RpcMetrics::default();
+        let authenticate = auth::Authenticate {
+            tokens: tokens.clone(),
+            metrics: rpc.clone(),
+        };
         if let Some(listen) = options.metrics_listen {
             let collect = metrics::collector(handle.clone(), rpc.clone());
             gantry_ops::serve_http(
@@ -154,8 +202,11 @@ impl Coordinator {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .layer(tower::layer::layer_fn(move |inner| rpc.layer(inner)))
+            .layer(tower::layer::layer_fn(move |inner| {
+                authenticate.layer(inner)
+            }))
             .add_service(health_service)
-            .add_service(JobServiceServer::new(JobApi(handle.clone())))
+            .add_service(JobServiceServer::new(JobApi(handle.clone(), tokens)))
             .add_service(WorkerServiceServer::new(WorkerApi(handle.clone())));
         let task = tokio::spawn(async move {
             server

@@ -98,6 +98,8 @@ pub struct Assignment {
     pub resume_step: Option<u64>,
     /// The worker's GPU this rank alone uses (a cuda job); none for a cpu job.
     pub gpu: Option<u32>,
+    /// The attempt's secret (its `Debug` does not print it).
+    pub secret: gantry_core::AttemptSecret,
 }
 
 /// Something that happened to a job, for watchers.

@@ -2,6 +2,7 @@
 //! time, and the latency of every gRPC method, measured by a tower layer around the server.
 
 use crate::service::Handle;
+use gantry_ops::prometheus_client::metrics::counter::Counter;
 use gantry_ops::prometheus_client::metrics::family::Family;
 use gantry_ops::prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use gantry_ops::{Collect, gauges, labels};
@@ -13,11 +14,14 @@ use std::time::Instant;
 use tonic::codegen::http;
 
 type Latencies = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+type Counts = Family<Vec<(String, String)>, Counter>;
 
 /// gRPC latencies by method (time to the response, which for streams is their start).
 #[derive(Clone)]
 pub struct RpcMetrics {
     latency: Latencies,
+    /// Calls refused before any handler ran, by method and status code.
+    refused: Counts,
 }
 
 impl Default for RpcMetrics {
@@ -28,11 +32,22 @@ impl Default for RpcMetrics {
         }
         Self {
             latency: Family::new_with_constructor(histogram),
+            refused: Counts::default(),
         }
     }
 }
 
 impl RpcMetrics {
+    /// Counts a call refused before its handler (no credential, a wrong role, a limit).
+    pub fn refused(&self, method: &str, code: tonic::Code) {
+        self.refused
+            .get_or_create(&labels(&[
+                ("method", method),
+                ("code", &format!("{code:?}")),
+            ]))
+            .inc();
+    }
+
     /// Wraps a service so each request's latency is recorded.
     pub fn layer<S>(&self, inner: S) -> Timed<S> {
         Timed {
@@ -147,6 +162,11 @@ pub fn collector(handle: Handle, rpc: RpcMetrics) -> Collect {
             "gantry_rpc_duration_seconds",
             "Latency of the coordinator's gRPC methods.",
             rpc.latency.clone(),
+        );
+        registry.register(
+            "gantry_rpc_refused",
+            "gRPC calls refused before their handler ran, by method and status code.",
+            rpc.refused.clone(),
         );
     })
 }

@@ -1,7 +1,8 @@
 //! gRPC adapters: decode, call one core method under the lock, encode. No decisions here.
 
+use crate::auth::{Principal, Role, Tokens, caller};
 use crate::convert;
-use crate::core::{Core, Update};
+use crate::core::{Core, Resume, Update};
 use crate::error::CoordinatorError;
 use gantry_core::WorkerId;
 use gantry_proto::PROTOCOL_VERSION;
@@ -69,7 +70,42 @@ fn check_version(version: u32) -> Result<(), Status> {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
 
-pub struct JobApi(pub Handle);
+/// The job service: the core, and the tokens (none when the coordinator runs `--insecure`).
+pub struct JobApi(pub Handle, pub Option<Arc<Tokens>>);
+
+impl JobApi {
+    fn tokens(&self) -> Result<&Tokens, Status> {
+        self.1.as_deref().ok_or_else(|| {
+            Status::failed_precondition("this coordinator runs --insecure: it has no tokens")
+        })
+    }
+}
+
+/// A submitter may cancel or resume only the jobs its token's name submitted.
+fn check_owner(who: &Principal, core: &Core, id: &gantry_core::JobId) -> Result<(), Status> {
+    let owner = &core.job(id)?.submitted_by;
+    if who.role == Role::Submitter && *owner != who.name {
+        return Err(Status::permission_denied(format!(
+            "job {id} was submitted by {owner:?}; {} may change only its own jobs",
+            who.name
+        )));
+    }
+    Ok(())
+}
+
+fn token_info(t: crate::auth::TokenInfo) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id,
+        name: t.name,
+        role: t.role.as_str().into(),
+        created_at_ms: t.created_at_ms,
+        revoked_at_ms: t.revoked_at_ms,
+    }
+}
+
+fn database(e: rusqlite::Error) -> Status {
+    Status::internal(format!("tokens: {e}"))
+}
 
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for JobApi {
@@ -77,8 +113,11 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let who = caller(&req)?;
         let spec = req.into_inner().spec_json;
-        let job = self.0.with(|core, now| core.submit(&spec, now))?;
+        let job = self
+            .0
+            .with(|core, now| core.submit_as(&spec, &who.name, now))?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -106,8 +145,12 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let who = caller(&req)?;
         let id = convert::job_id(&req.into_inner().job_id)?;
-        let job = self.0.with(|core, now| core.cancel(&id, now))?;
+        let job = self.0.with(|core, now| {
+            check_owner(&who, core, &id)?;
+            core.cancel_as(&id, &who.name, now).map_err(Status::from)
+        })?;
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -115,10 +158,17 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::ResumeJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let who = caller(&req)?;
         let req = req.into_inner();
         let id = convert::job_id(&req.job_id)?;
+        let from = Resume {
+            step: req.from_step,
+            in_store: req.from_step_in_store,
+        };
         let job = self.0.with(|core, now| {
-            core.resume(&id, req.from_step, req.from_step_in_store, &req.set, now)
+            check_owner(&who, core, &id)?;
+            core.resume_as(&id, from, &req.set, &who.name, now)
+                .map_err(Status::from)
         })?;
         Ok(Response::new(convert::job(&job)))
     }
@@ -208,6 +258,53 @@ impl pb::job_service_server::JobService for JobApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let req = req.into_inner();
+        let name = req.name.trim();
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(
+                "name: required, at most 128 characters, no control characters",
+            ));
+        }
+        let role = Role::parse(&req.role).map_err(Status::invalid_argument)?;
+        let (token, info) = self
+            .tokens()?
+            .create(name, role, self.0.now_ms())
+            .map_err(database)?;
+        tracing::info!(id = %info.id, name, role = role.as_str(), "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            token,
+            info: Some(token_info(info)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let tokens = self.tokens()?.list().map_err(database)?;
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.into_iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let id = req.into_inner().id;
+        let info = self
+            .tokens()?
+            .revoke(&id, self.0.now_ms())
+            .map_err(database)?
+            .ok_or_else(|| Status::not_found(format!("id: no token {id:?}")))?;
+        tracing::info!(id = %info.id, name = %info.name, "token revoked");
+        Ok(Response::new(token_info(info)))
     }
 }
 
@@ -299,14 +396,22 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let key = convert::rank_key(req.key, "key")?;
+        let secret = req.attempt_secret;
         let groups = req
             .nccl_groups
             .into_iter()
             .map(convert::nccl_group)
             .collect();
-        let table = self
-            .0
-            .with(|core, now| core.rendezvous(&key, req.address, groups, now))?;
+        let table = self.0.with(|core, now| {
+            if !core.attempt_secret(&key.job, key.attempt).matches(&secret) {
+                return Err(Status::unauthenticated(format!(
+                    "attempt_secret: not the secret of attempt {} of job {}",
+                    key.attempt, key.job
+                )));
+            }
+            core.rendezvous(&key, req.address, groups, now)
+                .map_err(Status::from)
+        })?;
         Ok(Response::new(match table {
             Some(t) => pb::RendezvousResponse {
                 peers: t.addresses,

@@ -126,6 +126,9 @@ pub struct Job {
     #[serde(default)]
     pub test_metrics: Option<gantry_core::ClassMetrics>,
     pub last_checkpoint: Option<CheckpointRecord>,
+    /// The name of the token that submitted it (empty for jobs from before tokens).
+    #[serde(default)]
+    pub submitted_by: String,
     /// Checkpoint step the attempts of a manual `resume --from-step` start from; cleared when an
     /// attempt fails, so automatic restarts take the newest checkpoint.
     pub resume_step: Option<u64>,
@@ -164,6 +167,7 @@ impl Job {
             eval_metrics: None,
             test_metrics: None,
             last_checkpoint: None,
+            submitted_by: String::new(),
             resume_step: None,
             finished_ranks: Vec::new(),
             not_before_ms: 0,

@@ -102,11 +102,25 @@ impl Store {
                  job_id TEXT NOT NULL, step INTEGER NOT NULL, attempt INTEGER NOT NULL,
                  url TEXT NOT NULL, size_bytes INTEGER NOT NULL, committed_at_ms INTEGER NOT NULL,
                  PRIMARY KEY (job_id, step));
+             CREATE TABLE IF NOT EXISTS keys (name TEXT PRIMARY KEY, key BLOB NOT NULL);
              CREATE TABLE IF NOT EXISTS job_progress (
                  job_id TEXT PRIMARY KEY, step INTEGER NOT NULL, loss REAL, eval_loss REAL,
                  updated_at_ms INTEGER NOT NULL);",
         )?;
         Ok(Self { conn })
+    }
+
+    /// The 256-bit key named `name`, made from the OS's generator on first use and kept.
+    pub fn key(&self, name: &str) -> Result<[u8; 32], StoreError> {
+        let fresh: [u8; 32] = rand::random();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO keys (name, key) VALUES (?1, ?2)",
+            params![name, fresh.as_slice()],
+        )?;
+        let key: Vec<u8> =
+            self.conn
+                .query_row("SELECT key FROM keys WHERE name = ?1", [name], |r| r.get(0))?;
+        Ok(key.try_into().unwrap_or(fresh))
     }
 
     pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {

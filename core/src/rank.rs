@@ -2,7 +2,7 @@
 //! (its assignment), what it reports back (events on stdout), and what its exit code means.
 //! The coordinator reads the same exit codes, so they are written here once.
 
-use crate::{Attempt, ClassMetrics, JobId, Rank};
+use crate::{Attempt, AttemptSecret, ClassMetrics, JobId, Rank};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -18,6 +18,9 @@ pub struct RankAssignment {
     pub world_size: u32,
     pub spec_json: String,
     pub resume_step: Option<u64>,
+    /// What proves this rank is one of its attempt's, at rendezvous and to its peers.
+    #[serde(default)]
+    pub attempt_secret: AttemptSecret,
     /// The worker's checkpoint store options (`object_store` in its config file).
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,

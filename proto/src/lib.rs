@@ -35,3 +35,68 @@ impl From<v1::ClassMetrics> for gantry_core::ClassMetrics {
         }
     }
 }
+
+/// The metadata key that carries a bearer token.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// A client's credential: adds `authorization: Bearer <token>` to every call (nothing when it
+/// holds no token).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// A credential from a token; refused when it cannot travel in a header.
+    pub fn new(token: Option<&str>) -> Result<Self, String> {
+        token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| "the token has characters a header cannot carry".to_string())
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    /// Never prints the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Bearer(…)"
+        } else {
+            "Bearer(none)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert(AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry a [`Bearer`] credential.
+pub type Authed =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// A job-service client over `channel`, presenting `bearer`.
+pub fn job_client(
+    channel: tonic::transport::Channel,
+    bearer: Bearer,
+) -> v1::job_service_client::JobServiceClient<Authed> {
+    v1::job_service_client::JobServiceClient::with_interceptor(channel, bearer)
+}
+
+/// A worker-service client over `channel`, presenting `bearer`.
+pub fn worker_client(
+    channel: tonic::transport::Channel,
+    bearer: Bearer,
+) -> v1::worker_service_client::WorkerServiceClient<Authed> {
+    v1::worker_service_client::WorkerServiceClient::with_interceptor(channel, bearer)
+}

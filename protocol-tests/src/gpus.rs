@@ -84,16 +84,13 @@ pub async fn nccl_ids_reach_every_rank(t: &Target) -> anyhow::Result<()> {
         .submit_job(pb::SubmitJobRequest { spec_json: spec })
         .await?
         .into_inner();
-    let mut keys = Vec::new();
+    let mut assigned = Vec::new();
     for _ in 0..4 {
-        keys.push(
-            w.next_assignment()
-                .await?
-                .key
-                .context("assignment without key")?,
-        );
+        let a = w.next_assignment().await?;
+        assigned.push((a.key.context("assignment without key")?, a.attempt_secret));
     }
-    keys.sort_by_key(|k| k.rank);
+    assigned.sort_by_key(|(k, _)| k.rank);
+    let (keys, secrets): (Vec<_>, Vec<_>) = assigned.into_iter().unzip();
     // Mesh dp=2 pp=2 (rank = 2·pp + dp): the world, dp groups {0,1} {2,3}, pp groups {0,2}
     // {1,3}, and every rank alone as its tp group; each led by its first member.
     let led: [&[&[u32]]; 4] = [
@@ -117,6 +114,7 @@ pub async fn nccl_ids_reach_every_rank(t: &Target) -> anyhow::Result<()> {
         key: Some(keys[rank].clone()),
         address: format!("10.0.0.{rank}"),
         nccl_groups,
+        attempt_secret: secrets[rank].clone(),
     };
     let mine = |rank: usize| -> Vec<pb::NcclGroupId> {
         led[rank].iter().map(|m| group(m, id(m))).collect()

@@ -2,13 +2,18 @@
 //! fake workers. `cargo test -p gantry-protocol-tests` runs it against an in-process coordinator;
 //! `gantry-protocol-tests --endpoint URL` runs it against a deployed one.
 
+mod auth;
 mod gpus;
 
+pub use auth::{
+    every_method_checks_its_callers_token_and_role, submitters_change_only_their_own_jobs,
+};
 pub use gpus::{cuda_ranks_get_gpus_of_their_own, nccl_ids_reach_every_rank};
 
 use anyhow::{Context, bail, ensure};
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
+use gantry_proto::{Authed, Bearer};
 use pb::job_service_client::JobServiceClient;
 use pb::worker_message::Body;
 use pb::worker_service_client::WorkerServiceClient;
@@ -18,19 +23,41 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A coordinator under test.
+/// A coordinator under test, and an admin token for it (none for an `--insecure` one).
 #[derive(Clone)]
 pub struct Target {
     pub url: String,
+    pub token: Option<String>,
 }
 
 impl Target {
-    pub async fn jobs(&self) -> anyhow::Result<JobServiceClient<Channel>> {
-        Ok(JobServiceClient::connect(self.url.clone()).await?)
+    async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.url.clone())?.connect().await?)
     }
 
-    pub async fn workers(&self) -> anyhow::Result<WorkerServiceClient<Channel>> {
-        Ok(WorkerServiceClient::connect(self.url.clone()).await?)
+    /// A job-service client presenting the admin token.
+    pub async fn jobs(&self) -> anyhow::Result<JobServiceClient<Authed>> {
+        self.jobs_as(self.token.as_deref()).await
+    }
+
+    /// A worker-service client presenting the admin token (an admin may do what a worker does).
+    pub async fn workers(&self) -> anyhow::Result<WorkerServiceClient<Authed>> {
+        self.workers_as(self.token.as_deref()).await
+    }
+
+    /// A job-service client presenting `token` (none: no credential at all).
+    pub async fn jobs_as(&self, token: Option<&str>) -> anyhow::Result<JobServiceClient<Authed>> {
+        let bearer = Bearer::new(token).map_err(anyhow::Error::msg)?;
+        Ok(gantry_proto::job_client(self.channel().await?, bearer))
+    }
+
+    /// A worker-service client presenting `token`.
+    pub async fn workers_as(
+        &self,
+        token: Option<&str>,
+    ) -> anyhow::Result<WorkerServiceClient<Authed>> {
+        let bearer = Bearer::new(token).map_err(anyhow::Error::msg)?;
+        Ok(gantry_proto::worker_client(self.channel().await?, bearer))
     }
 }
 
@@ -374,6 +401,7 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
             key: None,
             address: "127.0.0.1:1".into(),
             nccl_groups: vec![],
+            attempt_secret: String::new(),
         })
         .await;
     expect_code(r, Code::InvalidArgument, "rendezvous without a key")?;
@@ -385,11 +413,16 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
                 attempt: 1,
                 rank: 0,
             }),
-            address: "".into(),
+            address: "127.0.0.1:1".into(),
             nccl_groups: vec![],
+            attempt_secret: "0".repeat(64),
         })
         .await;
-    expect_code(r, Code::InvalidArgument, "rendezvous without an address")?;
+    expect_code(
+        r,
+        Code::Unauthenticated,
+        "rendezvous without the attempt's secret",
+    )?;
     let after = jobs
         .list_jobs(pb::ListJobsRequest {})
         .await?
@@ -417,15 +450,27 @@ pub async fn job_lifecycle(t: &Target) -> anyhow::Result<()> {
         job(t, &key.job_id).await?.state == pb::JobState::Scheduled as i32,
         "not Scheduled"
     );
-    let table = t
-        .workers()
-        .await?
-        .rendezvous(pb::RendezvousRequest {
-            protocol_version: PROTOCOL_VERSION,
-            key: Some(key.clone()),
-            address: "127.0.0.1:9".into(),
-            nccl_groups: vec![],
-        })
+    // Rendezvous answers only the attempt's secret, and checks the input after it.
+    let request = |address: &str, attempt_secret: &str| pb::RendezvousRequest {
+        protocol_version: PROTOCOL_VERSION,
+        key: Some(key.clone()),
+        address: address.into(),
+        nccl_groups: vec![],
+        attempt_secret: attempt_secret.into(),
+    };
+    let mut workers = t.workers().await?;
+    ensure!(a.attempt_secret.len() == 64, "no attempt secret in {key:?}");
+    let mut forged = a.attempt_secret.clone().into_bytes();
+    forged[0] = if forged[0] == b'0' { b'1' } else { b'0' };
+    let forged = String::from_utf8(forged)?;
+    for (secret, name) in [("", "no secret"), (forged.as_str(), "a forged secret")] {
+        let r = workers.rendezvous(request("127.0.0.1:9", secret)).await;
+        expect_code(r, Code::Unauthenticated, &format!("rendezvous with {name}"))?;
+    }
+    let r = workers.rendezvous(request("", &a.attempt_secret)).await;
+    expect_code(r, Code::InvalidArgument, "rendezvous without an address")?;
+    let table = workers
+        .rendezvous(request("127.0.0.1:9", &a.attempt_secret))
         .await?
         .into_inner();
     ensure!(
@@ -622,6 +667,12 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         }),
         ("nccl_ids_reach_every_rank", |t| {
             Box::pin(nccl_ids_reach_every_rank(t))
+        }),
+        ("every_method_checks_its_callers_token_and_role", |t| {
+            Box::pin(every_method_checks_its_callers_token_and_role(t))
+        }),
+        ("submitters_change_only_their_own_jobs", |t| {
+            Box::pin(submitters_change_only_their_own_jobs(t))
         }),
     ]
 }

@@ -11,12 +11,19 @@ struct Args {
     /// The coordinator to test. Use a dedicated one: the suite submits jobs and registers workers.
     #[arg(long)]
     endpoint: String,
+    /// An admin token of that coordinator (the suite creates tokens of every role with it);
+    /// none for a coordinator that runs --insecure.
+    #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let target = gantry_protocol_tests::Target { url: args.endpoint };
+    let target = gantry_protocol_tests::Target {
+        url: args.endpoint,
+        token: args.token,
+    };
     let (mut passed, mut failed) = (0, 0);
     for (name, case) in gantry_protocol_tests::cases() {
         match case(&target).await {

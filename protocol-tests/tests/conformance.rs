@@ -17,9 +17,12 @@ async fn coordinator() -> (Target, CancellationToken, tempfile::TempDir) {
     )
     .await
     .unwrap();
+    // Secure by default: the coordinator wrote its admin token beside its database.
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     (
         Target {
             url: format!("http://{}", c.addr),
+            token: Some(token.trim().to_string()),
         },
         shutdown,
         dir,
@@ -45,3 +48,5 @@ case!(rank_exit_restarts);
 case!(lease_expiry_loses_the_worker);
 case!(cuda_ranks_get_gpus_of_their_own);
 case!(nccl_ids_reach_every_rank);
+case!(every_method_checks_its_callers_token_and_role);
+case!(submitters_change_only_their_own_jobs);

@@ -106,7 +106,7 @@ fn run_inner(assignment_path: &Path) -> anyhow::Result<()> {
                 listener,
                 &met.peers,
                 rank,
-                Identity::new(a.job_id.as_str(), a.attempt.get()),
+                Identity::new(a.job_id.as_str(), a.attempt.get(), a.attempt_secret.key()),
                 timeout,
             )?)
         }
@@ -212,6 +212,7 @@ async fn rendezvous(
             rank: a.rank.get(),
         }),
         address,
+        attempt_secret: a.attempt_secret.0.clone(),
         nccl_groups: nccl_groups
             .into_iter()
             .map(|(members, id)| pb::NcclGroupId {

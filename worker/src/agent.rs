@@ -42,6 +42,9 @@ pub struct AgentOptions {
     pub store_options: std::collections::BTreeMap<String, String>,
     /// How this daemon logs; its ranks log the same way.
     pub log_format: gantry_ops::LogFormat,
+    /// The cluster's join token, presented on every call to the coordinator (never printed).
+    #[serde(skip)]
+    pub join_token: Option<String>,
 }
 
 /// A rank this daemon runs: its job, attempt and rank.
@@ -56,7 +59,7 @@ struct RankProcess {
     pid: Option<u32>,
 }
 
-type WorkerClient = pb::worker_service_client::WorkerServiceClient<Channel>;
+type WorkerClient = pb::worker_service_client::WorkerServiceClient<gantry_proto::Authed>;
 
 /// Runs the daemon until `shutdown`, then kills its ranks. `drain` starts a graceful stop:
 /// the coordinator is told to place nothing more here, every rank is asked (SIGTERM) to save a
@@ -359,9 +362,14 @@ async fn register(
         gpus: options.gpus.iter().map(Gpu::to_proto).collect(),
     };
     let attempt = || async {
-        let mut client = WorkerClient::connect(options.coordinator.clone())
+        let bearer = gantry_proto::Bearer::new(options.join_token.as_deref())
+            .map_err(|e| tonic::Status::invalid_argument(format!("join token: {e}")))?;
+        let channel = Channel::from_shared(options.coordinator.clone())
+            .map_err(|e| tonic::Status::invalid_argument(format!("coordinator: {e}")))?
+            .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut client = gantry_proto::worker_client(channel, bearer);
         let reply = client.register(request.clone()).await?;
         Ok::<_, tonic::Status>((client, reply.into_inner()))
     };
@@ -407,6 +415,7 @@ fn launch(
         world_size: a.world_size,
         spec_json: a.spec_json.clone(),
         resume_step: a.resume_step,
+        attempt_secret: gantry_core::AttemptSecret(a.attempt_secret.clone()),
         store_options: options.store_options.clone(),
         log_json: options.log_format == gantry_ops::LogFormat::Json,
     };
@@ -414,7 +423,8 @@ fn launch(
         .gpu
         .map(|i| gpus::assigned(&options.gpus, i))
         .transpose()?;
-    std::fs::write(&file, serde_json::to_vec_pretty(&assignment)?)?;
+    // The assignment holds the attempt's secret: readable by this user alone.
+    gantry_ops::write_private(&file, &serde_json::to_vec_pretty(&assignment)?)?;
     let mut command = Command::new(&options.rank_command[0]);
     if let Some(gpu) = gpu {
         // The rank sees its GPU alone, as device 0.

@@ -57,6 +57,10 @@ pub struct DaemonArgs {
     /// On SIGTERM, how long ranks get to checkpoint and stop before they are killed (default 60).
     #[arg(long, env = "GANTRY_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// A file holding the cluster's join token (the coordinator writes one to
+    /// <state_dir>/join.token); GANTRY_JOIN_TOKEN gives the token itself.
+    #[arg(long, env = "GANTRY_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
     /// Print the effective configuration (JSON) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -143,7 +147,26 @@ impl DaemonArgs {
             drain_timeout_secs: settings.drain_timeout_secs,
             store_options: settings.object_store,
             log_format: settings.log_format,
+            join_token: self.join_token()?,
         })
+    }
+
+    /// The join token: `GANTRY_JOIN_TOKEN`, else the `--join-token-file`.
+    fn join_token(&self) -> anyhow::Result<Option<String>> {
+        if let Ok(token) = std::env::var("GANTRY_JOIN_TOKEN") {
+            return Ok(Some(token.trim().to_string()));
+        }
+        let Some(file) = &self.join_token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("--join-token-file {}: {e}", file.display()))?;
+        anyhow::ensure!(
+            !token.trim().is_empty(),
+            "--join-token-file {}: empty",
+            file.display()
+        );
+        Ok(Some(token.trim().to_string()))
     }
 }
 

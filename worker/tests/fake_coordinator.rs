@@ -209,6 +209,7 @@ impl Coordinator {
             spec_json: spec_json.into(),
             resume_step: None,
             gpu,
+            attempt_secret: format!("secret-of-{}-{}", key.job_id, key.attempt),
         }));
     }
 
@@ -362,6 +363,7 @@ impl Daemon {
             drain_timeout_secs,
             store_options: Default::default(),
             log_format: Default::default(),
+            join_token: None,
         };
         let shutdown = CancellationToken::new();
         let drain = CancellationToken::new();
@@ -560,6 +562,10 @@ exit 0
     assert_eq!(assignment.resume_step, None);
     assert_eq!(assignment.coordinator, coordinator.url());
     assert_eq!(assignment.advertise_host, "127.0.0.9");
+    assert_eq!(
+        assignment.attempt_secret.0, "secret-of-job-a-4",
+        "the attempt's secret reaches the rank"
+    );
 
     // The event line is a progress message, not a log line; plain lines are logs.
     assert!(

@@ -1,6 +1,12 @@
 //! Setting up the full mesh: every rank connects to the lower ranks and accepts the higher
-//! ones, and each connection starts with a hello naming the job and attempt, so a rank from
-//! another job or an earlier attempt cannot join.
+//! ones. Each connection starts with a hello naming the job and attempt, then a
+//! challenge-response over fresh nonces in both directions, HMAC-SHA256 under the attempt's
+//! secret: a process that does not hold the secret (anyone on the network, a rank of an earlier
+//! attempt) cannot join a ring or feed it gradients, and learns nothing it could replay.
+//!
+//! The handshake authenticates the connection's ends; the frames after it are neither
+//! encrypted nor signed, so the data plane belongs on a network that nobody can tamper with
+//! (a Kubernetes NetworkPolicy, a private subnet).
 
 use super::comm::{AbortHandle, CHUNK, SOCKET_BUFFER, TcpComm};
 use super::frame::{MAGIC, fnv1a};
@@ -12,19 +18,58 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-/// Who a connection belongs to: a hash of the job id, and the attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who a connection belongs to: a hash of the job id, the attempt, and the key derived from
+/// the attempt's secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
     pub job: u64,
     pub attempt: u64,
+    key: [u8; 32],
 }
 
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("job", &self.job)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes of each side's nonce, and of a proof.
+const NONCE: usize = 16;
+const PROOF: usize = 32;
+
 impl Identity {
-    pub fn new(job_id: &str, attempt: u64) -> Self {
+    pub fn new(job_id: &str, attempt: u64, key: [u8; 32]) -> Self {
         Self {
             job: fnv1a(job_id.bytes()),
             attempt,
+            key,
         }
+    }
+
+    /// The MAC of `side` ("accept" or "connect") over the hello and both nonces.
+    fn mac(&self, side: &[u8], hello: &[u8], nonces: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key)
+            .expect("HMAC takes any key length");
+        for part in [b"gantry-collective/", side, hello, nonces] {
+            mac.update(part);
+        }
+        mac
+    }
+
+    /// The proof that `side` holds the key.
+    fn proof(&self, side: &[u8], hello: &[u8], nonces: &[u8]) -> [u8; PROOF] {
+        use hmac::Mac;
+        self.mac(side, hello, nonces).finalize().into_bytes().into()
+    }
+
+    /// Whether `proof` is `side`'s, in time that does not depend on where it differs.
+    fn verify(&self, side: &[u8], hello: &[u8], nonces: &[u8], proof: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(side, hello, nonces).verify_slice(proof).is_ok()
     }
 
     fn hello(&self, rank: u32) -> [u8; 24] {
@@ -68,22 +113,38 @@ impl TcpComm {
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             };
+            // The hello and our nonce; the peer answers with its nonce and its proof, then
+            // wants ours, and acknowledges only if it holds.
+            let hello = identity.hello(rank);
+            let ours: [u8; NONCE] = rand::random();
             stream
-                .write_all(&identity.hello(rank))
+                .write_all(&[&hello[..], &ours].concat())
                 .map_err(|e| setup(e.to_string()))?;
-            // The peer acknowledges only a hello from a rank of its own job and attempt.
             let wait = deadline
                 .saturating_duration_since(Instant::now())
                 .max(Duration::from_millis(10));
             stream
                 .set_read_timeout(Some(wait))
                 .map_err(|e| setup(e.to_string()))?;
-            let mut ack = [0u8; 1];
-            stream.read_exact(&mut ack).map_err(|e| {
+            let mut answer = [0u8; NONCE + PROOF];
+            stream.read_exact(&mut answer).map_err(|e| {
                 setup(format!(
                     "rank {peer} refused this rank (another job or attempt?): {e}"
                 ))
             })?;
+            let nonces = [&ours[..], &answer[..NONCE]].concat();
+            if !identity.verify(b"accept", &hello, &nonces, &answer[NONCE..]) {
+                return Err(setup(format!(
+                    "the process at {addr} (rank {peer}'s address) does not hold this attempt's secret"
+                )));
+            }
+            stream
+                .write_all(&identity.proof(b"connect", &hello, &nonces))
+                .map_err(|e| setup(e.to_string()))?;
+            let mut ack = [0u8; 1];
+            stream
+                .read_exact(&mut ack)
+                .map_err(|e| setup(format!("rank {peer} did not accept this rank's proof: {e}")))?;
             links[peer as usize] = Some(stream);
         }
         // Higher ranks connect to us.
@@ -100,16 +161,7 @@ impl TcpComm {
                     stream
                         .set_read_timeout(Some(Duration::from_secs(5)))
                         .map_err(|e| setup(e.to_string()))?;
-                    let mut hello = [0u8; 24];
-                    let peer = stream.read_exact(&mut hello).ok().and_then(|()| {
-                        let peer = u32::from_le_bytes(hello[20..].try_into().expect("4 bytes"));
-                        (peer > rank
-                            && peer < world
-                            && hello == identity.hello(peer)
-                            && links[peer as usize].is_none())
-                        .then_some(peer)
-                    });
-                    match peer {
+                    match accept_peer(&mut stream, &identity, rank, world, &links) {
                         Some(peer) => {
                             stream.write_all(&[1]).map_err(|e| setup(e.to_string()))?;
                             links[peer as usize] = Some(stream);
@@ -156,4 +208,36 @@ impl TcpComm {
             sequence: HashMap::new(),
         })
     }
+}
+
+/// The rank a higher peer that just connected proves to be: its hello names this job, attempt
+/// and a rank above ours not yet linked, and its proof holds. `None` for anything else (the
+/// caller drops the connection).
+fn accept_peer(
+    stream: &mut TcpStream,
+    identity: &Identity,
+    rank: u32,
+    world: u32,
+    links: &[Option<TcpStream>],
+) -> Option<u32> {
+    let mut opening = [0u8; 24 + NONCE];
+    stream.read_exact(&mut opening).ok()?;
+    let (hello, theirs) = opening.split_at(24);
+    let peer = u32::from_le_bytes(hello[20..].try_into().expect("4 bytes"));
+    let known = peer > rank
+        && peer < world
+        && hello == identity.hello(peer)
+        && links[peer as usize].is_none();
+    if !known {
+        return None;
+    }
+    let ours: [u8; NONCE] = rand::random();
+    let nonces = [theirs, &ours[..]].concat();
+    let proof = identity.proof(b"accept", hello, &nonces);
+    stream.write_all(&[&ours[..], &proof].concat()).ok()?;
+    let mut theirs_proof = [0u8; PROOF];
+    stream.read_exact(&mut theirs_proof).ok()?;
+    identity
+        .verify(b"connect", hello, &nonces, &theirs_proof)
+        .then_some(peer)
 }

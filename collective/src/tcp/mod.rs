@@ -7,8 +7,9 @@
 //! buffer and the socket (reductions use one reusable scratch chunk): no per-call allocation of
 //! big buffers. Every operation starts with a header naming the operation, the group and a
 //! sequence number, so ranks that disagree about what they are doing fail loudly instead of
-//! mixing data; the connection handshake names the job and attempt, so a rank from an earlier
-//! attempt cannot join.
+//! mixing data; the connection handshake names the job and attempt and proves knowledge of the
+//! attempt's secret, so neither a rank of an earlier attempt nor a process without the secret
+//! can join.
 
 mod comm;
 mod connect;

@@ -8,6 +8,16 @@ use gantry_core::{JobId, JobSpec};
 
 impl Core {
     pub fn submit(&mut self, spec_json: &str, now_ms: i64) -> Result<Job, CoordinatorError> {
+        self.submit_as(spec_json, "", now_ms)
+    }
+
+    /// Submits a job on behalf of the token named `by`, which the job records.
+    pub fn submit_as(
+        &mut self,
+        spec_json: &str,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Job, CoordinatorError> {
         let mut spec = JobSpec::from_json(spec_json)?;
         self.check_memory(&spec)?;
         if spec.checkpoint.url.is_empty() {
@@ -23,11 +33,12 @@ impl Core {
                 break id;
             }
         };
-        let job = Job::new(id.clone(), spec, now_ms);
+        let mut job = Job::new(id.clone(), spec, now_ms);
+        job.submitted_by = by.to_string();
         self.store.put_job(&job)?;
         self.order.push(id.clone());
         self.jobs.insert(id.clone(), job);
-        self.note(&id, now_ms, "job submitted")?;
+        self.note(&id, now_ms, &format!("job submitted{}", by_whom(by)))?;
         self.schedule(now_ms)?;
         Ok(self.jobs[&id].clone())
     }
@@ -43,6 +54,16 @@ impl Core {
     }
 
     pub fn cancel(&mut self, id: &JobId, now_ms: i64) -> Result<Job, CoordinatorError> {
+        self.cancel_as(id, "", now_ms)
+    }
+
+    /// Cancels a job on behalf of the token named `by`, which its history records.
+    pub fn cancel_as(
+        &mut self,
+        id: &JobId,
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Job, CoordinatorError> {
         let job = self.job(id)?;
         if job.state.is_terminal() {
             return Err(CoordinatorError::FailedPrecondition(format!(
@@ -52,7 +73,7 @@ impl Core {
         }
         self.end_live_attempt(id, "cancelled", now_ms)?;
         self.update_job(id, now_ms, |job| job.to_cancelled())?;
-        self.note(id, now_ms, "job cancelled")?;
+        self.note(id, now_ms, &format!("job cancelled{}", by_whom(by)))?;
         self.schedule(now_ms)?;
         Ok(self.jobs[id].clone())
     }
@@ -65,6 +86,26 @@ impl Core {
         overrides: &[String],
         now_ms: i64,
     ) -> Result<Job, CoordinatorError> {
+        let from = Resume {
+            step: from_step,
+            in_store: from_step_in_store,
+        };
+        self.resume_as(id, from, overrides, "", now_ms)
+    }
+
+    /// Resumes a job on behalf of the token named `by`, which its history records.
+    pub fn resume_as(
+        &mut self,
+        id: &JobId,
+        from: Resume,
+        overrides: &[String],
+        by: &str,
+        now_ms: i64,
+    ) -> Result<Job, CoordinatorError> {
+        let Resume {
+            step: from_step,
+            in_store: from_step_in_store,
+        } = from;
         let job = self.job(id)?;
         if !matches!(job.state, JobState::Failed { .. } | JobState::Cancelled) {
             return Err(CoordinatorError::FailedPrecondition(format!(
@@ -87,7 +128,11 @@ impl Core {
             job.to_resumed(from_step)
         })?;
         let from = from_step.map_or("the newest checkpoint".to_string(), |s| format!("step {s}"));
-        self.note(id, now_ms, &format!("job resumed by hand from {from}"))?;
+        self.note(
+            id,
+            now_ms,
+            &format!("job resumed by hand{} from {from}", by_whom(by)),
+        )?;
         self.schedule(now_ms)?;
         Ok(self.jobs[id].clone())
     }
@@ -110,5 +155,22 @@ impl Core {
     ) -> Result<Vec<EventRow>, CoordinatorError> {
         self.job(id)?;
         Ok(self.store.events_after(id, after_seq, limit)?)
+    }
+}
+
+/// Where a manual resume starts: `step`, or the newest checkpoint; `in_store` when the step was
+/// checked in the store rather than the coordinator's records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Resume {
+    pub step: Option<u64>,
+    pub in_store: bool,
+}
+
+/// " by NAME" for a history line, nothing for an unnamed caller.
+fn by_whom(by: &str) -> String {
+    if by.is_empty() {
+        String::new()
+    } else {
+        format!(" by {by}")
     }
 }

@@ -20,6 +20,7 @@ mod sessions;
 pub use crate::message::{
     Assignment, PeerTable, RankExit, RankKey, Registration, Update, WorkerCommand, WorkerReport,
 };
+pub use jobs::Resume;
 
 use crate::error::CoordinatorError;
 use crate::message::RendezvousTable;
@@ -76,6 +77,8 @@ pub struct Core {
     last_progress_ms: HashMap<JobId, i64>,
     /// Recent failures that were a worker's own (its lease expired, its rank was killed).
     worker_failures: FailureLog,
+    /// What attempts' secrets are derived from (kept in the store, so they survive a restart).
+    attempt_key: [u8; 32],
 }
 
 impl Core {
@@ -102,6 +105,7 @@ impl Core {
             workers.insert(w.id.clone(), w);
         }
         let (updates, _) = broadcast::channel(4096);
+        let attempt_key = store.key("attempt-secrets")?;
         Ok(Self {
             store,
             options,
@@ -115,6 +119,7 @@ impl Core {
             draining: HashSet::new(),
             last_progress_ms,
             worker_failures: FailureLog::default(),
+            attempt_key,
         })
     }
 
@@ -124,6 +129,11 @@ impl Core {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Update> {
         self.updates.subscribe()
+    }
+
+    /// The secret of an attempt: its ranks get it with their assignment.
+    pub fn attempt_secret(&self, job: &JobId, attempt: Attempt) -> gantry_core::AttemptSecret {
+        gantry_core::AttemptSecret::derive(&self.attempt_key, &job.0, attempt.get())
     }
 
     fn is_live(&self, key: &RankKey) -> bool {

@@ -175,6 +175,7 @@ impl Core {
             spec: job.spec.clone(),
             resume_step: job.resume_step,
             gpu: job.state.gpus().get(rank.index()).copied(),
+            secret: self.attempt_secret(id, job.attempt),
         };
         self.send(worker, WorkerCommand::Assign(Box::new(assignment)));
     }
