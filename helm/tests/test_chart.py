@@ -247,7 +247,7 @@ class ChartTest(unittest.TestCase):
             env["AWS_SECRET_ACCESS_KEY_FILE"], "/var/run/secrets/gantry/s3/AWS_SECRET_ACCESS_KEY"
         )
         secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-        self.assertEqual(secrets, ["gantry-s3-credentials"])
+        self.assertEqual(secrets, ["gantry-auth", "gantry-s3-credentials"])
         (config,) = find(objects, "ConfigMap")
         self.assertIn('checkpoint_url = "s3://training-checkpoints/gantry"', config["data"]["coordinator.toml"])
         self.assertFalse([o for o in objects if o["kind"] == "PersistentVolumeClaim"])
@@ -264,7 +264,7 @@ class ChartTest(unittest.TestCase):
             "/var/run/secrets/gantry/azure/AZURE_STORAGE_ACCOUNT_KEY",
         )
         secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-        self.assertEqual(secrets, ["gantry-azure-credentials"])
+        self.assertEqual(secrets, ["gantry-auth", "gantry-azure-credentials"])
         (config,) = find(objects, "ConfigMap")
         worker = tomllib.loads(config["data"]["worker.toml"])
         self.assertEqual(
@@ -272,6 +272,42 @@ class ChartTest(unittest.TestCase):
             {"azure_storage_account_name": "gantrytraining", "timeout": "60s"},
         )
         self.assertIn('checkpoint_url = "az://checkpoints/gantry"', config["data"]["coordinator.toml"])
+
+    def test_tokens_come_from_a_secret_as_files_and_workers_get_only_the_join_token(self):
+        for values, secret in [({}, "gantry-auth"), ({"auth": {"existingSecret": "mine"}}, "mine")]:
+            with self.subTest(values=values):
+                manifests, objects = render(values)
+                generated = [o for o in objects if o["kind"] == "Secret"]
+                if values:
+                    self.assertEqual(generated, [], "an existing Secret is used, not made")
+                else:
+                    (made,) = generated
+                    self.assertEqual(sorted(made["data"]), ["admin-token", "join-token"])
+                    self.assertNotEqual(made["data"]["admin-token"], made["data"]["join-token"])
+                (config,) = find(objects, "ConfigMap")
+                tokens = [] if values else list(generated[0]["data"].values())
+                for text in config["data"].values():
+                    self.assertNotIn("token", text.lower())
+                    for token in tokens:
+                        self.assertNotIn(token, text)
+                mounted = {}
+                for component in ["coordinator", "worker"]:
+                    (sts,) = find(objects, "StatefulSet", component)
+                    spec = sts["spec"]["template"]["spec"]
+                    (container,) = spec["containers"]
+                    env = env_of(container)
+                    self.assertFalse([k for k in env if k.endswith("TOKEN")], env)
+                    self.assertEqual(
+                        env["GANTRY_JOIN_TOKEN_FILE"], "/var/run/secrets/gantry/auth/join-token"
+                    )
+                    mounted[component] = [
+                        item["key"]
+                        for v in spec["volumes"]
+                        if v.get("secret", {}).get("secretName") == secret
+                        for item in v["secret"]["items"]
+                    ]
+                self.assertEqual(mounted["coordinator"], ["admin-token", "join-token"])
+                self.assertEqual(mounted["worker"], ["join-token"])
 
     def test_pods_are_hardened(self):
         _, objects = render({})

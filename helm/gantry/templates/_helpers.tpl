@@ -94,3 +94,8 @@ seccompProfile:
 checkov.io/skip1: CKV_K8S_43=pinned by tag; set image.digest to pin by digest
 {{- end -}}
 {{- end -}}
+
+{{/* The Secret holding the admin and join tokens: the user's, or the chart's own. */}}
+{{- define "gantry.authSecret" -}}
+{{- .Values.auth.existingSecret | default (printf "%s-auth" (include "gantry.fullname" .)) -}}
+{{- end }}
