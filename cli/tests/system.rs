@@ -38,6 +38,8 @@ struct Cluster {
     slots: usize,
     /// The metrics ports of the coordinator and of each worker, when asked for.
     metrics: Option<(u16, Vec<u16>)>,
+    /// More flags for the coordinator.
+    coordinator_args: Vec<String>,
 }
 
 impl Cluster {
@@ -58,14 +60,9 @@ impl Cluster {
             env,
             slots,
             metrics: None,
+            coordinator_args: Vec::new(),
         };
         cluster.start_coordinator();
-        // Secure by default: the coordinator writes the admin and join tokens the CLI and the
-        // workers present into its state directory.
-        cluster.wait_for(
-            |c| c.dir.path().join("state/join.token").exists(),
-            "the coordinator's join token",
-        );
         for _ in 0..workers {
             cluster.add_worker();
         }
@@ -111,6 +108,7 @@ impl Cluster {
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .args(["--lease-ttl-ms", "3000", "--heartbeat-interval-ms", "300"])
+            .args(&self.coordinator_args)
             .args(
                 self.metrics
                     .as_ref()
@@ -122,6 +120,18 @@ impl Cluster {
             .spawn()
             .unwrap();
         self.coordinator = Some(child);
+        // Secure by default: the coordinator writes the admin and join tokens the CLI and the
+        // workers present into its state directory (on its first start; they stay).
+        self.wait_for(
+            |c| c.dir.path().join("state/join.token").exists(),
+            "the coordinator's join token",
+        );
+    }
+
+    fn stop_coordinator(&mut self) {
+        let mut coordinator = self.coordinator.take().unwrap();
+        coordinator.kill().unwrap();
+        coordinator.wait().unwrap();
     }
 
     fn add_worker(&mut self) {
@@ -2135,6 +2145,7 @@ fn metrics_and_health_endpoints_show_live_values() {
         env: Vec::new(),
         slots: 1,
         metrics: Some((free_port(), vec![free_port(), free_port()])),
+        coordinator_args: Vec::new(),
     };
     cluster.start_coordinator();
     cluster.add_worker();
@@ -2416,5 +2427,61 @@ fn without_a_valid_token_nothing_registers_submits_or_changes() {
             .iter()
             .any(|t| t["id"] == revoked_id.as_str() && t["revoked_at"].is_string()),
         "{tokens}"
+    );
+}
+
+/// A coordinator with an allow-list of stores refuses, naming the field, a spec whose
+/// checkpoint store or endpoint lies outside it (and, with or without one, the cloud metadata
+/// address); nothing is stored.
+#[test]
+fn stores_outside_the_allow_list_are_refused_by_field() {
+    let mut cluster = Cluster::start(0);
+    cluster.stop_coordinator();
+    let allowed = format!("file://{}", cluster.dir.path().join("allowed").display());
+    cluster.coordinator_args = [
+        "--allowed-store",
+        &allowed,
+        "--allowed-store",
+        "s3://bucket",
+    ]
+    .map(String::from)
+    .to_vec();
+    cluster.start_coordinator();
+    cluster.wait_for(|c| c.gantry(&["jobs"]).status.success(), "the coordinator");
+    let spec = examples().join("mlp-dp2.toml");
+    let inside = format!("checkpoint.url=\"{allowed}/run\"");
+    for (set, field) in [
+        (
+            vec!["checkpoint.url=\"file:///etc/gantry\""],
+            "checkpoint.url",
+        ),
+        (
+            vec![
+                "checkpoint.url=\"s3://bucket/x\"",
+                "checkpoint.options.aws_endpoint=\"http://169.254.169.254\"",
+            ],
+            "checkpoint.options.aws_endpoint",
+        ),
+        (
+            vec![inside.as_str(), "data.source=\"dataset:/srv/other\""],
+            "data.source",
+        ),
+    ] {
+        let mut args = vec!["submit", spec.to_str().unwrap()];
+        for s in &set {
+            args.extend(["--set", s]);
+        }
+        let out = cluster.gantry(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set:?}: {stderr}");
+        assert!(stderr.contains(field), "{set:?}: {stderr}");
+    }
+    assert_eq!(cluster.json(&["jobs"]).as_array().unwrap().len(), 0);
+    let out = cluster.gantry(&["submit", spec.to_str().unwrap(), "--set", &inside]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

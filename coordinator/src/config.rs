@@ -53,6 +53,11 @@ pub struct Args {
     /// <state_dir>/join.token when it has none.
     #[arg(long, env = "GANTRY_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// A URL prefix every store a job names (checkpoint.url, data.source, model.init_from, and
+    /// endpoint options) must start with, e.g. s3://team-bucket/ or http://minio.storage:9000;
+    /// repeat it for more. None: any, but never a link-local or cloud metadata address.
+    #[arg(long = "allowed-store", value_name = "PREFIX")]
+    pub allowed_stores: Vec<String>,
     /// Log lines as text or as JSON objects (default text).
     #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -76,6 +81,8 @@ struct Layered {
     insecure: bool,
     admin_token_file: Option<PathBuf>,
     join_token_file: Option<PathBuf>,
+    #[serde(default)]
+    allowed_stores: Vec<String>,
 }
 
 /// Everything the coordinator binary runs with.
@@ -124,6 +131,10 @@ impl Args {
                     .map(|p| p.display().to_string()),
             )?
             .set_override_option(
+                "allowed_stores",
+                (!self.allowed_stores.is_empty()).then(|| self.allowed_stores.clone()),
+            )?
+            .set_override_option(
                 "join_token_file",
                 self.join_token_file
                     .as_ref()
@@ -141,6 +152,7 @@ impl Args {
             insecure: layered.insecure,
             admin_token: read_token(layered.admin_token_file.as_deref(), "admin_token_file")?,
             join_token: read_token(layered.join_token_file.as_deref(), "join_token_file")?,
+            allowed_stores: layered.allowed_stores,
         };
         anyhow::ensure!(
             options.heartbeat_interval_ms > 0

@@ -19,6 +19,7 @@ fn core() -> Core {
         default_checkpoint_url: "file:///tmp/gantry-core-gpu-tests".into(),
         heartbeat_interval_ms: 100,
         lease_ttl_ms: 1_000,
+        allowed_stores: Vec::new(),
     };
     Core::load(Store::in_memory().unwrap(), options, 0).unwrap()
 }

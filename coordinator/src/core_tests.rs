@@ -17,6 +17,7 @@ fn options() -> CoreOptions {
         default_checkpoint_url: "file:///tmp/gantry-core-tests".into(),
         heartbeat_interval_ms: 100,
         lease_ttl_ms: 1_000,
+        allowed_stores: Vec::new(),
     }
 }
 

@@ -60,6 +60,9 @@ pub struct Options {
     /// `<state_dir>/join.token` when it has no worker token yet.
     #[serde(skip_serializing)]
     pub join_token: Option<String>,
+    /// URL prefixes every store and endpoint a spec names must start with; empty: any, but
+    /// never a link-local or cloud metadata address.
+    pub allowed_stores: Vec<String>,
 }
 
 impl Options {
@@ -76,6 +79,7 @@ impl Options {
             insecure: false,
             admin_token: None,
             join_token: None,
+            allowed_stores: Vec::new(),
         }
     }
 }
@@ -106,6 +110,7 @@ impl Coordinator {
         let mut core_options = CoreOptions::for_state_dir(&state_dir);
         core_options.heartbeat_interval_ms = options.heartbeat_interval_ms;
         core_options.lease_ttl_ms = options.lease_ttl_ms;
+        core_options.allowed_stores = options.allowed_stores.clone();
         if let Some(url) = &options.checkpoint_url {
             core_options.default_checkpoint_url = url.clone();
         }

@@ -286,6 +286,24 @@ pub async fn invalid_input_changes_nothing(t: &Target) -> anyhow::Result<()> {
             .await;
         expect_code(r, Code::InvalidArgument, &format!("submit {spec_json}"))?;
     }
+    // A store endpoint at the cloud metadata address is refused, naming the field.
+    let metadata = spec("x", 1).replace(
+        "\"parallel\"",
+        r#""checkpoint":{"url":"s3://b/x","options":{"aws_endpoint":"http://169.254.169.254"}},"parallel""#,
+    );
+    match jobs
+        .submit_job(pb::SubmitJobRequest {
+            spec_json: metadata,
+        })
+        .await
+    {
+        Err(s)
+            if s.code() == Code::InvalidArgument
+                && s.message().contains("checkpoint.options.aws_endpoint") => {}
+        other => {
+            bail!("a metadata endpoint: expected INVALID_ARGUMENT naming the field, got {other:?}")
+        }
+    }
     expect_code(
         jobs.get_job(pb::GetJobRequest {
             job_id: String::new(),

@@ -19,6 +19,7 @@ impl Core {
         now_ms: i64,
     ) -> Result<Job, CoordinatorError> {
         let mut spec = JobSpec::from_json(spec_json)?;
+        self.check_stores(&spec)?;
         self.check_memory(&spec)?;
         if spec.checkpoint.url.is_empty() {
             spec.checkpoint.url = self.options.default_checkpoint_url.clone();
@@ -41,6 +42,12 @@ impl Core {
         self.note(&id, now_ms, &format!("job submitted{}", by_whom(by)))?;
         self.schedule(now_ms)?;
         Ok(self.jobs[&id].clone())
+    }
+
+    /// Refuses, by field, a spec that names a store or endpoint workers may not reach.
+    fn check_stores(&self, spec: &JobSpec) -> Result<(), CoordinatorError> {
+        crate::policy::stores::check(spec, &self.options.allowed_stores)
+            .map_err(|r| CoordinatorError::InvalidArgument(r.to_string()))
     }
 
     pub fn job(&self, id: &JobId) -> Result<&Job, CoordinatorError> {
@@ -122,6 +129,7 @@ impl Core {
             )));
         }
         let spec = self.jobs[id].spec.for_resume(overrides)?;
+        self.check_stores(&spec)?;
         self.check_memory(&spec)?;
         self.update_job(id, now_ms, |job| {
             job.spec = spec;

@@ -41,6 +41,8 @@ pub struct CoreOptions {
     pub default_checkpoint_url: String,
     pub heartbeat_interval_ms: u64,
     pub lease_ttl_ms: u64,
+    /// URL prefixes every store a spec names must start with (none: any but the forbidden).
+    pub allowed_stores: Vec<String>,
 }
 
 impl CoreOptions {
@@ -50,6 +52,7 @@ impl CoreOptions {
             default_checkpoint_url: format!("file://{}", dir.display()),
             heartbeat_interval_ms: 1_000,
             lease_ttl_ms: 10_000,
+            allowed_stores: Vec::new(),
         }
     }
 }

@@ -6,9 +6,11 @@
 //! - [`restart`]: what a rank's exit means, and restart (after which backoff) or give up;
 //! - [`avoid`]: which workers placement avoids (lost, draining, flaky);
 //! - [`hang`]: whether an attempt hangs;
-//! - [`reconcile`]: what to do with a reconnected worker's running ranks.
+//! - [`reconcile`]: what to do with a reconnected worker's running ranks;
+//! - [`stores`]: which stores and endpoints a spec may make workers reach.
 
 pub mod avoid;
 pub mod hang;
 pub mod reconcile;
 pub mod restart;
+pub mod stores;
