@@ -339,16 +339,16 @@ impl Cluster {
         // The coordinator writes its admin and join tokens into its state directory.
         let state = dir.path().join("state");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !state.join("join.token").exists() {
+        while !(state.join("join.token").exists() && state.join("tls/ca.pem").exists()) {
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
-                "the coordinator wrote no join.token in 30 s"
+                "the coordinator wrote no join.token and tls/ca.pem in 30 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
         let mut cluster = Cluster {
             dir,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{port}"),
             children: vec![coordinator],
             bin,
         };
@@ -370,6 +370,8 @@ impl Cluster {
             .args(["--coordinator", &self.url])
             .arg("--token-file")
             .arg(self.dir.path().join("state/admin.token"))
+            .arg("--ca-cert")
+            .arg(self.dir.path().join("state/tls/ca.pem"))
             .args(args)
             .output()?;
         anyhow::ensure!(
@@ -385,6 +387,8 @@ impl Cluster {
             .args(["--coordinator", &self.url])
             .arg("--token-file")
             .arg(self.dir.path().join("state/admin.token"))
+            .arg("--ca-cert")
+            .arg(self.dir.path().join("state/tls/ca.pem"))
             .args(args)
             .args(["-o", "json"])
             .output()?;
@@ -402,6 +406,8 @@ impl Cluster {
             .args(["--coordinator", &self.url, "--slots", "1"])
             .arg("--join-token-file")
             .arg(self.dir.path().join("state/join.token"))
+            .arg("--ca-cert")
+            .arg(self.dir.path().join("state/tls/ca.pem"))
             .arg("--work-dir")
             .arg(self.dir.path().join(format!("worker-{i}")))
             .stdout(Stdio::null())

@@ -40,9 +40,13 @@ pub async fn up(
         token.display()
     );
     let token_flag = if state_dir == Path::new(".gantry") {
-        String::new() // the CLI reads .gantry/admin.token by default
+        String::new() // the CLI reads .gantry/admin.token and .gantry/tls/ca.pem by default
     } else {
-        format!(" --token-file {}", token.display())
+        format!(
+            " --token-file {} --ca-cert {}",
+            token.display(),
+            state_dir.join("tls/ca.pem").display()
+        )
     };
     println!(
         "submit with: gantry --coordinator {}{token_flag} submit deploy/examples/mlp-dp2.toml --wait",
@@ -88,6 +92,7 @@ pub async fn demo(state_dir: &Path, set: &[String]) -> Result<i32, Failure> {
         url: cluster.url.clone(),
         bearer: gantry_proto::Bearer::new(Some(&cluster.admin_token))
             .map_err(|e| Failure::usage(format!("admin.token: {e}")))?,
+        ca: Some(cluster.ca.clone()),
     };
     let mut client = connect(&remote).await?;
     let started = Instant::now();

@@ -14,6 +14,8 @@ pub type Client = JobServiceClient<gantry_proto::Authed>;
 pub struct Remote {
     pub url: String,
     pub bearer: Bearer,
+    /// The coordinator's CA certificate (PEM), for an `https://` URL.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// An error with the exit code it maps to.
@@ -64,8 +66,8 @@ impl From<anyhow::Error> for Failure {
 /// A client of the coordinator, or the failure that says why not (exit code 3).
 pub async fn connect(remote: &Remote) -> Result<Client, Failure> {
     let url = &remote.url;
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| Failure::usage(format!("--coordinator: {url:?}: {e}")))?
+    let endpoint = gantry_proto::endpoint(url, remote.ca.as_deref())
+        .map_err(|e| Failure::usage(format!("--coordinator: {e}")))?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| Failure {
         code: 3,

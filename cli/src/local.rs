@@ -11,6 +11,8 @@ pub struct LocalCluster {
     pub url: String,
     /// The admin token the coordinator wrote to `<state_dir>/admin.token`.
     pub admin_token: String,
+    /// The CA certificate it made (`<state_dir>/tls/ca.pem`), which clients verify it with.
+    pub ca: Vec<u8>,
     pub coordinator: Coordinator,
     pub workers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -28,12 +30,13 @@ impl LocalCluster {
             slots_per_worker >= 1,
             "--slots-per-worker: must be at least 1"
         );
-        let coordinator = Coordinator::start(
-            Options::new(listen, state_dir.to_path_buf()),
-            shutdown.clone(),
-        )
-        .await?;
-        let url = format!("http://{}", coordinator.addr);
+        let mut options = Options::new(listen, state_dir.to_path_buf());
+        if !listen.ip().is_unspecified() {
+            // The certificate it makes must name the address clients use.
+            options.tls_names.push(listen.ip().to_string());
+        }
+        let coordinator = Coordinator::start(options, shutdown.clone()).await?;
+        let url = format!("https://{}", coordinator.addr);
         // The credentials the coordinator made (or found) in its state directory.
         let state = std::fs::canonicalize(state_dir)?;
         let read = |name: &str| {
@@ -42,6 +45,7 @@ impl LocalCluster {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", state.join(name).display()))
         };
         let (admin_token, join_token) = (read("admin.token")?, read("join.token")?);
+        let ca = std::fs::read(state.join("tls/ca.pem"))?;
         let exe = std::env::current_exe()?.display().to_string();
         let host = gantry_worker::config::hostname();
         let handles = (0..workers)
@@ -60,6 +64,7 @@ impl LocalCluster {
                     store_options: Default::default(),
                     log_format: Default::default(),
                     join_token: Some(join_token.clone()),
+                    ca_cert: Some(ca.clone()),
                 };
                 tokio::spawn(agent::run(
                     options,
@@ -71,6 +76,7 @@ impl LocalCluster {
         Ok(Self {
             url,
             admin_token,
+            ca,
             coordinator,
             workers: handles,
         })

@@ -41,6 +41,10 @@ struct Cli {
     /// it exists (the admin token `gantry up` writes).
     #[arg(long, global = true, env = "GANTRY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The coordinator's CA certificate (PEM), to verify an https:// coordinator. Default:
+    /// .gantry/tls/ca.pem when it exists (the one `gantry up` makes).
+    #[arg(long, global = true, env = "GANTRY_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Output format of the listing commands.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -248,9 +252,17 @@ impl Cli {
         };
         let bearer = Bearer::new(token.as_deref().map(str::trim))
             .map_err(|e| Failure::usage(format!("--token: {e}")))?;
+        let ca = match &self.ca_cert {
+            Some(file) => Some(
+                std::fs::read(file)
+                    .map_err(|e| Failure::usage(format!("--ca-cert {}: {e}", file.display())))?,
+            ),
+            None => std::fs::read(gantry_core::defaults::CA_CERT_FILE).ok(),
+        };
         Ok(Remote {
             url: self.coordinator.clone(),
             bearer,
+            ca,
         })
     }
 }

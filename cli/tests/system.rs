@@ -99,7 +99,12 @@ impl Cluster {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA certificate the coordinator made, which the CLI and workers verify it with.
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("state/tls/ca.pem")
     }
 
     fn start_coordinator(&mut self) {
@@ -121,10 +126,11 @@ impl Cluster {
             .unwrap();
         self.coordinator = Some(child);
         // Secure by default: the coordinator writes the admin and join tokens the CLI and the
-        // workers present into its state directory (on its first start; they stay).
+        // workers present, and the CA they verify it with, into its state directory (on its
+        // first start; they stay).
         self.wait_for(
-            |c| c.dir.path().join("state/join.token").exists(),
-            "the coordinator's join token",
+            |c| c.dir.path().join("state/join.token").exists() && c.ca().exists(),
+            "the coordinator's join token and CA certificate",
         );
     }
 
@@ -140,6 +146,8 @@ impl Cluster {
             .args(["--coordinator", &self.url()])
             .arg("--join-token-file")
             .arg(self.dir.path().join("state/join.token"))
+            .arg("--ca-cert")
+            .arg(self.ca())
             .args(["--slots", &self.slots.to_string()])
             .args(
                 self.metrics
@@ -163,6 +171,8 @@ impl Cluster {
             .args(["--coordinator", &self.url()])
             .arg("--token-file")
             .arg(self.dir.path().join("state/admin.token"))
+            .arg("--ca-cert")
+            .arg(self.ca())
             .args(args)
             .output()
             .unwrap()
@@ -2328,6 +2338,8 @@ fn without_a_valid_token_nothing_registers_submits_or_changes() {
         .args(["--coordinator", &cluster.url()])
         .arg("--work-dir")
         .arg(cluster.dir.path().join("intruder"))
+        .arg("--ca-cert")
+        .arg(cluster.ca())
         .env("GANTRY_JOIN_TOKEN", "gantry_not-the-join-token")
         .output()
         .unwrap();
@@ -2342,6 +2354,7 @@ fn without_a_valid_token_nothing_registers_submits_or_changes() {
     let as_holder = |token: Option<&str>, args: &[&str]| -> Output {
         let mut command = Command::new(bin("gantry"));
         command.args(["--coordinator", &cluster.url()]);
+        command.arg("--ca-cert").arg(cluster.ca());
         if let Some(token) = token {
             command.env("GANTRY_TOKEN", token);
         }

@@ -53,6 +53,17 @@ pub struct Args {
     /// <state_dir>/join.token when it has none.
     #[arg(long, env = "GANTRY_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// The server certificate (PEM), with --tls-key; by default the coordinator makes a CA and
+    /// a certificate under <state_dir>/tls/ and serves that (clients verify with its ca.pem).
+    #[arg(long, env = "GANTRY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "GANTRY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// A DNS name or IP address a generated certificate is valid for, besides loopback and this
+    /// host (the address workers and clients use); repeat it for more.
+    #[arg(long = "tls-name", value_name = "NAME")]
+    pub tls_names: Vec<String>,
     /// A URL prefix every store a job names (checkpoint.url, data.source, model.init_from, and
     /// endpoint options) must start with, e.g. s3://team-bucket/ or http://minio.storage:9000;
     /// repeat it for more. None: any, but never a link-local or cloud metadata address.
@@ -83,6 +94,10 @@ struct Layered {
     join_token_file: Option<PathBuf>,
     #[serde(default)]
     allowed_stores: Vec<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    tls_names: Vec<String>,
 }
 
 /// Everything the coordinator binary runs with.
@@ -131,6 +146,18 @@ impl Args {
                     .map(|p| p.display().to_string()),
             )?
             .set_override_option(
+                "tls_cert",
+                self.tls_cert.as_ref().map(|p| p.display().to_string()),
+            )?
+            .set_override_option(
+                "tls_key",
+                self.tls_key.as_ref().map(|p| p.display().to_string()),
+            )?
+            .set_override_option(
+                "tls_names",
+                (!self.tls_names.is_empty()).then(|| self.tls_names.clone()),
+            )?
+            .set_override_option(
                 "allowed_stores",
                 (!self.allowed_stores.is_empty()).then(|| self.allowed_stores.clone()),
             )?
@@ -153,6 +180,12 @@ impl Args {
             admin_token: read_token(layered.admin_token_file.as_deref(), "admin_token_file")?,
             join_token: read_token(layered.join_token_file.as_deref(), "join_token_file")?,
             allowed_stores: layered.allowed_stores,
+            tls: match (layered.tls_cert, layered.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => anyhow::bail!("tls_cert and tls_key: give both or neither"),
+            },
+            tls_names: layered.tls_names,
         };
         anyhow::ensure!(
             options.heartbeat_interval_ms > 0

@@ -16,6 +16,7 @@ pub mod scheduler;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 #[cfg(test)]
 mod core_gpu_tests;
@@ -63,6 +64,12 @@ pub struct Options {
     /// URL prefixes every store and endpoint a spec names must start with; empty: any, but
     /// never a link-local or cloud metadata address.
     pub allowed_stores: Vec<String>,
+    /// The server's certificate and key (PEM); without them the coordinator serves a
+    /// certificate it made under `<state_dir>/tls/` (`ca.pem` is what clients verify it with).
+    pub tls: Option<tls::TlsFiles>,
+    /// More names (DNS or IP) a generated certificate is valid for, besides loopback and this
+    /// host: the addresses clients and workers reach the coordinator by.
+    pub tls_names: Vec<String>,
 }
 
 impl Options {
@@ -80,6 +87,8 @@ impl Options {
             admin_token: None,
             join_token: None,
             allowed_stores: Vec::new(),
+            tls: None,
+            tls_names: Vec::new(),
         }
     }
 }
@@ -139,8 +148,9 @@ impl Coordinator {
 
         let tokens = if options.insecure {
             tracing::warn!(
-                "--insecure: every call is served without a token, as an admin; anyone who can \
-                 reach {addr} can submit, cancel and resume jobs and register as a worker"
+                "--insecure: plain TCP, and every call is served without a token, as an admin; \
+                 anyone who can reach {addr} can submit, cancel and resume jobs and register as \
+                 a worker"
             );
             None
         } else {
@@ -204,7 +214,18 @@ impl Coordinator {
             tokio::time::sleep(drain).await;
             stop_server.cancel();
         });
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if !options.insecure {
+            let files = match &options.tls {
+                Some(files) => files.clone(),
+                None => tls::self_signed(
+                    &state_dir.join("tls"),
+                    &tls::default_names(&options.tls_names),
+                )?,
+            };
+            builder = builder.tls_config(tls::server_config(&files)?)?;
+        }
+        let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .layer(tower::layer::layer_fn(move |inner| rpc.layer(inner)))
             .layer(tower::layer::layer_fn(move |inner| {

@@ -21,7 +21,9 @@ async fn health_turns_not_serving_when_shutdown_starts() {
     )
     .await
     .unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", coordinator.addr))
+    // Over TLS, verified with the CA the coordinator made; no token: health is open.
+    let ca = std::fs::read(dir.path().join("tls/ca.pem")).unwrap();
+    let channel = gantry_proto::endpoint(&format!("https://{}", coordinator.addr), Some(&ca))
         .unwrap()
         .connect()
         .await

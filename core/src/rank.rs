@@ -21,6 +21,9 @@ pub struct RankAssignment {
     /// What proves this rank is one of its attempt's, at rendezvous and to its peers.
     #[serde(default)]
     pub attempt_secret: AttemptSecret,
+    /// The coordinator's CA certificate (PEM), for an `https://` coordinator.
+    #[serde(default)]
+    pub coordinator_ca: Option<String>,
     /// The worker's checkpoint store options (`object_store` in its config file).
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,

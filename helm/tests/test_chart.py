@@ -13,6 +13,7 @@ Every rendered document is parsed strictly: a key repeated in one mapping is an 
 says and as `helm install` enforces (PyYAML's own loaders keep the last value silently).
 """
 
+import base64
 import json
 import os
 import pathlib
@@ -232,7 +233,7 @@ class ChartTest(unittest.TestCase):
         (config,) = find(objects, "ConfigMap")
         (coordinator_service,) = find(objects, "Service", "coordinator")
         self.assertIn(
-            f'coordinator = "http://{coordinator_service["metadata"]["name"]}.{NAMESPACE}.svc:7070"',
+            f'coordinator = "https://{coordinator_service["metadata"]["name"]}.{NAMESPACE}.svc:7070"',
             config["data"]["worker.toml"],
         )
 
@@ -247,7 +248,7 @@ class ChartTest(unittest.TestCase):
             env["AWS_SECRET_ACCESS_KEY_FILE"], "/var/run/secrets/gantry/s3/AWS_SECRET_ACCESS_KEY"
         )
         secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-        self.assertEqual(secrets, ["gantry-auth", "gantry-s3-credentials"])
+        self.assertEqual(secrets, ["gantry-auth", "gantry-tls", "gantry-s3-credentials"])
         (config,) = find(objects, "ConfigMap")
         self.assertIn('checkpoint_url = "s3://training-checkpoints/gantry"', config["data"]["coordinator.toml"])
         self.assertFalse([o for o in objects if o["kind"] == "PersistentVolumeClaim"])
@@ -264,7 +265,7 @@ class ChartTest(unittest.TestCase):
             "/var/run/secrets/gantry/azure/AZURE_STORAGE_ACCOUNT_KEY",
         )
         secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
-        self.assertEqual(secrets, ["gantry-auth", "gantry-azure-credentials"])
+        self.assertEqual(secrets, ["gantry-auth", "gantry-tls", "gantry-azure-credentials"])
         (config,) = find(objects, "ConfigMap")
         worker = tomllib.loads(config["data"]["worker.toml"])
         self.assertEqual(
@@ -277,7 +278,10 @@ class ChartTest(unittest.TestCase):
         for values, secret in [({}, "gantry-auth"), ({"auth": {"existingSecret": "mine"}}, "mine")]:
             with self.subTest(values=values):
                 manifests, objects = render(values)
-                generated = [o for o in objects if o["kind"] == "Secret"]
+                generated = [
+                    o for o in objects
+                    if o["kind"] == "Secret" and o["metadata"]["name"] == secret
+                ]
                 if values:
                     self.assertEqual(generated, [], "an existing Secret is used, not made")
                 else:
@@ -326,7 +330,59 @@ class ChartTest(unittest.TestCase):
                 self.assertIn("/tmp", [m["mountPath"] for m in c["volumeMounts"]])
         (coordinator,) = find(objects, "StatefulSet", "coordinator")
         (container,) = coordinator["spec"]["template"]["spec"]["containers"]
-        self.assertEqual(container["livenessProbe"]["grpc"]["port"], 7070)
+        # The kubelet's gRPC probes cannot speak TLS: the coordinator is probed over HTTP.
+        self.assertEqual(container["livenessProbe"]["httpGet"]["path"], "/healthz")
+        self.assertEqual(container["readinessProbe"]["httpGet"]["port"], "metrics")
+
+    def test_the_coordinator_serves_tls_that_workers_verify(self):
+        _, objects = render({})
+        (tls,) = [o for o in objects if o["metadata"]["name"] == "gantry-tls"]
+        self.assertEqual(tls["type"], "kubernetes.io/tls")
+        self.assertEqual(sorted(tls["data"]), ["ca.crt", "tls.crt", "tls.key"])
+        with tempfile.TemporaryDirectory() as d:
+            for key in ["ca.crt", "tls.crt"]:
+                pathlib.Path(d, key).write_bytes(base64.b64decode(tls["data"][key]))
+            # The certificate chains to the CA it ships with and names the Service and loopback.
+            verify = subprocess.run(
+                ["openssl", "verify", "-CAfile", f"{d}/ca.crt", f"{d}/tls.crt"],
+                capture_output=True, text=True,
+            )
+            self.assertEqual(verify.returncode, 0, verify.stdout + verify.stderr)
+            names = subprocess.run(
+                ["openssl", "x509", "-noout", "-ext", "subjectAltName", "-in", f"{d}/tls.crt"],
+                capture_output=True, text=True, check=True,
+            ).stdout
+        for name in ["gantry-coordinator.training.svc", "IP Address:127.0.0.1"]:
+            self.assertIn(name, names)
+        (config,) = find(objects, "ConfigMap")
+        self.assertIn('tls_cert = "/var/run/secrets/gantry/tls/tls.crt"', config["data"]["coordinator.toml"])
+        self.assertIn('coordinator = "https://gantry-coordinator.training.svc:7070"', config["data"]["worker.toml"])
+        (workers,) = find(objects, "StatefulSet", "worker")
+        spec = workers["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        self.assertEqual(env_of(container)["GANTRY_CA_CERT"], "/var/run/secrets/gantry/tls/ca.crt")
+        items = [
+            item["key"]
+            for v in spec["volumes"]
+            if v.get("secret", {}).get("secretName") == "gantry-tls"
+            for item in v["secret"]["items"]
+        ]
+        self.assertEqual(items, ["ca.crt"], "workers get the CA, never the key")
+
+    def test_tls_from_an_existing_secret_or_cert_manager(self):
+        _, objects = render({"tls": {"existingSecret": "corp-tls"}})
+        self.assertFalse([o for o in objects if o["metadata"]["name"] == "gantry-tls"])
+        (coordinator,) = find(objects, "StatefulSet", "coordinator")
+        secrets = [v["secret"]["secretName"] for v in coordinator["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+        self.assertIn("corp-tls", secrets)
+        issuer = {"name": "corp-ca", "kind": "ClusterIssuer"}
+        manifests, _ = render({"tls": {"certManager": {"enabled": True, "issuerRef": issuer}}})
+        (text,) = [t for n, t in manifests.items() if n.endswith("tls.yaml")]
+        (certificate,) = [o for o in strict_load_all(text) if o]
+        self.assertEqual(certificate["kind"], "Certificate")
+        self.assertEqual(certificate["spec"]["secretName"], "gantry-tls")
+        self.assertEqual(certificate["spec"]["issuerRef"], issuer)
+        self.assertIn("gantry-coordinator.training.svc", certificate["spec"]["dnsNames"])
 
     def test_invalid_values_are_refused_with_a_clear_message(self):
         cases = [

@@ -100,3 +100,23 @@ pub fn worker_client(
 ) -> v1::worker_service_client::WorkerServiceClient<Authed> {
     v1::worker_service_client::WorkerServiceClient::with_interceptor(channel, bearer)
 }
+
+/// The endpoint of a coordinator at `url`: over TLS for `https://`, verifying the server
+/// against `ca_pem` (the coordinator's `ca.pem`); plain TCP for `http://` (a coordinator that
+/// runs `--insecure`), where `ca_pem` is not used.
+pub fn endpoint(url: &str, ca_pem: Option<&[u8]>) -> Result<tonic::transport::Endpoint, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("{url:?}: {e}"))?;
+    if !url.starts_with("https://") {
+        return Ok(endpoint);
+    }
+    let ca = ca_pem.ok_or_else(|| {
+        format!(
+            "{url} is TLS: name the coordinator's CA certificate (its state dir's tls/ca.pem) \
+             with --ca-cert or GANTRY_CA_CERT"
+        )
+    })?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    endpoint.tls_config(tls).map_err(|e| format!("{url}: {e}"))
+}

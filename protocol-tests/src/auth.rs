@@ -42,7 +42,8 @@ fn refusal(holder: Holder, method: &str) -> Option<Code> {
     (!allowed).then_some(Code::PermissionDenied)
 }
 
-/// Every method of both services is called with no token, a wrong one, a revoked one and one of
+/// Over plain TCP a TLS coordinator answers nothing. Every method of both services is called
+/// with no token, a wrong one, a revoked one and one of
 /// each role. A refused call gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role
 /// that may not call it) and changes nothing; an allowed call reaches its handler (here, each
 /// request is one the handler itself answers without changing anything). Rendezvous takes no
@@ -52,6 +53,17 @@ pub async fn every_method_checks_its_callers_token_and_role(t: &Target) -> anyho
         t.token.is_some(),
         "this case needs the coordinator's admin token (--token)"
     );
+    // Plain TCP to a TLS coordinator gets nowhere, even with the admin token.
+    if let Some(address) = t.url.strip_prefix("https://") {
+        let plain = Target {
+            url: format!("http://{address}"),
+            ..t.clone()
+        };
+        if let Ok(mut jobs) = plain.jobs().await {
+            let r = jobs.list_jobs(pb::ListJobsRequest {}).await;
+            ensure!(r.is_err(), "plain TCP to {address} was answered: {r:?}");
+        }
+    }
     let mut admin = t.jobs().await?;
     let mut create = async |name: &str, role: &str| -> anyhow::Result<pb::CreateTokenResponse> {
         Ok(admin

@@ -23,16 +23,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// A coordinator under test, and an admin token for it (none for an `--insecure` one).
+/// A coordinator under test, an admin token for it and its CA certificate (none of either for
+/// an `--insecure` one).
 #[derive(Clone)]
 pub struct Target {
     pub url: String,
     pub token: Option<String>,
+    /// The coordinator's CA certificate (PEM), for an `https://` URL.
+    pub ca: Option<Vec<u8>>,
 }
 
 impl Target {
     async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.url.clone())?.connect().await?)
+        let endpoint =
+            gantry_proto::endpoint(&self.url, self.ca.as_deref()).map_err(anyhow::Error::msg)?;
+        Ok(endpoint.connect().await?)
     }
 
     /// A job-service client presenting the admin token.

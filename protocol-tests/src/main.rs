@@ -15,14 +15,25 @@ struct Args {
     /// none for a coordinator that runs --insecure.
     #[arg(long, env = "GANTRY_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The coordinator's CA certificate (PEM), for an https:// endpoint.
+    #[arg(long, env = "GANTRY_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    let ca = match args.ca_cert.as_ref().map(std::fs::read).transpose() {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("--ca-cert: {e}");
+            std::process::exit(2);
+        }
+    };
     let target = gantry_protocol_tests::Target {
         url: args.endpoint,
         token: args.token,
+        ca,
     };
     let (mut passed, mut failed) = (0, 0);
     for (name, case) in gantry_protocol_tests::cases() {

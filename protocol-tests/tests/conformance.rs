@@ -21,8 +21,9 @@ async fn coordinator() -> (Target, CancellationToken, tempfile::TempDir) {
     let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
     (
         Target {
-            url: format!("http://{}", c.addr),
+            url: format!("https://{}", c.addr),
             token: Some(token.trim().to_string()),
+            ca: Some(std::fs::read(dir.path().join("tls/ca.pem")).unwrap()),
         },
         shutdown,
         dir,

@@ -224,9 +224,15 @@ async fn rendezvous(
     let mut client = None;
     loop {
         if client.is_none() {
-            client = pb::worker_service_client::WorkerServiceClient::connect(a.coordinator.clone())
-                .await
-                .ok();
+            let endpoint = gantry_proto::endpoint(
+                &a.coordinator,
+                a.coordinator_ca.as_ref().map(|c| c.as_bytes()),
+            )
+            .map_err(|e| anyhow::anyhow!("coordinator: {e}"))?;
+            client = match endpoint.connect().await {
+                Ok(channel) => Some(pb::worker_service_client::WorkerServiceClient::new(channel)),
+                Err(_) => None,
+            };
         }
         if let Some(c) = client.as_mut() {
             match c.rendezvous(request.clone()).await {

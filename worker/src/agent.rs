@@ -19,7 +19,6 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AgentOptions {
@@ -45,6 +44,10 @@ pub struct AgentOptions {
     /// The cluster's join token, presented on every call to the coordinator (never printed).
     #[serde(skip)]
     pub join_token: Option<String>,
+    /// The coordinator's CA certificate (PEM), for an `https://` coordinator; its ranks get it
+    /// too.
+    #[serde(skip)]
+    pub ca_cert: Option<Vec<u8>>,
 }
 
 /// A rank this daemon runs: its job, attempt and rank.
@@ -364,7 +367,7 @@ async fn register(
     let attempt = || async {
         let bearer = gantry_proto::Bearer::new(options.join_token.as_deref())
             .map_err(|e| tonic::Status::invalid_argument(format!("join token: {e}")))?;
-        let channel = Channel::from_shared(options.coordinator.clone())
+        let channel = gantry_proto::endpoint(&options.coordinator, options.ca_cert.as_deref())
             .map_err(|e| tonic::Status::invalid_argument(format!("coordinator: {e}")))?
             .connect()
             .await
@@ -416,6 +419,10 @@ fn launch(
         spec_json: a.spec_json.clone(),
         resume_step: a.resume_step,
         attempt_secret: gantry_core::AttemptSecret(a.attempt_secret.clone()),
+        coordinator_ca: options
+            .ca_cert
+            .as_ref()
+            .map(|pem| String::from_utf8_lossy(pem).into_owned()),
         store_options: options.store_options.clone(),
         log_json: options.log_format == gantry_ops::LogFormat::Json,
     };

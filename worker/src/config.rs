@@ -61,6 +61,10 @@ pub struct DaemonArgs {
     /// <state_dir>/join.token); GANTRY_JOIN_TOKEN gives the token itself.
     #[arg(long, env = "GANTRY_JOIN_TOKEN_FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// The coordinator's CA certificate (PEM), to verify an https:// coordinator (the
+    /// coordinator's <state_dir>/tls/ca.pem, or the CA of the certificate it was given).
+    #[arg(long, env = "GANTRY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Print the effective configuration (JSON) and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -148,6 +152,14 @@ impl DaemonArgs {
             store_options: settings.object_store,
             log_format: settings.log_format,
             join_token: self.join_token()?,
+            ca_cert: self
+                .ca_cert
+                .as_ref()
+                .map(|file| {
+                    std::fs::read(file)
+                        .map_err(|e| anyhow::anyhow!("--ca-cert {}: {e}", file.display()))
+                })
+                .transpose()?,
         })
     }
 

@@ -364,6 +364,7 @@ impl Daemon {
             store_options: Default::default(),
             log_format: Default::default(),
             join_token: None,
+            ca_cert: None,
         };
         let shutdown = CancellationToken::new();
         let drain = CancellationToken::new();

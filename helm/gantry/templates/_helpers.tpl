@@ -99,3 +99,8 @@ checkov.io/skip1: CKV_K8S_43=pinned by tag; set image.digest to pin by digest
 {{- define "gantry.authSecret" -}}
 {{- .Values.auth.existingSecret | default (printf "%s-auth" (include "gantry.fullname" .)) -}}
 {{- end }}
+
+{{/* The Secret holding the coordinator's certificate, key and CA. */}}
+{{- define "gantry.tlsSecret" -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "gantry.fullname" .)) -}}
+{{- end }}
