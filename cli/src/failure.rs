@@ -37,6 +37,16 @@ impl Failure {
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code;
+        if s.code() == Code::Unknown && s.message() == "transport error" {
+            // Most often the two ends disagree on TLS.
+            return Self {
+                code: 3,
+                message: "the connection to the coordinator failed (transport error): a \
+                          coordinator that serves TLS (the default) needs an https:// URL, one \
+                          that runs --insecure an http:// one"
+                    .into(),
+            };
+        }
         let code = match s.code() {
             Code::Unavailable | Code::DeadlineExceeded => 3,
             Code::InvalidArgument

@@ -208,14 +208,23 @@ fn main() {
         std::process::exit(gantry_trainer::rank::run(assignment));
     }
     let quiet_daemons = !matches!(cli.command, Command::Up { .. });
-    if !matches!(cli.command, Command::Up { .. } | Command::Demo { .. }) {
-        // A client command piped into `head` ends quietly when the pipe closes, as Unix tools
-        // do. (Not for the commands that run servers: their sockets must not raise SIGPIPE.)
-        // SAFETY: restores the default disposition before any other thread exists.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    // A client command piped into `head` ends quietly when the pipe closes, as Unix tools do:
+    // printing to a closed stdout panics with "Broken pipe", which ends the process quietly.
+    // (SIGPIPE itself stays ignored: a socket write to a coordinator that hung up, or that
+    // speaks TLS to a plain-TCP client, must be an error the CLI explains, not a silent death.)
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
         }
-    }
+        default_hook(info);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -114,6 +114,14 @@ impl Coordinator {
     ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.state_dir)?;
         let state_dir = std::fs::canonicalize(&options.state_dir)?;
+        // The database holds token hashes and the key attempt secrets derive from: the state
+        // directory is its owner's alone (where the filesystem lets us say so).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)) {
+                tracing::warn!(dir = %state_dir.display(), error = %e, "could not make the state directory private");
+            }
+        }
         let database = state_dir.join("coordinator.db");
         let store = Store::open(&database)?;
         let mut core_options = CoreOptions::for_state_dir(&state_dir);
