@@ -323,11 +323,38 @@ fn bearer<B>(request: &http::Request<B>) -> Option<&str> {
 }
 
 /// Checks every call's token against its method's need; `tokens` of `None` lets every call
-/// through as [`Principal::anonymous`] (`--insecure`).
+/// through as [`Principal::anonymous`] (`--insecure`). First, each client address gets at most
+/// its share of requests (`limiter`): more is RESOURCE_EXHAUSTED, before any token is looked at.
 #[derive(Clone)]
 pub struct Authenticate {
     pub tokens: Option<Arc<Tokens>>,
     pub metrics: RpcMetrics,
+    pub limiter: Option<Arc<RateLimiter>>,
+}
+
+/// Requests per client address, by governor's GCRA.
+pub type RateLimiter = governor::DefaultKeyedRateLimiter<std::net::IpAddr>;
+
+/// A limiter of `per_second` requests per client address, bursts of `burst`.
+pub fn rate_limiter(per_second: u32, burst: u32) -> Option<Arc<RateLimiter>> {
+    let per_second = std::num::NonZeroU32::new(per_second)?;
+    let burst = std::num::NonZeroU32::new(burst.max(per_second.get()))?;
+    Some(Arc::new(governor::RateLimiter::keyed(
+        governor::Quota::per_second(per_second).allow_burst(burst),
+    )))
+}
+
+/// The address a request came from, as tonic's server records it.
+fn peer<B>(request: &http::Request<B>) -> Option<std::net::IpAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = request.extensions();
+    ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.get_ref().remote_addr())
+        .or_else(|| {
+            ext.get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+        })
+        .map(|a| a.ip())
 }
 
 impl Authenticate {
@@ -340,6 +367,16 @@ impl Authenticate {
 
     /// Who the caller is, or the status that refuses it.
     fn check<B>(&self, request: &http::Request<B>) -> Result<Option<Principal>, tonic::Status> {
+        if let (Some(limiter), Some(ip)) = (&self.limiter, peer(request)) {
+            if limiter.len() > 100_000 {
+                limiter.retain_recent();
+            }
+            if limiter.check_key(&ip).is_err() {
+                return Err(tonic::Status::resource_exhausted(format!(
+                    "{ip} sends more requests than this coordinator's rate limit; slow down"
+                )));
+            }
+        }
         let Some(tokens) = &self.tokens else {
             return Ok(Some(Principal::anonymous()));
         };
@@ -397,7 +434,14 @@ where
                 if let Some(p) = principal {
                     request.extensions_mut().insert(p);
                 }
-                Box::pin(self.inner.call(request))
+                let method = request.uri().path().to_string();
+                let metrics = self.auth.metrics.clone();
+                let response = self.inner.call(request);
+                Box::pin(async move {
+                    let mut response = response.await?;
+                    message_too_large(&mut response, &method, &metrics);
+                    Ok(response)
+                })
             }
             Err(status) => {
                 self.auth
@@ -406,6 +450,24 @@ where
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
+    }
+}
+
+/// A request message over the size limit is RESOURCE_EXHAUSTED (tonic's decoder answers
+/// OUT_OF_RANGE), and counted.
+fn message_too_large<R>(response: &mut http::Response<R>, method: &str, metrics: &RpcMetrics) {
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("too%20large") || m.contains("too large"));
+    if too_large {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static("8"), // RESOURCE_EXHAUSTED
+        );
+        metrics.refused(method, tonic::Code::ResourceExhausted);
     }
 }
 

@@ -98,6 +98,11 @@ struct Layered {
     tls_key: Option<PathBuf>,
     #[serde(default)]
     tls_names: Vec<String>,
+    max_message_bytes: usize,
+    max_spec_bytes: usize,
+    max_watch_streams: usize,
+    rate_limit_per_sec: u32,
+    rate_limit_burst: u32,
 }
 
 /// Everything the coordinator binary runs with.
@@ -127,6 +132,14 @@ impl Args {
             .set_default("drain_ms", defaults.drain_ms)?
             .set_default("log_format", LogFormat::default().as_str())?
             .set_default("insecure", false)?
+            .set_default("max_message_bytes", defaults.max_message_bytes as u64)?
+            .set_default("max_spec_bytes", defaults.limits.max_spec_bytes as u64)?
+            .set_default(
+                "max_watch_streams",
+                defaults.limits.max_watch_streams as u64,
+            )?
+            .set_default("rate_limit_per_sec", defaults.rate_limit_per_sec)?
+            .set_default("rate_limit_burst", defaults.rate_limit_burst)?
             .set_override_option("listen", self.listen.map(|a| a.to_string()))?
             .set_override_option(
                 "state_dir",
@@ -186,7 +199,21 @@ impl Args {
                 _ => anyhow::bail!("tls_cert and tls_key: give both or neither"),
             },
             tls_names: layered.tls_names,
+            limits: crate::service::Limits {
+                max_spec_bytes: layered.max_spec_bytes,
+                max_watch_streams: layered.max_watch_streams,
+            },
+            max_message_bytes: layered.max_message_bytes,
+            rate_limit_per_sec: layered.rate_limit_per_sec,
+            rate_limit_burst: layered.rate_limit_burst,
         };
+        anyhow::ensure!(
+            options.limits.max_spec_bytes > 0
+                && options.limits.max_spec_bytes <= options.max_message_bytes,
+            "max_spec_bytes ({}) must be positive and at most max_message_bytes ({})",
+            options.limits.max_spec_bytes,
+            options.max_message_bytes
+        );
         anyhow::ensure!(
             options.heartbeat_interval_ms > 0
                 && options.heartbeat_interval_ms < options.lease_ttl_ms,

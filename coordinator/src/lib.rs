@@ -70,6 +70,13 @@ pub struct Options {
     /// More names (DNS or IP) a generated certificate is valid for, besides loopback and this
     /// host: the addresses clients and workers reach the coordinator by.
     pub tls_names: Vec<String>,
+    /// What one client may ask.
+    pub limits: service::Limits,
+    /// The largest gRPC message accepted, in bytes (bigger is RESOURCE_EXHAUSTED).
+    pub max_message_bytes: usize,
+    /// Requests per second each client address may send (0: no limit), and the burst.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
 }
 
 impl Options {
@@ -89,6 +96,10 @@ impl Options {
             allowed_stores: Vec::new(),
             tls: None,
             tls_names: Vec::new(),
+            limits: service::Limits::default(),
+            max_message_bytes: 4 << 20,
+            rate_limit_per_sec: 1000,
+            rate_limit_burst: 2000,
         }
     }
 }
@@ -118,7 +129,9 @@ impl Coordinator {
         // directory is its owner's alone (where the filesystem lets us say so).
         {
             use std::os::unix::fs::PermissionsExt;
-            if let Err(e) = std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)) {
+            if let Err(e) =
+                std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+            {
                 tracing::warn!(dir = %state_dir.display(), error = %e, "could not make the state directory private");
             }
         }
@@ -188,7 +201,9 @@ impl Coordinator {
         let authenticate = auth::Authenticate {
             tokens: tokens.clone(),
             metrics: rpc.clone(),
+            limiter: auth::rate_limiter(options.rate_limit_per_sec, options.rate_limit_burst),
         };
+        let jobs = JobApi::new(handle.clone(), tokens, options.limits, rpc.clone());
         if let Some(listen) = options.metrics_listen {
             let collect = metrics::collector(handle.clone(), rpc.clone());
             gantry_ops::serve_http(
@@ -240,8 +255,13 @@ impl Coordinator {
                 authenticate.layer(inner)
             }))
             .add_service(health_service)
-            .add_service(JobServiceServer::new(JobApi(handle.clone(), tokens)))
-            .add_service(WorkerServiceServer::new(WorkerApi(handle.clone())));
+            .add_service(
+                JobServiceServer::new(jobs).max_decoding_message_size(options.max_message_bytes),
+            )
+            .add_service(
+                WorkerServiceServer::new(WorkerApi(handle.clone()))
+                    .max_decoding_message_size(options.max_message_bytes),
+            );
         let task = tokio::spawn(async move {
             server
                 .serve_with_incoming_shutdown(

@@ -70,12 +70,91 @@ fn check_version(version: u32) -> Result<(), Status> {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send>>;
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
 
-/// The job service: the core, and the tokens (none when the coordinator runs `--insecure`).
-pub struct JobApi(pub Handle, pub Option<Arc<Tokens>>);
+/// The job service: the core, the tokens (none when the coordinator runs `--insecure`), and
+/// the limits on what one client may ask.
+pub struct JobApi {
+    pub handle: Handle,
+    pub tokens: Option<Arc<Tokens>>,
+    pub limits: Limits,
+    pub metrics: crate::metrics::RpcMetrics,
+    /// Open watch streams by client (its token's name).
+    watches: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// What one client may ask of the job service.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Limits {
+    /// The largest job spec (`spec_json`) accepted.
+    pub max_spec_bytes: usize,
+    /// Watch streams (`gantry logs -f`, `--follow`) one client may hold open at once.
+    pub max_watch_streams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_spec_bytes: 1 << 20,
+            max_watch_streams: 64,
+        }
+    }
+}
+
+/// One open watch stream, counted against its client until dropped.
+struct WatchSlot {
+    watches: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    client: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = watches.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                watches.remove(&self.client);
+            }
+        }
+    }
+}
 
 impl JobApi {
+    pub fn new(
+        handle: Handle,
+        tokens: Option<Arc<Tokens>>,
+        limits: Limits,
+        metrics: crate::metrics::RpcMetrics,
+    ) -> Self {
+        Self {
+            handle,
+            tokens,
+            limits,
+            metrics,
+            watches: Arc::default(),
+        }
+    }
+
+    /// A watch slot for `client`, or RESOURCE_EXHAUSTED when it holds its limit already.
+    fn watch_slot(&self, client: &str) -> Result<WatchSlot, Status> {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let open = watches.entry(client.to_string()).or_default();
+        if *open >= self.limits.max_watch_streams {
+            self.metrics.refused(
+                "/gantry.v1.JobService/WatchJob",
+                tonic::Code::ResourceExhausted,
+            );
+            return Err(Status::resource_exhausted(format!(
+                "{client} has {open} watch streams open, the most one client may hold"
+            )));
+        }
+        *open += 1;
+        Ok(WatchSlot {
+            watches: self.watches.clone(),
+            client: client.to_string(),
+        })
+    }
+
     fn tokens(&self) -> Result<&Tokens, Status> {
-        self.1.as_deref().ok_or_else(|| {
+        self.tokens.as_deref().ok_or_else(|| {
             Status::failed_precondition("this coordinator runs --insecure: it has no tokens")
         })
     }
@@ -115,15 +194,26 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<pb::Job>, Status> {
         let who = caller(&req)?;
         let spec = req.into_inner().spec_json;
+        if spec.len() > self.limits.max_spec_bytes {
+            self.metrics.refused(
+                "/gantry.v1.JobService/SubmitJob",
+                tonic::Code::ResourceExhausted,
+            );
+            return Err(Status::resource_exhausted(format!(
+                "spec_json: {} bytes, more than the {} this coordinator accepts",
+                spec.len(),
+                self.limits.max_spec_bytes
+            )));
+        }
         let job = self
-            .0
+            .handle
             .with(|core, now| core.submit_as(&spec, &who.name, now))?;
         Ok(Response::new(convert::job(&job)))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = convert::job_id(&req.into_inner().job_id)?;
-        let job = self.0.with(|core, _| {
+        let job = self.handle.with(|core, _| {
             let mut job = convert::job(core.job(&id)?);
             job.attempts = core.attempts(&id)?.iter().map(convert::attempt).collect();
             Ok::<_, CoordinatorError>(job)
@@ -136,7 +226,7 @@ impl pb::job_service_server::JobService for JobApi {
         _: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let jobs = self
-            .0
+            .handle
             .with(|core, _| core.jobs().into_iter().map(convert::job).collect());
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
@@ -147,7 +237,7 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<pb::Job>, Status> {
         let who = caller(&req)?;
         let id = convert::job_id(&req.into_inner().job_id)?;
-        let job = self.0.with(|core, now| {
+        let job = self.handle.with(|core, now| {
             check_owner(&who, core, &id)?;
             core.cancel_as(&id, &who.name, now).map_err(Status::from)
         })?;
@@ -165,7 +255,7 @@ impl pb::job_service_server::JobService for JobApi {
             step: req.from_step,
             in_store: req.from_step_in_store,
         };
-        let job = self.0.with(|core, now| {
+        let job = self.handle.with(|core, now| {
             check_owner(&who, core, &id)?;
             core.resume_as(&id, from, &req.set, &who.name, now)
                 .map_err(Status::from)
@@ -177,7 +267,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         _: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self.0.with(|core, _| {
+        let workers = self.handle.with(|core, _| {
             core.workers()
                 .into_iter()
                 .map(|(w, used)| convert::worker(w, used))
@@ -192,7 +282,7 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
         let id = convert::job_id(&req.into_inner().job_id)?;
         let checkpoints = self
-            .0
+            .handle
             .with(|core, _| core.checkpoints(&id))?
             .iter()
             .map(convert::checkpoint)
@@ -206,15 +296,18 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let slot = self.watch_slot(&caller(&req)?.name)?;
         let req = req.into_inner();
         let id = convert::job_id(&req.job_id)?;
         // Subscribe before reading history so nothing falls between the two.
         let (mut updates, snapshot) = self
-            .0
+            .handle
             .with(|core, _| core.job(&id).map(|j| (core.subscribe(), j.clone())))?;
         let (tx, rx) = mpsc::channel(256);
-        let handle = self.0.clone();
+        let handle = self.handle.clone();
         tokio::spawn(async move {
+            // The stream counts against its client until this task ends.
+            let _slot = slot;
             let mut last_seq = req.after_seq;
             loop {
                 let page = handle.with(|core, _| core.events_after(&id, last_seq, 500));
@@ -239,7 +332,12 @@ impl pb::job_service_server::JobService for JobApi {
                 return;
             }
             loop {
-                let event = match updates.recv().await {
+                // A client that goes away frees its stream at once, not at the next event.
+                let update = tokio::select! {
+                    () = tx.closed() => return,
+                    update = updates.recv() => update,
+                };
+                let event = match update {
                     Ok(Update::Job(job)) if job.id == id => {
                         let done = job.state.is_terminal();
                         (convert::job_event(&job), done)
@@ -274,7 +372,7 @@ impl pb::job_service_server::JobService for JobApi {
         let role = Role::parse(&req.role).map_err(Status::invalid_argument)?;
         let (token, info) = self
             .tokens()?
-            .create(name, role, self.0.now_ms())
+            .create(name, role, self.handle.now_ms())
             .map_err(database)?;
         tracing::info!(id = %info.id, name, role = role.as_str(), "token created");
         Ok(Response::new(pb::CreateTokenResponse {
@@ -300,7 +398,7 @@ impl pb::job_service_server::JobService for JobApi {
         let id = req.into_inner().id;
         let info = self
             .tokens()?
-            .revoke(&id, self.0.now_ms())
+            .revoke(&id, self.handle.now_ms())
             .map_err(database)?
             .ok_or_else(|| Status::not_found(format!("id: no token {id:?}")))?;
         tracing::info!(id = %info.id, name = %info.name, "token revoked");

@@ -252,6 +252,8 @@ async fn rendezvous(
                     return Err(Stale(s.message().into()).into());
                 }
                 Err(s) if s.code() == tonic::Code::Unavailable => client = None,
+                // Over the coordinator's rate limit: ask again after the pause below.
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {}
                 Err(s) => anyhow::bail!("rendezvous refused: {}", s.message()),
             }
         }

@@ -382,7 +382,7 @@ async fn register(
         .without_max_times();
     let result = attempt
         .retry(backoff)
-        .when(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal))
+        .when(|s| matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::ResourceExhausted))
         .notify(|s, delay| tracing::warn!(error = %s.message(), ?delay, "coordinator unreachable; retrying"))
         .await;
     result.map_err(|s| anyhow::anyhow!("registration refused: {} ({:?})", s.message(), s.code()))
