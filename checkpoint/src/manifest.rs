@@ -90,6 +90,17 @@ fn writing_replica(mesh: gantry_core::Mesh, at: gantry_core::Coords) -> u32 {
 }
 
 impl Manifest {
+    /// A manifest from its stored bytes: well-formed JSON of the right shape, and free of the
+    /// flaws [`Manifest::flaw`] looks for. The error says what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| format!("manifest.json: {e}"))?;
+        match manifest.flaw() {
+            Some(flaw) => Err(flaw),
+            None => Ok(manifest),
+        }
+    }
+
     /// The ranks whose shards the checkpoint holds: one per position ([`writes_shard`]), or,
     /// in format 2, every rank.
     pub fn writers(&self) -> Vec<u32> {

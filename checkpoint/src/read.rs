@@ -72,15 +72,12 @@ impl CheckpointStore {
         let invalid = |message: String| CheckpointError::Corrupt { step, message };
         let dir = self.step_dir(step);
         let manifest: Manifest = match self.store.get(&dir.clone().join("manifest.json")).await {
-            Ok(r) => serde_json::from_slice(&r.bytes().await?)?,
+            Ok(r) => Manifest::parse(&r.bytes().await?).map_err(invalid)?,
             Err(object_store::Error::NotFound { .. }) => {
                 return Err(CheckpointError::Partial { step });
             }
             Err(e) => return Err(e.into()),
         };
-        if let Some(flaw) = manifest.flaw() {
-            return Err(invalid(flaw));
-        }
         for file in &manifest.files {
             let path = dir.clone().join(file.path.as_str());
             match objects.iter().find(|o| o.location == path) {

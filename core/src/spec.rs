@@ -514,13 +514,24 @@ impl JobSpec {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| SpecError::new("spec", format!("cannot read {}: {e}", path.display())))?;
-        let mut value: serde_json::Value = match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => serde_json::from_str(&text).map_err(|e| {
-                SpecError::new("spec", format!("{}: invalid JSON: {e}", path.display()))
-            })?,
-            _ => toml::from_str(&text).map_err(|e| {
-                SpecError::new("spec", format!("{}: invalid TOML: {e}", path.display()))
-            })?,
+        let json = path.extension().and_then(|e| e.to_str()) == Some("json");
+        Self::from_text(&text, json, &path.display().to_string(), overrides)
+    }
+
+    /// Parses a spec's text, JSON or TOML (`name` says where it came from, for messages),
+    /// applies `key=value` overrides and validates the result.
+    pub fn from_text(
+        text: &str,
+        json: bool,
+        name: &str,
+        overrides: &[String],
+    ) -> Result<Self, SpecError> {
+        let mut value: serde_json::Value = if json {
+            serde_json::from_str(text)
+                .map_err(|e| SpecError::new("spec", format!("{name}: invalid JSON: {e}")))?
+        } else {
+            toml::from_str(text)
+                .map_err(|e| SpecError::new("spec", format!("{name}: invalid TOML: {e}")))?
         };
         for assignment in overrides {
             apply_override(&mut value, assignment)?;

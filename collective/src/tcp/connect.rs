@@ -72,7 +72,8 @@ impl Identity {
         self.mac(side, hello, nonces).verify_slice(proof).is_ok()
     }
 
-    fn hello(&self, rank: u32) -> [u8; 24] {
+    /// The 24 bytes a rank opens a connection with: the magic, the job, the attempt, its rank.
+    pub fn hello(&self, rank: u32) -> [u8; 24] {
         let mut out = [0u8; 24];
         out[..4].copy_from_slice(&MAGIC.to_le_bytes());
         out[4..12].copy_from_slice(&self.job.to_le_bytes());
@@ -220,18 +221,12 @@ fn accept_peer(
     world: u32,
     links: &[Option<TcpStream>],
 ) -> Option<u32> {
-    let mut opening = [0u8; 24 + NONCE];
+    let mut opening = [0u8; OPENING];
     stream.read_exact(&mut opening).ok()?;
-    let (hello, theirs) = opening.split_at(24);
-    let peer = u32::from_le_bytes(hello[20..].try_into().expect("4 bytes"));
-    let known = peer > rank
-        && peer < world
-        && hello == identity.hello(peer)
-        && links[peer as usize].is_none();
-    if !known {
-        return None;
-    }
+    let linked: Vec<bool> = links.iter().map(Option::is_some).collect();
+    let peer = admit(&opening, identity, rank, world, &linked)?;
     let ours: [u8; NONCE] = rand::random();
+    let (hello, theirs) = opening.split_at(24);
     let nonces = [theirs, &ours[..]].concat();
     let proof = identity.proof(b"accept", hello, &nonces);
     stream.write_all(&[&ours[..], &proof].concat()).ok()?;
@@ -240,4 +235,28 @@ fn accept_peer(
     identity
         .verify(b"connect", hello, &nonces, &theirs_proof)
         .then_some(peer)
+}
+
+/// Bytes a connecting rank opens with: its hello and its nonce.
+pub const OPENING: usize = 24 + NONCE;
+
+/// The rank whose opening this is, if it may go on to prove itself: its hello names this job,
+/// this attempt and a rank above ours (`rank`) in a world of `world`, not yet `linked`.
+/// Anything else (any bytes at all) is `None`. The first thing a listening rank reads from a
+/// stranger, so it is fuzzed (`gantry-fuzz frame`).
+pub fn admit(
+    opening: &[u8],
+    identity: &Identity,
+    rank: u32,
+    world: u32,
+    linked: &[bool],
+) -> Option<u32> {
+    let hello = opening.get(..24)?;
+    let peer = u32::from_le_bytes(hello[20..].try_into().ok()?);
+    (opening.len() == OPENING
+        && peer > rank
+        && peer < world
+        && hello == identity.hello(peer)
+        && !linked.get(peer as usize).copied().unwrap_or(true))
+    .then_some(peer)
 }

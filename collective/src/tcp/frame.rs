@@ -39,6 +39,19 @@ impl TcpComm {
     }
 }
 
+/// Whether a header read off the wire is the one this rank expects: `Err` says how they differ.
+/// What a rank reads from its peers before any data, so it is fuzzed (`gantry-fuzz frame`).
+pub fn check_header(got: &[u8], want: &[u8; 32]) -> Result<(), String> {
+    let got: &[u8; 32] = got
+        .try_into()
+        .map_err(|_| format!("a header of {} bytes, not 32", got.len()))?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(describe(got, want))
+    }
+}
+
 pub(super) fn describe(got: &[u8; 32], want: &[u8; 32]) -> String {
     let field = |h: &[u8; 32], r: Range<usize>| {
         u64::from_le_bytes({

@@ -20,7 +20,8 @@ mod ring;
 mod small;
 
 pub use comm::{AbortHandle, TcpComm};
-pub use connect::Identity;
+pub use connect::{Identity, OPENING, admit};
+pub use frame::check_header;
 pub use group::Group;
 
 #[cfg(target_endian = "big")]

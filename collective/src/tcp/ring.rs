@@ -5,7 +5,7 @@
 //! reusable scratch chunk).
 
 use super::comm::{CHUNK, TcpComm};
-use super::frame::describe;
+use super::frame::check_header;
 use super::poll::wait_ready;
 use crate::plan::{Action, RingPlan};
 use crate::{CommError, ReduceOp};
@@ -169,11 +169,13 @@ impl TcpComm {
                             last_progress = Instant::now();
                             if header_filled < 32 {
                                 header_filled += n;
-                                if header_filled == 32 && header_in != header {
+                                if header_filled == 32
+                                    && let Err(detail) = check_header(&header_in, &header)
+                                {
                                     return Err(CommError::Mismatch {
                                         op,
                                         peer: prev.unwrap_or_default(),
-                                        detail: describe(&header_in, &header),
+                                        detail,
                                     });
                                 }
                                 continue;

@@ -3,7 +3,7 @@
 //! sockets.
 
 use super::comm::TcpComm;
-use super::frame::describe;
+use super::frame::check_header;
 use super::poll::wait_ready;
 use crate::CommError;
 use std::io::{ErrorKind, Read, Write};
@@ -87,11 +87,11 @@ impl Peer<'_> {
     fn recv_checked(&self, header: &[u8; 32], payload: &mut [u8]) -> Result<(), CommError> {
         let mut got = [0u8; 32];
         self.drive(32, true, |mut s, done| s.read(&mut got[done..]))?;
-        if &got != header {
+        if let Err(detail) = check_header(&got, header) {
             return Err(CommError::Mismatch {
                 op: self.op,
                 peer: self.peer,
-                detail: describe(&got, header),
+                detail,
             });
         }
         self.drive(payload.len(), true, |mut s, done| {
