@@ -49,13 +49,14 @@ impl Role {
 
     /// Whether this role may call a method that needs `need`.
     pub fn may(self, need: Need) -> bool {
-        match (self, need) {
-            (_, Need::Nothing | Need::AttemptSecret) | (Role::Admin, _) => true,
-            (Role::Submitter, Need::Submitter | Need::Viewer) => true,
-            (Role::Viewer, Need::Viewer) => true,
-            (Role::Worker, Need::Worker) => true,
-            _ => false,
-        }
+        matches!(
+            (self, need),
+            (_, Need::Nothing | Need::AttemptSecret)
+                | (Role::Admin, _)
+                | (Role::Submitter, Need::Submitter | Need::Viewer)
+                | (Role::Viewer, Need::Viewer)
+                | (Role::Worker, Need::Worker)
+        )
     }
 }
 

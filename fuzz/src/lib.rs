@@ -127,7 +127,8 @@ pub fn campaign(
                 if std::env::var_os("GANTRY_FUZZ_SHOW").is_some() && !outcomes.contains(&key) {
                     eprintln!("new outcome: {key}");
                 }
-                if outcomes.insert(key) {
+                // Past MAX_OUTCOMES, nothing more counts as new (memory stays bounded).
+                if outcomes.len() < MAX_OUTCOMES && outcomes.insert(key) {
                     if corpus.len() < MAX_CORPUS {
                         corpus.push(input);
                     } else {
@@ -206,6 +207,9 @@ fn normalise(outcome: &str) -> String {
         .take(80)
         .collect()
 }
+
+/// The most distinct outcomes a campaign remembers.
+const MAX_OUTCOMES: usize = 1 << 20;
 
 /// The most inputs a campaign keeps to mutate (a new one then replaces a random one).
 const MAX_CORPUS: usize = 4096;

@@ -253,7 +253,7 @@ impl Coordinator {
     /// The first byte picks the request type; the rest is its encoding.
     fn run(&mut self, input: &[u8]) -> String {
         self.runs += 1;
-        if self.runs % 5_000 == 0 {
+        if self.runs.is_multiple_of(5_000) {
             *self = Self::new(); // keep the state (and memory) bounded
         }
         self.now += 7;

@@ -51,3 +51,30 @@ case!(cuda_ranks_get_gpus_of_their_own);
 case!(nccl_ids_reach_every_rank);
 case!(every_method_checks_its_callers_token_and_role);
 case!(submitters_change_only_their_own_jobs);
+
+/// `--insecure`: plain TCP and no tokens; the suite's lifecycle runs as an anonymous admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insecure_coordinator_serves_plain_tcp_without_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let shutdown = CancellationToken::new();
+    let c = Coordinator::start(
+        Options {
+            heartbeat_interval_ms: 100,
+            lease_ttl_ms: 1_000,
+            insecure: true,
+            ..Options::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(!dir.path().join("admin.token").exists() && !dir.path().join("tls").exists());
+    let target = Target {
+        url: format!("http://{}", c.addr),
+        token: None,
+        ca: None,
+    };
+    suite::job_lifecycle(&target).await.unwrap();
+    suite::registration_and_version_mismatch(&target).await.unwrap();
+    shutdown.cancel();
+}
