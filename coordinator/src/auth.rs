@@ -265,6 +265,20 @@ impl Tokens {
             .map(|(_, i)| i))
     }
 
+    /// Revokes every live token named `name` (a worker's credentials, before a new one).
+    pub fn revoke_named(&self, name: &str, now_ms: i64) -> Result<(), rusqlite::Error> {
+        let ids: Vec<String> = self
+            .rows()?
+            .into_iter()
+            .filter(|(_, info)| info.name == name && info.revoked_at_ms.is_none())
+            .map(|(_, info)| info.id)
+            .collect();
+        for id in ids {
+            self.revoke(&id, now_ms)?;
+        }
+        Ok(())
+    }
+
     /// Whose token this is, if it is live.
     pub fn who(&self, token: &str) -> Option<Principal> {
         self.live
@@ -470,6 +484,11 @@ fn message_too_large<R>(response: &mut http::Response<R>, method: &str, metrics:
         );
         metrics.refused(method, tonic::Code::ResourceExhausted);
     }
+}
+
+/// The name of a worker's own credential.
+pub fn worker_principal(worker_id: &str) -> String {
+    format!("worker:{worker_id}")
 }
 
 /// The caller of a handler, as [`Authenticated`] found it.

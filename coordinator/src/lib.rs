@@ -203,6 +203,7 @@ impl Coordinator {
             metrics: rpc.clone(),
             limiter: auth::rate_limiter(options.rate_limit_per_sec, options.rate_limit_burst),
         };
+        let worker_tokens = tokens.clone();
         let jobs = JobApi::new(handle.clone(), tokens, options.limits, rpc.clone());
         if let Some(listen) = options.metrics_listen {
             let collect = metrics::collector(handle.clone(), rpc.clone());
@@ -259,7 +260,7 @@ impl Coordinator {
                 JobServiceServer::new(jobs).max_decoding_message_size(options.max_message_bytes),
             )
             .add_service(
-                WorkerServiceServer::new(WorkerApi(handle.clone()))
+                WorkerServiceServer::new(WorkerApi(handle.clone(), worker_tokens))
                     .max_decoding_message_size(options.max_message_bytes),
             );
         let task = tokio::spawn(async move {

@@ -406,7 +406,20 @@ impl pb::job_service_server::JobService for JobApi {
     }
 }
 
-pub struct WorkerApi(pub Handle);
+/// The worker service: the core, and the tokens that workers' credentials are kept among (none
+/// when the coordinator runs `--insecure`).
+pub struct WorkerApi(pub Handle, pub Option<Arc<Tokens>>);
+
+/// Whether `who` may act as worker `worker_id`: an admin, or that worker's own credential.
+fn check_worker(who: &Principal, worker_id: &str) -> Result<(), Status> {
+    if who.role == Role::Admin || who.name == crate::auth::worker_principal(worker_id) {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "{} may not act as worker {worker_id:?}: present the credential its registration gave",
+        who.name
+    )))
+}
 
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerApi {
@@ -414,17 +427,35 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let who = caller(&req)?;
         let req = req.into_inner();
         check_version(req.protocol_version)?;
+        // Coming back as a known worker takes that worker's credential; the join token only
+        // registers new ones.
+        if !req.worker_id.is_empty() {
+            check_worker(&who, &req.worker_id)?;
+        }
         let registration = convert::registration(req)?;
         let (id, options) = self.0.with(|core, now| {
             core.register(registration, now)
                 .map(|id| (id, core.options().clone()))
         })?;
+        // The join token is exchanged for a credential of this worker alone (its earlier ones
+        // revoked), which it presents from now on and an admin can revoke on its own.
+        let own = crate::auth::worker_principal(&id.0);
+        let credential = match &self.1 {
+            Some(tokens) if who.name != own => {
+                let now = self.0.now_ms();
+                tokens.revoke_named(&own, now).map_err(database)?;
+                tokens.create(&own, Role::Worker, now).map_err(database)?.0
+            }
+            _ => String::new(),
+        };
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id.0,
             heartbeat_interval_ms: options.heartbeat_interval_ms,
             lease_ttl_ms: options.lease_ttl_ms,
+            credential,
         }))
     }
 
@@ -434,6 +465,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         req: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let who = caller(&req)?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("session: the stream ended before its first message")
@@ -442,6 +474,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         if first.worker_id.is_empty() {
             return Err(CoordinatorError::InvalidArgument("worker_id: required".into()).into());
         }
+        check_worker(&who, &first.worker_id)?;
         let worker = WorkerId(first.worker_id);
         let report = convert::worker_report(first.body)?;
         // The core holds the only sender of commands, so the stream ends when it lets the

@@ -31,7 +31,9 @@ fn refusal(holder: Holder, method: &str) -> Option<Code> {
         "WatchJob",
     ];
     let submitter = ["SubmitJob", "CancelJob", "ResumeJob"];
-    let worker = ["Register", "Session"];
+    // A worker token (the join token) registers new workers; sessions take the credential
+    // a registration gives (below, `workers_hold_credentials_of_their_own`).
+    let worker = ["Register"];
     let allowed = match holder {
         Holder::Nobody | Holder::Wrong | Holder::Revoked => return Some(Code::Unauthenticated),
         Holder::Admin => true,
@@ -40,6 +42,100 @@ fn refusal(holder: Holder, method: &str) -> Option<Code> {
         Holder::Worker => worker.contains(&method),
     };
     (!allowed).then_some(Code::PermissionDenied)
+}
+
+/// A worker registers with the join token and gets a credential of its own: its session and
+/// its coming back take that credential; another worker's credential, or the join token, may
+/// not act as it; once revoked, the credential opens nothing.
+pub async fn workers_hold_credentials_of_their_own(t: &Target) -> anyhow::Result<()> {
+    ensure!(
+        t.token.is_some(),
+        "this case needs an admin token (--token)"
+    );
+    let join = t
+        .jobs()
+        .await?
+        .create_token(pb::CreateTokenRequest {
+            name: "conformance-join".into(),
+            role: "worker".into(),
+        })
+        .await?
+        .into_inner()
+        .token;
+    let register = |worker_id: &str| pb::RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        worker_id: worker_id.into(),
+        hostname: "conformance".into(),
+        slots: 1,
+        devices: vec!["cpu".into()],
+        ..Default::default()
+    };
+    let mut joining = t.workers_as(Some(&join)).await?;
+    let a = joining.register(register("")).await?.into_inner();
+    let b = joining.register(register("")).await?.into_inner();
+    ensure!(
+        !a.credential.is_empty() && a.credential != b.credential && a.credential != join,
+        "no credentials of their own: {a:?} {b:?}"
+    );
+    let session = async |token: &str, worker_id: &str| {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(pb::WorkerMessage {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: worker_id.into(),
+            body: Some(pb::worker_message::Body::Running(
+                pb::RunningRanks::default(),
+            )),
+        })
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let mut client = t
+            .workers_as(Some(token))
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        client.session(ReceiverStream::new(rx)).await.map(drop)
+    };
+    session(&a.credential, &a.worker_id).await?;
+    for (token, worker, what) in [
+        (
+            &b.credential,
+            &a.worker_id,
+            "b's credential opening a's session",
+        ),
+        (&join, &a.worker_id, "the join token opening a's session"),
+    ] {
+        expect_code(session(token, worker).await, Code::PermissionDenied, what)?;
+    }
+    let again = t
+        .workers_as(Some(&a.credential))
+        .await?
+        .register(register(&a.worker_id))
+        .await?
+        .into_inner();
+    ensure!(
+        again.worker_id == a.worker_id && again.credential.is_empty(),
+        "coming back with its credential: {again:?}"
+    );
+    let r = joining.register(register(&a.worker_id)).await;
+    expect_code(r, Code::PermissionDenied, "the join token re-registering a")?;
+    let mut admin = t.jobs().await?;
+    let tokens = admin
+        .list_tokens(pb::ListTokensRequest {})
+        .await?
+        .into_inner()
+        .tokens;
+    let own = tokens
+        .iter()
+        .find(|t| t.name == format!("worker:{}", a.worker_id) && t.revoked_at_ms.is_none())
+        .context("a's credential is not listed")?;
+    admin
+        .revoke_token(pb::RevokeTokenRequest { id: own.id.clone() })
+        .await?;
+    expect_code(
+        session(&a.credential, &a.worker_id).await,
+        Code::Unauthenticated,
+        "a revoked credential",
+    )?;
+    Ok(())
 }
 
 /// Over plain TCP a TLS coordinator answers nothing. Every method of both services is called

@@ -7,6 +7,7 @@ mod gpus;
 
 pub use auth::{
     every_method_checks_its_callers_token_and_role, submitters_change_only_their_own_jobs,
+    workers_hold_credentials_of_their_own,
 };
 pub use gpus::{cuda_ranks_get_gpus_of_their_own, nccl_ids_reach_every_rank};
 
@@ -696,6 +697,9 @@ pub fn cases() -> Vec<(&'static str, Case)> {
         }),
         ("submitters_change_only_their_own_jobs", |t| {
             Box::pin(submitters_change_only_their_own_jobs(t))
+        }),
+        ("workers_hold_credentials_of_their_own", |t| {
+            Box::pin(workers_hold_credentials_of_their_own(t))
         }),
     ]
 }

@@ -51,6 +51,7 @@ case!(cuda_ranks_get_gpus_of_their_own);
 case!(nccl_ids_reach_every_rank);
 case!(every_method_checks_its_callers_token_and_role);
 case!(submitters_change_only_their_own_jobs);
+case!(workers_hold_credentials_of_their_own);
 
 /// `--insecure`: plain TCP and no tokens; the suite's lifecycle runs as an anonymous admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,6 +76,8 @@ async fn an_insecure_coordinator_serves_plain_tcp_without_tokens() {
         ca: None,
     };
     suite::job_lifecycle(&target).await.unwrap();
-    suite::registration_and_version_mismatch(&target).await.unwrap();
+    suite::registration_and_version_mismatch(&target)
+        .await
+        .unwrap();
     shutdown.cancel();
 }

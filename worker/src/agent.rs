@@ -62,8 +62,6 @@ struct RankProcess {
     pid: Option<u32>,
 }
 
-type WorkerClient = pb::worker_service_client::WorkerServiceClient<gantry_proto::Authed>;
-
 /// Runs the daemon until `shutdown`, then kills its ranks. `drain` starts a graceful stop:
 /// the coordinator is told to place nothing more here, every rank is asked (SIGTERM) to save a
 /// checkpoint and stop at its next step, and the daemon returns once they have exited and
@@ -94,6 +92,8 @@ pub async fn run(
     let (events_tx, mut events) = mpsc::unbounded_channel::<Body>();
     let mut ranks: HashMap<Key, RankProcess> = HashMap::new();
     let mut worker_id = String::new();
+    // This worker's own credential, once registration gave one (the join token until then).
+    let mut credential: Option<String> = None;
     // Exits and checkpoint commits not yet delivered to a coordinator.
     let mut undelivered: Vec<Body> = Vec::new();
 
@@ -102,7 +102,7 @@ pub async fn run(
         // drains when asked (a pod terminated during a coordinator outage checkpoints its
         // ranks), keeps track of its ranks' exits, and ends a drain once they are gone.
         let registered = {
-            let registering = register(&options, &worker_id);
+            let registering = register(&options, &worker_id, credential.as_deref());
             tokio::pin!(registering);
             loop {
                 let deadline = drain_deadline
@@ -131,13 +131,20 @@ pub async fn run(
                 }
             }
         };
-        let (mut client, reg) = match registered {
+        let (channel, reg) = match registered {
             Ok(ok) => ok,
             Err(e) => {
                 kill_all(&mut ranks);
                 return Err(e);
             }
         };
+        if !reg.credential.is_empty() {
+            credential = Some(reg.credential.clone());
+        }
+        let bearer =
+            gantry_proto::Bearer::new(credential.as_deref().or(options.join_token.as_deref()))
+                .map_err(anyhow::Error::msg)?;
+        let mut client = gantry_proto::worker_client(channel, bearer);
         if worker_id != reg.worker_id {
             tracing::info!(worker = %reg.worker_id, coordinator = %options.coordinator, "registered");
         }
@@ -350,11 +357,13 @@ fn kill_all(ranks: &mut HashMap<Key, RankProcess>) {
     }
 }
 
-/// Registers (again), retrying with backoff while the coordinator is unreachable.
+/// Registers (again), retrying with backoff while the coordinator is unreachable, with the
+/// worker's own `credential` once it has one, the join token before.
 async fn register(
     options: &AgentOptions,
     worker_id: &str,
-) -> anyhow::Result<(WorkerClient, pb::RegisterResponse)> {
+    credential: Option<&str>,
+) -> anyhow::Result<(tonic::transport::Channel, pb::RegisterResponse)> {
     let request = pb::RegisterRequest {
         protocol_version: PROTOCOL_VERSION,
         worker_id: worker_id.to_string(),
@@ -365,16 +374,16 @@ async fn register(
         gpus: options.gpus.iter().map(Gpu::to_proto).collect(),
     };
     let attempt = || async {
-        let bearer = gantry_proto::Bearer::new(options.join_token.as_deref())
+        let bearer = gantry_proto::Bearer::new(credential.or(options.join_token.as_deref()))
             .map_err(|e| tonic::Status::invalid_argument(format!("join token: {e}")))?;
         let channel = gantry_proto::endpoint(&options.coordinator, options.ca_cert.as_deref())
             .map_err(|e| tonic::Status::invalid_argument(format!("coordinator: {e}")))?
             .connect()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        let mut client = gantry_proto::worker_client(channel, bearer);
+        let mut client = gantry_proto::worker_client(channel.clone(), bearer);
         let reply = client.register(request.clone()).await?;
-        Ok::<_, tonic::Status>((client, reply.into_inner()))
+        Ok::<_, tonic::Status>((channel, reply.into_inner()))
     };
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))

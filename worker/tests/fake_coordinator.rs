@@ -46,6 +46,8 @@ struct Received {
 #[derive(Debug, Default)]
 struct State {
     registrations: Vec<pb::RegisterRequest>,
+    /// The `authorization` header of each registration and each session, in order.
+    credentials: Vec<(&'static str, String)>,
     received: Vec<Received>,
     /// How many sessions were opened so far; the current one has this number.
     sessions: usize,
@@ -64,8 +66,10 @@ impl WorkerService for Fake {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let presented = authorization(&request);
         let request = request.into_inner();
         let mut state = self.state.lock().unwrap();
+        state.credentials.push(("register", presented));
         // A reconnecting worker keeps its id; a new one gets the next.
         let worker_id = if request.worker_id.is_empty() {
             format!("worker-{}", state.registrations.len() + 1)
@@ -74,6 +78,7 @@ impl WorkerService for Fake {
         };
         state.registrations.push(request);
         Ok(Response::new(pb::RegisterResponse {
+            credential: format!("credential-of-{worker_id}"),
             worker_id,
             heartbeat_interval_ms: HEARTBEAT_MS,
             lease_ttl_ms: 10 * HEARTBEAT_MS,
@@ -86,10 +91,12 @@ impl WorkerService for Fake {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let presented = authorization(&request);
         let mut inbound = request.into_inner();
         let (down, down_rx) = mpsc::unbounded_channel();
         let session = {
             let mut state = self.state.lock().unwrap();
+            state.credentials.push(("session", presented));
             state.sessions += 1;
             state.session = Some(down);
             state.sessions
@@ -121,6 +128,16 @@ impl WorkerService for Fake {
             "the fake coordinator has no rendezvous",
         ))
     }
+}
+
+/// The bearer a request came with ("" for none).
+fn authorization<T>(request: &Request<T>) -> String {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// The fake served on 127.0.0.1, which the test can stop and restart on the same port.
@@ -363,7 +380,7 @@ impl Daemon {
             drain_timeout_secs,
             store_options: Default::default(),
             log_format: Default::default(),
-            join_token: None,
+            join_token: Some("the-join-token".into()),
             ca_cert: None,
         };
         let shutdown = CancellationToken::new();
@@ -745,6 +762,20 @@ async fn after_a_lost_session_or_coordinator_the_daemon_reregisters_and_reports_
         let state = coordinator.state();
         assert_eq!(state.registrations.len(), 3);
         assert_eq!(state.registrations[2].worker_id, "worker-1");
+        // The join token registers once; from then on the worker presents the credential
+        // its registration gave, to open sessions and to come back.
+        let own = "Bearer credential-of-worker-1".to_string();
+        assert_eq!(
+            state.credentials,
+            [
+                ("register", "Bearer the-join-token".to_string()),
+                ("session", own.clone()),
+                ("register", own.clone()),
+                ("session", own.clone()),
+                ("register", own.clone()),
+                ("session", own),
+            ]
+        );
     }
     assert_eq!(first.worker_id, "worker-1");
     let Some(Body::Running(running)) = first.body else {
