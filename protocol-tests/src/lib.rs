@@ -601,10 +601,34 @@ pub async fn cancel_stops_ranks(t: &Target) -> anyhow::Result<()> {
 pub async fn rank_exit_restarts(t: &Target) -> anyhow::Result<()> {
     let mut w = FakeWorker::join(t, 1).await?;
     let submitted = submit(t, "restart", 1).await?;
-    let first = w.next_assignment().await?.key.context("key")?;
+    let first_assignment = w.next_assignment().await?;
+    let first = first_assignment.key.clone().context("key")?;
     ensure!(first.job_id == submitted.id, "wrong job");
     w.exit(&first, 1).await?;
-    let second = w.next_assignment().await?.key.context("key")?;
+    let second_assignment = w.next_assignment().await?;
+    let second = second_assignment.key.clone().context("key")?;
+    // A rank of the ended attempt is refused with its own secret (ABORTED, it is not live),
+    // and its secret opens nothing of the new attempt (UNAUTHENTICATED).
+    let rendezvous = |key: &pb::RankKey, secret: &str| pb::RendezvousRequest {
+        protocol_version: PROTOCOL_VERSION,
+        key: Some(key.clone()),
+        address: "127.0.0.1:9".into(),
+        nccl_groups: vec![],
+        attempt_secret: secret.into(),
+    };
+    let mut workers = t.workers().await?;
+    ensure!(
+        first_assignment.attempt_secret != second_assignment.attempt_secret,
+        "two attempts share a secret"
+    );
+    let r = workers
+        .rendezvous(rendezvous(&first, &first_assignment.attempt_secret))
+        .await;
+    expect_code(r, Code::Aborted, "a rank of the ended attempt")?;
+    let r = workers
+        .rendezvous(rendezvous(&second, &first_assignment.attempt_secret))
+        .await;
+    expect_code(r, Code::Unauthenticated, "the ended attempt's secret on the new one")?;
     ensure!(
         second.job_id == submitted.id && second.attempt == 2,
         "expected attempt 2, got {second:?}"
