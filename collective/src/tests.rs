@@ -6,6 +6,18 @@ use gantry_core::Mesh;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+/// `n` listeners on loopback, and their addresses.
+fn listeners(n: u32) -> (Vec<TcpListener>, Vec<String>) {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    (listeners, peers)
+}
+
 /// Runs `f` on every rank of a fresh world of `n`, one thread each.
 fn with_world<T: Send + 'static>(
     n: u32,
@@ -13,13 +25,7 @@ fn with_world<T: Send + 'static>(
     timeout: Duration,
     f: impl Fn(Result<TcpComm, CommError>) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let (listeners, peers) = listeners(n);
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
@@ -356,13 +362,7 @@ fn a_rank_without_the_attempts_secret_cannot_join() {
 #[test]
 fn an_intruder_without_the_secret_is_dropped_and_the_world_forms_without_it() {
     use std::io::{Read, Write};
-    let listeners: Vec<TcpListener> = (0..2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let (listeners, peers) = listeners(2);
     // The intruder's opening: rank 1's hello, as `Identity::hello` writes it, and a nonce.
     let mut intruder = std::net::TcpStream::connect(&peers[0]).unwrap();
     let mut opening = Vec::new();

@@ -9,6 +9,7 @@ pub mod config;
 pub mod convert;
 pub mod core;
 pub mod error;
+pub mod handle;
 pub mod message;
 pub mod metrics;
 pub mod policy;
@@ -24,7 +25,8 @@ mod core_gpu_tests;
 mod core_tests;
 
 use crate::core::{Core, CoreOptions};
-use crate::service::{Clock, Handle, JobApi, SystemClock, WorkerApi};
+use crate::handle::{Clock, Handle, SystemClock};
+use crate::service::{JobApi, WorkerApi};
 use crate::store::Store;
 use gantry_proto::v1::{
     job_service_server::JobServiceServer, worker_service_server::WorkerServiceServer,

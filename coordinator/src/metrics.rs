@@ -1,7 +1,7 @@
 //! The coordinator's Prometheus metrics: job and worker gauges read from the core at scrape
 //! time, and the latency of every gRPC method, measured by a tower layer around the server.
 
-use crate::service::Handle;
+use crate::handle::Handle;
 use gantry_ops::prometheus_client::metrics::counter::Counter;
 use gantry_ops::prometheus_client::metrics::family::Family;
 use gantry_ops::prometheus_client::metrics::histogram::{Histogram, exponential_buckets};

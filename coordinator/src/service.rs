@@ -1,61 +1,20 @@
-//! gRPC adapters: decode, call one core method under the lock, encode. No decisions here.
+//! gRPC adapters: decode, call one core method under the lock ([`Handle`]), encode. No
+//! decisions here.
 
 use crate::auth::{Principal, Role, Tokens, caller};
 use crate::convert;
 use crate::core::{Core, Resume, Update};
 use crate::error::CoordinatorError;
+use crate::handle::Handle;
 use gantry_core::WorkerId;
 use gantry_proto::PROTOCOL_VERSION;
 use gantry_proto::v1 as pb;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
-
-/// Where time comes from; tests may supply their own.
-pub trait Clock: Send + Sync + 'static {
-    fn now_ms(&self) -> i64;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now_ms(&self) -> i64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64)
-    }
-}
-
-/// A cheap, cloneable handle on the core.
-#[derive(Clone)]
-pub struct Handle {
-    core: Arc<Mutex<Core>>,
-    clock: Arc<dyn Clock>,
-}
-
-impl Handle {
-    pub fn new(core: Core, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            core: Arc::new(Mutex::new(core)),
-            clock,
-        }
-    }
-
-    pub fn now_ms(&self) -> i64 {
-        self.clock.now_ms()
-    }
-
-    /// Runs one command against the core. The lock is never held across an await.
-    pub fn with<T>(&self, f: impl FnOnce(&mut Core, i64) -> T) -> T {
-        let now = self.clock.now_ms();
-        let mut core: MutexGuard<'_, Core> = self.core.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut core, now)
-    }
-}
 
 fn check_version(version: u32) -> Result<(), Status> {
     if version == PROTOCOL_VERSION {

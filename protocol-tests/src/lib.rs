@@ -628,7 +628,11 @@ pub async fn rank_exit_restarts(t: &Target) -> anyhow::Result<()> {
     let r = workers
         .rendezvous(rendezvous(&second, &first_assignment.attempt_secret))
         .await;
-    expect_code(r, Code::Unauthenticated, "the ended attempt's secret on the new one")?;
+    expect_code(
+        r,
+        Code::Unauthenticated,
+        "the ended attempt's secret on the new one",
+    )?;
     ensure!(
         second.job_id == submitted.id && second.attempt == 2,
         "expected attempt 2, got {second:?}"

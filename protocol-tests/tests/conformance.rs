@@ -5,29 +5,38 @@ use gantry_protocol_tests::{self as suite, Target};
 use tokio_util::sync::CancellationToken;
 
 async fn coordinator() -> (Target, CancellationToken, tempfile::TempDir) {
+    let (target, shutdown, dir) = started(false).await;
+    // Secure by default: the coordinator wrote its admin token and CA beside its database.
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let target = Target {
+        url: target.url.replace("http://", "https://"),
+        token: Some(token.trim().to_string()),
+        ca: Some(std::fs::read(dir.path().join("tls/ca.pem")).unwrap()),
+    };
+    (target, shutdown, dir)
+}
+
+/// A fresh in-process coordinator with short leases; `insecure` as `--insecure`.
+async fn started(insecure: bool) -> (Target, CancellationToken, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let shutdown = CancellationToken::new();
     let c = Coordinator::start(
         Options {
             heartbeat_interval_ms: 100,
             lease_ttl_ms: 1_000,
+            insecure,
             ..Options::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
         },
         shutdown.clone(),
     )
     .await
     .unwrap();
-    // Secure by default: the coordinator wrote its admin token beside its database.
-    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
-    (
-        Target {
-            url: format!("https://{}", c.addr),
-            token: Some(token.trim().to_string()),
-            ca: Some(std::fs::read(dir.path().join("tls/ca.pem")).unwrap()),
-        },
-        shutdown,
-        dir,
-    )
+    let target = Target {
+        url: format!("http://{}", c.addr),
+        token: None,
+        ca: None,
+    };
+    (target, shutdown, dir)
 }
 
 macro_rules! case {
@@ -56,25 +65,8 @@ case!(workers_hold_credentials_of_their_own);
 /// `--insecure`: plain TCP and no tokens; the suite's lifecycle runs as an anonymous admin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insecure_coordinator_serves_plain_tcp_without_tokens() {
-    let dir = tempfile::tempdir().unwrap();
-    let shutdown = CancellationToken::new();
-    let c = Coordinator::start(
-        Options {
-            heartbeat_interval_ms: 100,
-            lease_ttl_ms: 1_000,
-            insecure: true,
-            ..Options::new("127.0.0.1:0".parse().unwrap(), dir.path().to_path_buf())
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let (target, shutdown, dir) = started(true).await;
     assert!(!dir.path().join("admin.token").exists() && !dir.path().join("tls").exists());
-    let target = Target {
-        url: format!("http://{}", c.addr),
-        token: None,
-        ca: None,
-    };
     suite::job_lifecycle(&target).await.unwrap();
     suite::registration_and_version_mismatch(&target)
         .await
