@@ -112,7 +112,13 @@ impl Cluster {
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
-            .args(["--lease-ttl-ms", "3000", "--heartbeat-interval-ms", "300"])
+            .args(
+                if self.coordinator_args.iter().any(|a| a == "--lease-ttl-ms") {
+                    &[][..]
+                } else {
+                    &["--lease-ttl-ms", "3000", "--heartbeat-interval-ms", "300"][..]
+                },
+            )
             .args(&self.coordinator_args)
             .args(
                 self.metrics
@@ -2223,6 +2229,15 @@ fn metrics_and_health_endpoints_show_live_values() {
         sample(reporting, "gantry_worker_checkpoint_seconds_count").is_some_and(|n| n >= 1.0),
         "{reporting}"
     );
+    // Open, and nothing secret in them: neither token, nor the CA's key material.
+    for (name, file) in [("admin", "admin.token"), ("join", "join.token")] {
+        let token = std::fs::read_to_string(cluster.dir.path().join("state").join(file)).unwrap();
+        let token = token.trim();
+        for scrape in scraped.iter().chain([&text]) {
+            assert!(!scrape.contains(token), "the {name} token is in a scrape");
+        }
+    }
+    assert!(!text.contains("PRIVATE KEY"));
     assert_eq!(cluster.gantry(&["cancel", &job]).status.code(), Some(0));
 }
 
@@ -2497,4 +2512,129 @@ fn stores_outside_the_allow_list_are_refused_by_field() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The listening TCP ports of process `pid` (from its socket inodes and /proc/net/tcp).
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().into_owned();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address, rem_address, st (0A: LISTEN), …, inode (the 10th field).
+            (f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9])).then(|| {
+                let port = f[1].rsplit(':').next().unwrap();
+                u16::from_str_radix(port, 16).unwrap()
+            })
+        })
+        .collect()
+}
+
+/// The rank a rank process runs, from its assignment's file name.
+fn rank_of(pid: u32) -> Option<u32> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let file = cmdline.split('\0').find(|a| a.ends_with(".json"))?;
+    file.rsplit("rank-")
+        .next()?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+/// A process that knows a job's id, its attempt and a rank number, but not the attempt's
+/// secret, connects to rank 0's data-plane port while rank 0 waits for its peer, and claims to
+/// be rank 1: rank 0 answers its challenge, refuses its proof and drops it, then links the real
+/// rank 1, and the job trains on to the very loss of a run nobody disturbed.
+#[test]
+fn a_process_without_the_attempts_secret_cannot_join_a_ring() {
+    use std::io::{Read, Write};
+    let mut cluster = Cluster::start(0);
+    // Long leases: a worker frozen for a moment (below) is not declared lost.
+    cluster.stop_coordinator();
+    cluster.coordinator_args = ["--lease-ttl-ms", "30000", "--heartbeat-interval-ms", "300"]
+        .map(String::from)
+        .to_vec();
+    cluster.start_coordinator();
+    cluster.add_worker();
+    cluster.add_worker();
+    cluster.wait_for(|c| c.alive_workers() == 2, "workers to register");
+    let set = ["train.steps=300", "checkpoint.every_steps=100"];
+    let reference = cluster.submit("mlp-dp2.toml", &set);
+    let reference_end = cluster.wait_until_ended(&reference);
+    assert_eq!(reference_end["state"], "Succeeded");
+    let signal = |pid: u32, sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    };
+    // One worker is frozen, so the other's rank starts alone: bound, waiting at rendezvous.
+    // Its connections queue until it accepts, and rank 0 accepts first what came first. Which
+    // worker gets rank 0 is the scheduler's choice: freeze the other one, until rank 0 is the
+    // one that runs.
+    for tries in 0.. {
+        assert!(tries < 6, "rank 0 never ran on the worker left running");
+        let frozen = cluster.workers[tries % 2].id();
+        signal(frozen, "-STOP");
+        let job = cluster.submit("mlp-dp2.toml", &set);
+        let mut live = None;
+        cluster.wait_for(
+            |c| {
+                live = c.rank_pids(&job).first().and_then(|&pid| {
+                    let port = listening_ports(pid).first().copied()?;
+                    Some((rank_of(pid)?, port))
+                });
+                live.is_some()
+            },
+            "the running rank to listen",
+        );
+        let (rank, port) = live.unwrap();
+        if rank != 0 {
+            signal(frozen, "-CONT");
+            assert_eq!(cluster.wait_until_ended(&job)["state"], "Succeeded");
+            continue;
+        }
+        let attempt = cluster.status(&job)["attempt"].as_u64().unwrap();
+        let mut intruder = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        intruder
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        // Rank 1's hello, right in every field the intruder can know, and a nonce.
+        let hello = gantry_collective::tcp::Identity::new(&job, attempt, [0; 32]).hello(1);
+        intruder.write_all(&hello).unwrap();
+        intruder.write_all(&[7; 16]).unwrap();
+        signal(frozen, "-CONT");
+        let mut answer = [0u8; 48];
+        intruder.read_exact(&mut answer).unwrap();
+        intruder.write_all(&[0; 32]).unwrap(); // a proof it cannot make
+        let mut ack = [0u8; 1];
+        assert!(
+            !matches!(intruder.read(&mut ack), Ok(1)),
+            "rank 0 acknowledged a process without the secret"
+        );
+        let end = cluster.wait_until_ended(&job);
+        assert_eq!(end["state"], "Succeeded", "{end}");
+        assert_eq!(end["attempt"], 1, "the intruder cost an attempt: {end}");
+        assert_eq!(end["loss"], reference_end["loss"], "{end}");
+        let logs = String::from_utf8(cluster.gantry(&["logs", &job]).stdout).unwrap();
+        assert!(
+            logs.contains("refused a connection that is not a rank of this attempt"),
+            "{logs}"
+        );
+        break;
+    }
 }

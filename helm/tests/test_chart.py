@@ -369,6 +369,15 @@ class ChartTest(unittest.TestCase):
         ]
         self.assertEqual(items, ["ca.crt"], "workers get the CA, never the key")
 
+    def test_the_allow_list_of_stores_reaches_the_coordinator_config(self):
+        _, objects = render({"coordinator": {"allowedStores": ["s3://team/", "http://minio:9000"]}})
+        (config,) = find(objects, "ConfigMap")
+        parsed = tomllib.loads(config["data"]["coordinator.toml"])
+        self.assertEqual(parsed["allowed_stores"], ["s3://team/", "http://minio:9000"])
+        _, objects = render({})
+        (config,) = find(objects, "ConfigMap")
+        self.assertNotIn("allowed_stores", tomllib.loads(config["data"]["coordinator.toml"]))
+
     def test_tls_from_an_existing_secret_or_cert_manager(self):
         _, objects = render({"tls": {"existingSecret": "corp-tls"}})
         self.assertFalse([o for o in objects if o["metadata"]["name"] == "gantry-tls"])
