@@ -127,7 +127,7 @@ pub fn status(job: &pb::Job, out: Output) {
     println!("job:         {} ({})", job.id, job.name);
     println!("state:       {}", state_name(job.state));
     if !job.submitted_by.is_empty() {
-        println!("submitted by {}", job.submitted_by);
+        println!("submitter:   {}", job.submitted_by);
     }
     if let Some(reason) = &job.pending_reason {
         println!("waiting:     {reason}");
