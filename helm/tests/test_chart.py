@@ -369,6 +369,16 @@ class ChartTest(unittest.TestCase):
         ]
         self.assertEqual(items, ["ca.crt"], "workers get the CA, never the key")
 
+    def test_the_tls_scenario_uses_its_own_secrets_and_makes_none(self):
+        _, objects = render(dict(scenarios())["tls"])
+        self.assertFalse([o for o in objects if o["kind"] == "Secret"], "the chart made a Secret")
+        mounted = set()
+        for sts in find(objects, "StatefulSet"):
+            for v in sts["spec"]["template"]["spec"]["volumes"]:
+                if "secret" in v:
+                    mounted.add(v["secret"]["secretName"])
+        self.assertEqual(mounted, {"corp-gantry-tls", "corp-gantry-tokens"})
+
     def test_the_allow_list_of_stores_reaches_the_coordinator_config(self):
         _, objects = render({"coordinator": {"allowedStores": ["s3://team/", "http://minio:9000"]}})
         (config,) = find(objects, "ConfigMap")
