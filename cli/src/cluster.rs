@@ -18,6 +18,7 @@ pub async fn up(
     slots_per_worker: u32,
     state_dir: &Path,
     listen: SocketAddr,
+    insecure: bool,
 ) -> Result<i32, Failure> {
     let shutdown = CancellationToken::new();
     let cluster = local::LocalCluster::start(
@@ -26,6 +27,7 @@ pub async fn up(
         workers,
         slots_per_worker,
         shutdown.clone(),
+        insecure,
     )
     .await
     .map_err(|e| Failure::usage(format!("{e:#}")))?;
@@ -35,11 +37,13 @@ pub async fn up(
         state_dir.display()
     );
     let token = state_dir.join("admin.token");
-    println!(
-        "admin token in {} (readable by you alone); other users get theirs from `gantry token create NAME`",
-        token.display()
-    );
-    let token_flag = if state_dir == Path::new(".gantry") {
+    let token_flag = if insecure {
+        eprintln!(
+            "WARNING: --insecure: plain TCP and no tokens. Anyone who can reach {listen} can \
+             submit jobs, and so run code on this machine, cancel them and register workers."
+        );
+        String::new()
+    } else if state_dir == Path::new(".gantry") {
         String::new() // the CLI reads .gantry/admin.token and .gantry/tls/ca.pem by default
     } else {
         format!(
@@ -48,6 +52,12 @@ pub async fn up(
             state_dir.join("tls/ca.pem").display()
         )
     };
+    if !insecure {
+        println!(
+            "admin token in {} (readable by you alone); other users get theirs from `gantry token create NAME`",
+            token.display()
+        );
+    }
     println!(
         "submit with: gantry --coordinator {}{token_flag} submit deploy/examples/mlp-dp2.toml --wait",
         cluster.url
@@ -68,6 +78,7 @@ pub async fn demo(state_dir: &Path, set: &[String]) -> Result<i32, Failure> {
         2,
         1,
         shutdown.clone(),
+        false,
     )
     .await
     .map_err(|e| Failure::usage(format!("{e:#}")))?;
@@ -90,9 +101,9 @@ pub async fn demo(state_dir: &Path, set: &[String]) -> Result<i32, Failure> {
     );
     let remote = Remote {
         url: cluster.url.clone(),
-        bearer: gantry_proto::Bearer::new(Some(&cluster.admin_token))
+        bearer: gantry_proto::Bearer::new(cluster.admin_token.as_deref())
             .map_err(|e| Failure::usage(format!("admin.token: {e}")))?,
-        ca: Some(cluster.ca.clone()),
+        ca: cluster.ca.clone(),
     };
     let mut client = connect(&remote).await?;
     let started = Instant::now();

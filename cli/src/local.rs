@@ -9,10 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 pub struct LocalCluster {
     pub url: String,
-    /// The admin token the coordinator wrote to `<state_dir>/admin.token`.
-    pub admin_token: String,
-    /// The CA certificate it made (`<state_dir>/tls/ca.pem`), which clients verify it with.
-    pub ca: Vec<u8>,
+    /// The admin token the coordinator wrote to `<state_dir>/admin.token` (none `--insecure`).
+    pub admin_token: Option<String>,
+    /// The CA certificate it made (`<state_dir>/tls/ca.pem`), which clients verify it with
+    /// (none `--insecure`).
+    pub ca: Option<Vec<u8>>,
     pub coordinator: Coordinator,
     pub workers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -24,6 +25,7 @@ impl LocalCluster {
         workers: u32,
         slots_per_worker: u32,
         shutdown: CancellationToken,
+        insecure: bool,
     ) -> anyhow::Result<Self> {
         anyhow::ensure!(workers >= 1, "--workers: must be at least 1");
         anyhow::ensure!(
@@ -31,12 +33,14 @@ impl LocalCluster {
             "--slots-per-worker: must be at least 1"
         );
         let mut options = Options::new(listen, state_dir.to_path_buf());
+        options.insecure = insecure;
         if !listen.ip().is_unspecified() {
             // The certificate it makes must name the address clients use.
             options.tls_names.push(listen.ip().to_string());
         }
         let coordinator = Coordinator::start(options, shutdown.clone()).await?;
-        let url = format!("https://{}", coordinator.addr);
+        let scheme = if insecure { "http" } else { "https" };
+        let url = format!("{scheme}://{}", coordinator.addr);
         // The credentials the coordinator made (or found) in its state directory.
         let state = std::fs::canonicalize(state_dir)?;
         let read = |name: &str| {
@@ -44,8 +48,15 @@ impl LocalCluster {
                 .map(|t| t.trim().to_string())
                 .map_err(|e| anyhow::anyhow!("{}: {e}", state.join(name).display()))
         };
-        let (admin_token, join_token) = (read("admin.token")?, read("join.token")?);
-        let ca = std::fs::read(state.join("tls/ca.pem"))?;
+        let (admin_token, join_token, ca) = if insecure {
+            (None, None, None)
+        } else {
+            (
+                Some(read("admin.token")?),
+                Some(read("join.token")?),
+                Some(std::fs::read(state.join("tls/ca.pem"))?),
+            )
+        };
         let exe = std::env::current_exe()?.display().to_string();
         let host = gantry_worker::config::hostname();
         let handles = (0..workers)
@@ -63,8 +74,8 @@ impl LocalCluster {
                     drain_timeout_secs: gantry_core::defaults::DRAIN_TIMEOUT_SECS,
                     store_options: Default::default(),
                     log_format: Default::default(),
-                    join_token: Some(join_token.clone()),
-                    ca_cert: Some(ca.clone()),
+                    join_token: join_token.clone(),
+                    ca_cert: ca.clone(),
                 };
                 tokio::spawn(agent::run(
                     options,

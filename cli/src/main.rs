@@ -65,6 +65,10 @@ enum Command {
         state_dir: PathBuf,
         #[arg(long, default_value = gantry_core::defaults::COORDINATOR_LISTEN)]
         listen: SocketAddr,
+        /// Plain TCP and no tokens: anyone who can reach the port controls the cluster and runs
+        /// code on this machine. Clients then use http://.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Start a local cluster, train the example GPT with dp=2 to the end, print a summary.
     Demo {
@@ -293,7 +297,8 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             slots_per_worker,
             state_dir,
             listen,
-        } => cluster::up(workers, slots_per_worker, &state_dir, listen).await,
+            insecure,
+        } => cluster::up(workers, slots_per_worker, &state_dir, listen, insecure).await,
         Command::Demo { state_dir, set } => cluster::demo(&state_dir, &set).await,
         Command::Submit {
             spec,
