@@ -258,8 +258,8 @@ impl Cli {
         let token = match (&self.token, &self.token_file) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(file)) => Some(
-                std::fs::read_to_string(file)
-                    .map_err(|e| Failure::usage(format!("--token-file {}: {e}", file.display())))?,
+                gantry_ops::read_token_file(file, "--token-file")
+                    .map_err(|e| Failure::usage(format!("{e:#}")))?,
             ),
             (None, None) => std::fs::read_to_string(DEFAULT_TOKEN_FILE).ok(),
         };

@@ -9,7 +9,7 @@
 //! rank presents its attempt's secret, checked against the live attempt by the core.
 
 use crate::metrics::RpcMetrics;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::future::Future;
@@ -123,17 +123,12 @@ pub struct Tokens {
 }
 
 fn digest(token: &str) -> String {
-    Sha256::digest(token.trim().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    gantry_core::hex(&Sha256::digest(token.trim().as_bytes()))
 }
 
 /// A fresh token: 256 bits from the OS's generator.
 pub fn fresh_token() -> String {
-    let bytes: [u8; 32] = rand::random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("gantry_{hex}")
+    format!("gantry_{}", gantry_core::hex(&rand::random::<[u8; 32]>()))
 }
 
 impl Tokens {
@@ -243,38 +238,29 @@ impl Tokens {
 
     /// Revokes the token with this id: it stops working at once. `None` when there is none.
     pub fn revoke(&self, id: &str, now_ms: i64) -> Result<Option<TokenInfo>, rusqlite::Error> {
-        let hash: Option<String> = {
-            let conn = self.conn.lock().expect("not poisoned");
-            let hash = conn
-                .query_row("SELECT hash FROM tokens WHERE id = ?1", [id], |r| r.get(0))
-                .optional()?;
-            if let Some(hash) = &hash {
-                conn.execute(
-                    "UPDATE tokens SET revoked_at_ms = COALESCE(revoked_at_ms, ?2) WHERE hash = ?1",
-                    params![hash, now_ms],
-                )?;
-            }
-            hash
-        };
-        let Some(hash) = hash else { return Ok(None) };
-        self.live.write().expect("not poisoned").remove(&hash);
-        Ok(self
-            .rows()?
-            .into_iter()
-            .find(|(h, _)| *h == hash)
-            .map(|(_, i)| i))
+        self.revoke_where("id", id, now_ms)?;
+        Ok(self.list()?.into_iter().find(|t| t.id == id))
     }
 
     /// Revokes every live token named `name` (a worker's credentials, before a new one).
     pub fn revoke_named(&self, name: &str, now_ms: i64) -> Result<(), rusqlite::Error> {
-        let ids: Vec<String> = self
-            .rows()?
-            .into_iter()
-            .filter(|(_, info)| info.name == name && info.revoked_at_ms.is_none())
-            .map(|(_, info)| info.id)
-            .collect();
-        for id in ids {
-            self.revoke(&id, now_ms)?;
+        self.revoke_where("name", name, now_ms)
+    }
+
+    /// Revokes the live tokens whose `column` (`id` or `name`) is `value`, in the database
+    /// and in memory, in one statement.
+    fn revoke_where(&self, column: &str, value: &str, now_ms: i64) -> Result<(), rusqlite::Error> {
+        let conn = self.conn.lock().expect("not poisoned");
+        let mut update = conn.prepare(&format!(
+            "UPDATE tokens SET revoked_at_ms = ?2 WHERE {column} = ?1 AND revoked_at_ms IS NULL
+             RETURNING hash"
+        ))?;
+        let hashes: Vec<String> = update
+            .query_map(params![value, now_ms], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut live = self.live.write().expect("not poisoned");
+        for hash in hashes {
+            live.remove(&hash);
         }
         Ok(())
     }
@@ -489,6 +475,29 @@ fn message_too_large<R>(response: &mut http::Response<R>, method: &str, metrics:
 /// The name of a worker's own credential.
 pub fn worker_principal(worker_id: &str) -> String {
     format!("worker:{worker_id}")
+}
+
+/// A submitter may cancel or resume only the jobs its token's name submitted (`owner`); other
+/// roles that reach the handler may change any.
+pub fn may_change_job(who: &Principal, job: &str, owner: &str) -> Result<(), tonic::Status> {
+    if who.role == Role::Submitter && owner != who.name {
+        return Err(tonic::Status::permission_denied(format!(
+            "job {job} was submitted by {owner:?}; {} may change only its own jobs",
+            who.name
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `who` may act as worker `worker_id`: an admin, or that worker's own credential.
+pub fn may_act_as_worker(who: &Principal, worker_id: &str) -> Result<(), tonic::Status> {
+    if who.role == Role::Admin || who.name == worker_principal(worker_id) {
+        return Ok(());
+    }
+    Err(tonic::Status::permission_denied(format!(
+        "{} may not act as worker {worker_id:?}: present the credential its registration gave",
+        who.name
+    )))
 }
 
 /// The caller of a handler, as [`Authenticated`] found it.

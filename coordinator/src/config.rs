@@ -190,8 +190,16 @@ impl Args {
             metrics_listen: layered.metrics_listen,
             drain_ms: layered.drain_ms,
             insecure: layered.insecure,
-            admin_token: read_token(layered.admin_token_file.as_deref(), "admin_token_file")?,
-            join_token: read_token(layered.join_token_file.as_deref(), "join_token_file")?,
+            admin_token: layered
+                .admin_token_file
+                .as_deref()
+                .map(|f| gantry_ops::read_token_file(f, "admin_token_file"))
+                .transpose()?,
+            join_token: layered
+                .join_token_file
+                .as_deref()
+                .map(|f| gantry_ops::read_token_file(f, "join_token_file"))
+                .transpose()?,
             allowed_stores: layered.allowed_stores,
             tls: match (layered.tls_cert, layered.tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::TlsFiles { cert, key }),
@@ -232,15 +240,4 @@ impl Args {
             log_format: layered.log_format,
         })
     }
-}
-
-/// The token in `file`, if one is named: refused, naming the setting, when it cannot be read or
-/// is empty.
-fn read_token(file: Option<&std::path::Path>, setting: &str) -> anyhow::Result<Option<String>> {
-    let Some(file) = file else { return Ok(None) };
-    let token = std::fs::read_to_string(file)
-        .map_err(|e| anyhow::anyhow!("{setting}: cannot read {}: {e}", file.display()))?;
-    let token = token.trim();
-    anyhow::ensure!(!token.is_empty(), "{setting}: {} is empty", file.display());
-    Ok(Some(token.to_string()))
 }

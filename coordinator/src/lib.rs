@@ -106,6 +106,51 @@ impl Options {
     }
 }
 
+/// The tokens and the TLS configuration a coordinator serves with: none of either `--insecure`
+/// (said loudly); else the tokens in its database, with an admin and a join token made (or the
+/// given ones recorded), and the certificate it was given or made.
+fn secure(
+    options: &Options,
+    state_dir: &std::path::Path,
+    database: &std::path::Path,
+    now_ms: i64,
+) -> anyhow::Result<(
+    Option<Arc<auth::Tokens>>,
+    Option<tonic::transport::ServerTlsConfig>,
+)> {
+    if options.insecure {
+        tracing::warn!(
+            "--insecure: plain TCP, and every call is served without a token, as an admin; \
+             anyone who can reach {} can submit, cancel and resume jobs and register as a worker",
+            options.listen
+        );
+        return Ok((None, None));
+    }
+    let tokens = auth::Tokens::open(database)?;
+    tokens.bootstrap(
+        auth::Role::Admin,
+        "admin",
+        options.admin_token.as_deref(),
+        &state_dir.join("admin.token"),
+        now_ms,
+    )?;
+    tokens.bootstrap(
+        auth::Role::Worker,
+        "workers",
+        options.join_token.as_deref(),
+        &state_dir.join("join.token"),
+        now_ms,
+    )?;
+    let files = match &options.tls {
+        Some(files) => files.clone(),
+        None => tls::self_signed(
+            &state_dir.join("tls"),
+            &tls::default_names(&options.tls_names),
+        )?,
+    };
+    Ok((Some(Arc::new(tokens)), Some(tls::server_config(&files)?)))
+}
+
 /// A started coordinator: its bound address and a handle on its state.
 pub struct Coordinator {
     pub addr: SocketAddr,
@@ -147,6 +192,8 @@ impl Coordinator {
             core_options.default_checkpoint_url = url.clone();
         }
         let core = Core::load(store, core_options, clock.now_ms())?;
+        // Credentials first: a coordinator that cannot have them starts nothing.
+        let (tokens, tls) = secure(&options, &state_dir, &database, clock.now_ms())?;
         let handle = Handle::new(core, clock);
         let listener = TcpListener::bind(options.listen).await?;
         let addr = listener.local_addr()?;
@@ -169,36 +216,6 @@ impl Coordinator {
             }
         });
 
-        let tokens = if options.insecure {
-            tracing::warn!(
-                "--insecure: plain TCP, and every call is served without a token, as an admin; \
-                 anyone who can reach {addr} can submit, cancel and resume jobs and register as \
-                 a worker"
-            );
-            None
-        } else {
-            let tokens = auth::Tokens::open(&database)?;
-            let now = handle.now_ms();
-            let (admin, join) = (
-                options.admin_token.as_deref(),
-                options.join_token.as_deref(),
-            );
-            tokens.bootstrap(
-                auth::Role::Admin,
-                "admin",
-                admin,
-                &state_dir.join("admin.token"),
-                now,
-            )?;
-            tokens.bootstrap(
-                auth::Role::Worker,
-                "workers",
-                join,
-                &state_dir.join("join.token"),
-                now,
-            )?;
-            Some(Arc::new(tokens))
-        };
         let rpc = metrics::RpcMetrics::default();
         let authenticate = auth::Authenticate {
             tokens: tokens.clone(),
@@ -241,15 +258,8 @@ impl Coordinator {
             stop_server.cancel();
         });
         let mut builder = tonic::transport::Server::builder();
-        if !options.insecure {
-            let files = match &options.tls {
-                Some(files) => files.clone(),
-                None => tls::self_signed(
-                    &state_dir.join("tls"),
-                    &tls::default_names(&options.tls_names),
-                )?,
-            };
-            builder = builder.tls_config(tls::server_config(&files)?)?;
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
         }
         let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs(10)))

@@ -1,5 +1,6 @@
-//! gRPC adapters: decode, call one core method under the lock ([`Handle`]), encode. No
-//! decisions here.
+//! gRPC adapters: decode, call one core method under the lock ([`Handle`]), encode. The
+//! decisions are the core's and, on who may call what, `auth`'s; what is here is plumbing and
+//! the per-client limits on what one request may ask (`Limits`).
 
 use crate::auth::{Principal, Role, Tokens, caller};
 use crate::convert;
@@ -119,16 +120,9 @@ impl JobApi {
     }
 }
 
-/// A submitter may cancel or resume only the jobs its token's name submitted.
+/// The auth checks that need the job: a submitter changes only its own.
 fn check_owner(who: &Principal, core: &Core, id: &gantry_core::JobId) -> Result<(), Status> {
-    let owner = &core.job(id)?.submitted_by;
-    if who.role == Role::Submitter && *owner != who.name {
-        return Err(Status::permission_denied(format!(
-            "job {id} was submitted by {owner:?}; {} may change only its own jobs",
-            who.name
-        )));
-    }
-    Ok(())
+    crate::auth::may_change_job(who, &id.0, &core.job(id)?.submitted_by)
 }
 
 fn token_info(t: crate::auth::TokenInfo) -> pb::TokenInfo {
@@ -369,17 +363,6 @@ impl pb::job_service_server::JobService for JobApi {
 /// when the coordinator runs `--insecure`).
 pub struct WorkerApi(pub Handle, pub Option<Arc<Tokens>>);
 
-/// Whether `who` may act as worker `worker_id`: an admin, or that worker's own credential.
-fn check_worker(who: &Principal, worker_id: &str) -> Result<(), Status> {
-    if who.role == Role::Admin || who.name == crate::auth::worker_principal(worker_id) {
-        return Ok(());
-    }
-    Err(Status::permission_denied(format!(
-        "{} may not act as worker {worker_id:?}: present the credential its registration gave",
-        who.name
-    )))
-}
-
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerApi {
     async fn register(
@@ -392,7 +375,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         // Coming back as a known worker takes that worker's credential; the join token only
         // registers new ones.
         if !req.worker_id.is_empty() {
-            check_worker(&who, &req.worker_id)?;
+            crate::auth::may_act_as_worker(&who, &req.worker_id)?;
         }
         let registration = convert::registration(req)?;
         let (id, options) = self.0.with(|core, now| {
@@ -433,7 +416,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         if first.worker_id.is_empty() {
             return Err(CoordinatorError::InvalidArgument("worker_id: required".into()).into());
         }
-        check_worker(&who, &first.worker_id)?;
+        crate::auth::may_act_as_worker(&who, &first.worker_id)?;
         let worker = WorkerId(first.worker_id);
         let report = convert::worker_report(first.body)?;
         // The core holds the only sender of commands, so the stream ends when it lets the

@@ -10,6 +10,11 @@ pub mod spec;
 pub mod store_options;
 
 pub use ids::{Attempt, JobId, Rank, WorkerId};
+
+/// Bytes in lower-case hex (digests, secrets, tokens).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 pub use mesh::{Coords, Mesh};
 pub use metrics::ClassMetrics;
 pub use rank::{EVENT_PREFIX, ExitCode, RankAssignment, RankEvent};

@@ -29,13 +29,7 @@ impl AttemptSecret {
         mac.update(job.as_bytes());
         mac.update(&[0]);
         mac.update(&attempt.to_le_bytes());
-        Self(
-            mac.finalize()
-                .into_bytes()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
-        )
+        Self(crate::hex(&mac.finalize().into_bytes()))
     }
 
     /// Whether `presented` is this secret, in time that does not depend on where they differ.

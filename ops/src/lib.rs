@@ -198,3 +198,13 @@ pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()
         .open(path)?;
     file.write_all(bytes)
 }
+
+/// The token in `file` (a mounted Secret, `admin.token`, `join.token`), trimmed; refused, naming
+/// `setting` and the file, when it cannot be read or is empty.
+pub fn read_token_file(file: &std::path::Path, setting: &str) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("{setting} {}: {e}", file.display()))?;
+    let token = token.trim();
+    anyhow::ensure!(!token.is_empty(), "{setting} {}: empty", file.display());
+    Ok(token.to_string())
+}

@@ -168,17 +168,10 @@ impl DaemonArgs {
         if let Ok(token) = std::env::var("GANTRY_JOIN_TOKEN") {
             return Ok(Some(token.trim().to_string()));
         }
-        let Some(file) = &self.join_token_file else {
-            return Ok(None);
-        };
-        let token = std::fs::read_to_string(file)
-            .map_err(|e| anyhow::anyhow!("--join-token-file {}: {e}", file.display()))?;
-        anyhow::ensure!(
-            !token.trim().is_empty(),
-            "--join-token-file {}: empty",
-            file.display()
-        );
-        Ok(Some(token.trim().to_string()))
+        self.join_token_file
+            .as_deref()
+            .map(|file| gantry_ops::read_token_file(file, "--join-token-file"))
+            .transpose()
     }
 }
 
